@@ -54,19 +54,8 @@ class _FallbackLoader(importlib.abc.Loader):
             del sys.modules[name]
         from tokendance_sgl import sgl_kernel_fallback
 
+        module.__path__ = []  # a package with no submodules
         sgl_kernel_fallback.populate(module, reason=repr(error) if error else "sgl_kernel is not installed")
-
-
-class _StubLoader(importlib.abc.Loader):
-    """Submodules of the fallback package (``sgl_kernel.xxx``): every name raises NotImplementedError."""
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        from tokendance_sgl import sgl_kernel_fallback
-
-        sgl_kernel_fallback.populate(module, reason="submodule of the CPU fallback", provide_ops=False)
 
 
 class SglKernelFinder(importlib.abc.MetaPathFinder):
@@ -90,10 +79,8 @@ class SglKernelFinder(importlib.abc.MetaPathFinder):
             else:
                 spec.submodule_search_locations = []
             return spec
-        if fullname.startswith("sgl_kernel."):
-            parent = sys.modules.get("sgl_kernel")
-            if parent is not None and getattr(parent, "__tokendance_fallback__", False):
-                return importlib.machinery.ModuleSpec(fullname, _StubLoader(), is_package=True)
+        # Submodules of the fallback (`sgl_kernel.scalar_type`, ...) are not provided: their import raises
+        # ModuleNotFoundError, which is what SGLang's own ImportError fallbacks expect.
         return None
 
 

@@ -85,18 +85,17 @@ def _missing_op(module_name: str, name: str):
     return op
 
 
-def populate(module: types.ModuleType, *, reason: str, provide_ops: bool = True) -> None:
-    """Turn `module` (``sgl_kernel`` or one of its submodules) into the fallback."""
+def populate(module: types.ModuleType, *, reason: str) -> None:
+    """Turn `module` (the half-initialised ``sgl_kernel``) into the fallback."""
     module.__dict__.update(
         {
             "__tokendance_fallback__": True,
             "__tokendance_fallback_reason__": reason,
             "__doc__": __doc__,
-            "__all__": list(_OPS) if provide_ops else [],
+            "__all__": list(_OPS),
+            **_OPS,
         }
     )
-    if provide_ops:
-        module.__dict__.update(_OPS)
 
     def __getattr__(name: str):
         if name.startswith("__") and name.endswith("__"):
