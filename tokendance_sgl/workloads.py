@@ -1,0 +1,753 @@
+"""Seeded All-Gather workloads for multi-agent rounds, built on token ids.
+
+Two styles:
+
+* ``generative_agents`` -- a small village in the spirit of GenerativeAgents: every agent has a persona, rules
+  and a memory stream (300-600 tokens by default), sees a block with every agent's output of the last round and
+  gets a task (plan the next hour, reply in a conversation, react to an event).
+* ``agent_society`` -- a city social feed in the spirit of AgentSociety: short profiles, short posts, many agents.
+
+A request of round ``r`` for agent ``i`` is built from separately tokenized pieces (``add_special_tokens=False``)
+and the raw generated ids of the previous round, concatenated as ids, in ChatML framing::
+
+    <|im_start|>system\\n  PRIVATE(persona, rules, memory, own recent outputs)  <|im_end|>\\n<|im_start|>user\\n
+    HEADER  { LABEL_j  SEGMENT_j  "\\n" }  for every agent j (round r >= 1; round 0 has an opening event instead)
+    TASK  <|im_end|>\\n<|im_start|>assistant\\n
+
+``SEGMENT_j`` is exactly the id list agent ``j`` generated in round ``r-1`` (after :func:`clean_output`), so the
+same ids appear in every agent's prompt.  Each request carries its segment table in
+``sampling_params.custom_params`` (see CONTRACTS.md): ``td_round``, ``td_agent``, ``td_seg_ids`` (``"r{r-1}/a{j}"``),
+``td_seg_starts``/``td_seg_ends`` (token offsets into ``input_ids``) and ``td_out_seg`` (``"r{r}/a{i}"``).
+
+Output cleaning: trailing stop/EOS ids (``<|im_end|>``, the tokenizer's EOS, ``<|endoftext|>``) are stripped from a
+generated output before it is used as a segment.  If nothing is left (the model stopped at once) the segment is
+the fixed filler :data:`EMPTY_OUTPUT_FILLER` tokenized on its own, so a shared block is never empty; such a segment
+is not the producing request's generated ids, so a server that registered the raw output will see it as new.
+
+Every random choice goes through ``random.Random`` instances seeded from the workload seed and the purpose
+(agents, round, agent), so a workload is deterministic per seed and ``build_round`` does not depend on the order
+in which rounds or agents are built.  :meth:`Workload.fake_outputs` and :func:`simulate` produce seeded simulated
+outputs, for tests and offline inspection without a server.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+STYLES = ("generative_agents", "agent_society")
+STYLE_ALIASES = {
+    "ga": "generative_agents",
+    "generative-agents": "generative_agents",
+    "generativeagents": "generative_agents",
+    "generative_agents": "generative_agents",
+    "as": "agent_society",
+    "agent-society": "agent_society",
+    "agentsociety": "agent_society",
+    "agent_society": "agent_society",
+}
+ORDERS = ("same", "permuted")
+
+#: Used as the segment of an agent whose output was empty after stripping the trailing stop ids.
+EMPTY_OUTPUT_FILLER = "(no reply)"
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text pools (written for this project).
+# --------------------------------------------------------------------------------------------------------------------
+
+VILLAGE = "Elmbrook"
+
+GA_PEOPLE = [
+    # name, age, occupation, home, pronoun
+    ("Maya Okafor", 34, "baker who runs the Rising Crust bakery", "a flat above the bakery", "she"),
+    ("Tomas Lindqvist", 61, "retired ferry captain who now repairs boats", "a cottage by the harbour", "he"),
+    ("Priya Raman", 27, "pharmacist at the village pharmacy", "a rented room on Willow Lane", "she"),
+    ("Jonah Whitlock", 45, "owner of the Crooked Lantern pub", "the rooms behind the pub", "he"),
+    ("Elena Sokolova", 52, "primary school teacher", "a stone house near the school", "she"),
+    ("Samuel Achebe", 19, "student who works weekends at the hardware store", "his parents' farmhouse", "he"),
+    ("Hana Kimura", 38, "painter who sells landscapes at the Saturday market", "a studio loft on Mill Street", "she"),
+    ("Felix Brandt", 29, "software developer who moved from the city last spring", "a renovated barn", "he"),
+    ("Rosa Delgado", 67, "village librarian", "a small house with a large garden", "she"),
+    ("Omar Haddad", 41, "grocer who runs the corner shop", "the house next to his shop", "he"),
+    ("Ingrid Halvorsen", 36, "veterinarian", "a farmhouse at the edge of the woods", "she"),
+    ("Daniel Mercer", 55, "mayor of Elmbrook and part-time beekeeper", "the yellow house on the green", "he"),
+    ("Lucia Ferraro", 23, "barista at the Morning Cup cafe", "a shared flat on Harbour Road", "she"),
+    ("Kwame Mensah", 48, "carpenter who builds furniture to order", "a workshop house on Oak Row", "he"),
+    ("Agnes Pemberton", 74, "retired nurse who chairs the garden club", "a cottage covered in ivy", "she"),
+    ("Ravi Chandran", 33, "postman who knows every door in the village", "a terraced house on Station Road", "he"),
+]
+GA_EXTRA_FIRST = ["Nora", "Theo", "Ada", "Luca", "Mira", "Oskar", "Leila", "Bram", "Iris", "Yusuf", "Clara", "Emil",
+                  "Zara", "Hugo", "Freya", "Malik", "Sofia", "Arlo", "Nadia", "Pavel", "Greta", "Idris", "June", "Kofi"]
+GA_EXTRA_LAST = ["Ashby", "Novak", "Quinn", "Moreau", "Baptiste", "Carver", "Eriksen", "Holloway", "Ibarra", "Kessler",
+                 "Marsh", "Oduya", "Petrov", "Rowan", "Sato", "Thorne", "Vance", "Winslow"]
+GA_EXTRA_JOBS = ["fisherman", "florist", "electrician", "nurse at the clinic", "dairy farmer", "bus driver",
+                 "tailor", "musician who teaches piano", "plumber", "bookkeeper", "chef at the inn", "gardener",
+                 "potter", "mechanic at the garage", "beekeeper", "photographer"]
+GA_EXTRA_HOMES = ["a cottage on Bramble Hill", "a flat on Market Square", "a farmhouse past the mill",
+                  "a narrow house on Church Lane", "a houseboat in the harbour", "a bungalow near the station"]
+
+GA_TRAITS = ["cheerful", "stubborn", "curious", "shy", "generous", "anxious", "practical", "talkative", "patient",
+             "ambitious", "forgetful", "warm", "sarcastic", "thoughtful", "impulsive", "careful", "proud", "gentle",
+             "competitive", "hopeful", "honest", "nosy", "restless", "loyal"]
+GA_HABITS = [
+    "gets up before dawn and walks along the river before work",
+    "keeps a notebook of everything that happens in the village",
+    "drinks too much coffee and talks fast when excited",
+    "hums old songs while working",
+    "always knows the latest gossip before anyone else",
+    "spends Sunday afternoons fishing off the pier",
+    "reads two books a week and recommends them to everyone",
+    "volunteers at the community hall every Thursday",
+    "is training for the regional half marathon",
+    "feeds the stray cats that live behind the church",
+    "plays chess at the pub every Wednesday evening",
+    "writes letters to a pen pal abroad",
+    "is learning to play the cello, badly",
+    "collects old maps of the county",
+]
+GA_CONCERNS = [
+    "whether the new road will bring too much traffic",
+    "keeping the harbour open to small boats",
+    "the rising rent on Market Square",
+    "a sick parent in the next town",
+    "saving money for a trip to Japan",
+    "the state of the footbridge over the river",
+    "making the summer fair a success",
+    "finding an apprentice to take over one day",
+    "a quarrel with an old friend that was never settled",
+    "getting the village school a new roof",
+    "the flooding in the lower fields last winter",
+    "whether to sell the family land",
+]
+GA_PLACES = ["the bakery", "the Crooked Lantern pub", "the village green", "the harbour", "the library",
+             "the Morning Cup cafe", "the corner shop", "the school yard", "the pharmacy", "the community hall",
+             "the Saturday market", "the church steps", "the riverside path", "the hardware store",
+             "the veterinary clinic", "the town hall"]
+GA_ACTIVITIES = ["talked with {other} about the weather", "bought bread and eggs", "repaired a broken fence",
+                 "argued with {other} about the parking on Mill Street", "read the notice board",
+                 "helped {other} carry boxes", "drank a coffee alone", "listened to {other} complain about the rain",
+                 "heard that the summer fair might be cancelled", "saw {other} looking worried",
+                 "lent {other} an umbrella", "wrote a shopping list", "planned the week ahead",
+                 "noticed a new poster about the harvest dance", "fed the ducks", "paid a bill",
+                 "promised {other} to help on Saturday", "found a lost dog and returned it",
+                 "laughed with {other} about an old story", "sat on a bench and watched people pass"]
+GA_RELATIONS = ["an old school friend", "a neighbour", "a regular customer", "a cousin", "a former colleague",
+                "a rival at the village quiz", "a friend from the garden club", "a fellow member of the choir"]
+GA_TIMES = ["6:30", "7:00", "7:45", "8:15", "9:00", "10:30", "11:00", "12:15", "13:00", "14:30", "15:00", "16:45",
+            "17:30", "18:00", "19:15", "20:00"]
+GA_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+GA_EVENTS = [
+    "A storm knocked down the old oak on the village green during the night.",
+    "The mayor announced that the summer fair will be held at the harbour this year.",
+    "A film crew arrived in Elmbrook and is asking for local extras.",
+    "The footbridge over the river has been closed after a crack was found.",
+    "Someone left a basket of kittens on the library steps.",
+    "The bakery's oven broke down and there is no bread this morning.",
+    "A stranger in a red coat has been asking about houses for sale.",
+    "The school roof leaked during the rain and classes moved to the community hall.",
+    "A power cut left the east side of the village dark since dawn.",
+    "The harvest dance has been moved forward to this Friday.",
+    "A prize-winning goat escaped from the farm and was seen near the church.",
+    "The county announced a grant for villages that plant new trees.",
+]
+GA_QUESTIONS = [
+    "Are you coming to the meeting at the town hall tonight?",
+    "Did you hear what happened at the harbour this morning?",
+    "Can you help me fix the sign outside my shop?",
+    "What do you think we should do about the footbridge?",
+    "Would you like to join the team for the village quiz?",
+    "Have you seen my dog? He ran off an hour ago.",
+    "Do you think the summer fair will really happen this year?",
+    "Could you keep an eye on my house while I am away?",
+]
+GA_RULES = (
+    "You are {name}. Speak only as {name}, in the first person, in one or two short sentences. "
+    "Stay consistent with your persona and memories. Do not repeat what others said word for word, "
+    "and do not describe yourself as an AI."
+)
+GA_GUIDELINES = [
+    "Think about who you are likely to meet and what they care about.",
+    "Remember your own plans from earlier today.",
+    "If someone asked you something, answer them directly.",
+    "Mention a place in the village if it helps.",
+    "Keep your mood consistent with your recent memories.",
+    "Prefer concrete actions over vague feelings.",
+    "Be polite, but let your personality show.",
+    "Consider how the weather and the time of day affect you.",
+    "If an event changes your plans, say how.",
+    "Do not invent events that contradict what others said.",
+    "Keep it short: a villager does not give speeches.",
+    "If you promised to help someone, keep your word.",
+]
+
+AS_FIRST = ["ava", "ben", "chen", "dana", "eli", "fatima", "gus", "hiro", "isla", "jay", "kemi", "liam", "mei",
+            "noor", "otto", "paz", "quinn", "ray", "sana", "tariq", "uma", "vik", "wren", "xena", "yara", "zed"]
+AS_SUFFIX = ["_bikes", "_cooks", "42", "_in_town", "_runs", "_reads", "88", "_plants", "_votes", "_codes",
+             "_sings", "_walks", "_ships", "_lens", "_news", "_deals"]
+AS_DISTRICTS = ["Northgate", "Riverside", "Old Town", "Harbour Point", "Eastfield", "Hillcrest", "Market Quarter",
+                "Southbank"]
+AS_JOBS = ["nurse", "delivery rider", "student", "teacher", "retired engineer", "shop assistant", "bus driver",
+           "accountant", "chef", "software tester", "cleaner", "small business owner", "journalist",
+           "warehouse worker", "hairdresser", "unemployed", "pharmacist", "taxi driver"]
+AS_INTERESTS = ["cycling", "local politics", "cooking", "football", "gardening", "housing prices", "public transport",
+                "music", "gaming", "climate", "fashion", "street food", "parenting", "fitness", "books", "pets"]
+AS_MOODS = ["optimistic", "tired", "annoyed", "curious", "worried", "excited", "bored", "content"]
+AS_STANCES = ["trusts the city council", "distrusts big companies", "likes to argue online",
+              "rarely posts but reads everything", "shares news without checking it", "jokes about everything",
+              "cares mostly about prices", "defends the neighbourhood"]
+AS_NEWS = [
+    "The city will raise bus fares by 15% next month.",
+    "A heat wave is expected to hit the city this weekend.",
+    "The council approved a new bike lane through Old Town.",
+    "A large supermarket chain plans to close three stores in Eastfield.",
+    "Rents in Riverside rose again, the fastest in the country.",
+    "The football club won the derby 3-1 last night.",
+    "A water main burst in Market Quarter, shops are closed.",
+    "The mayor proposed a four-day work week for city staff.",
+    "A new clinic opens in Hillcrest on Monday.",
+    "Police report a rise in bicycle thefts near the station.",
+]
+AS_TOPICS = ["the bus fare rise", "the heat wave", "the new bike lane", "rents", "the derby", "store closures",
+             "the water main", "the four-day week", "the new clinic", "bike thefts", "weekend plans", "food prices"]
+AS_RULES = (
+    "You are @{handle}, a resident of the city, posting on the city's social feed. Write one short post of under "
+    "100 characters in your own voice. No hashtags lists, no quotes from others."
+)
+AS_GUIDELINES = [
+    "React to what people you follow posted.",
+    "Your mood can change with the news.",
+    "Keep it casual.",
+    "Agree or disagree briefly.",
+    "Mention your district if it matters.",
+    "Do not repeat a post you already wrote.",
+    "Prices and daily life matter most to you.",
+    "Use plain words.",
+]
+AS_FEED_MEMORY = ["liked a post about {interest}", "complained about the traffic in {district}",
+                  "shared a photo from {district}", "argued about {topic}", "asked for advice on {interest}",
+                  "posted about being {mood}", "followed @{other}", "replied to @{other} about {topic}"]
+
+FAKE_GA = ["I will open the bakery early and save a loaf for {other}.", "I think we should meet at {place} at noon.",
+           "That worries me; I will talk to {other} about it.", "Good news! I can help after lunch.",
+           "I am heading to {place} to see what happened.", "Let me finish my work first, then I will join you.",
+           "Honestly, I do not trust the mayor on this one.", "I will bring tea and biscuits to {place}."]
+FAKE_AS = ["ugh, {topic} again. not happy.", "{topic}? finally some good news for {district}!",
+           "anyone else in {district} affected by {topic}?", "lol @{other} you are wrong about {topic}",
+           "staying home today. too {mood} for this.", "hot take: {topic} is overblown"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data types
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    id: int
+    name: str  # display name (GA) or handle without "@" (AS)
+    label: str  # how the agent is named in the shared block, e.g. "Maya Okafor:\n"
+    persona: str  # persona + rules + static memories (the base private part, as text)
+    persona_ids: list[int]
+
+
+@dataclass
+class AgentRequest:
+    """One agent's request of one round."""
+
+    round: int
+    agent: int
+    input_ids: list[int]
+    custom_params: dict[str, Any]
+    sampling_params: dict[str, Any]
+    #: (segment id, start, end) for every shared output in ``input_ids``, sorted by start.
+    segments: list[tuple[str, int, int]]
+    out_seg: str
+    task_kind: str
+    private_tokens: int  # tokens of the private system content (persona, rules, memories, own recent outputs)
+    base_private_tokens: int  # the part of it that does not grow (persona, rules, static memories)
+    task_tokens: int  # tokens of the task text
+    shared_tokens: int  # tokens inside segment spans
+
+    def payload(self, **sampling_overrides: Any) -> dict[str, Any]:
+        """The JSON body for SGLang's ``POST /generate``."""
+        sp = dict(self.sampling_params)
+        sp.update(sampling_overrides)
+        sp["custom_params"] = dict(self.custom_params)
+        return {"input_ids": list(self.input_ids), "sampling_params": sp}
+
+    def decode(self, tokenizer: Any, *, mark_segments: bool = False) -> str:
+        """The prompt as text (for display). With ``mark_segments`` every span is wrapped in ``[[id| ... ]]``."""
+        if not mark_segments:
+            return tokenizer.decode(self.input_ids)
+        parts, pos = [], 0
+        for sid, s, e in self.segments:
+            parts.append(tokenizer.decode(self.input_ids[pos:s]))
+            parts.append(f"[[{sid}|" + tokenizer.decode(self.input_ids[s:e]) + "]]")
+            pos = e
+        parts.append(tokenizer.decode(self.input_ids[pos:]))
+        return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(tokenizer: Any = None) -> Any:
+    """A HF tokenizer: an object with ``encode``/``decode`` is returned as is; a path or model name is loaded with
+    ``AutoTokenizer``; ``None`` loads the default model's tokenizer (:func:`tokendance_sgl.model.prepare_model`)."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, bytes)) and hasattr(tokenizer, "decode"):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        from tokendance_sgl.model import prepare_model
+
+        tokenizer = prepare_model()
+    return AutoTokenizer.from_pretrained(str(tokenizer))
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that end a generation: ``<|im_end|>``, the tokenizer's EOS and ``<|endoftext|>`` when they exist."""
+    ids: list[int] = []
+    candidates = [getattr(tokenizer, "eos_token_id", None)]
+    for tok in (IM_END, "<|endoftext|>", "</s>", "<|eot_id|>"):
+        try:
+            tid = tokenizer.convert_tokens_to_ids(tok)
+        except Exception:  # pragma: no cover - odd tokenizers
+            tid = None
+        unk = getattr(tokenizer, "unk_token_id", None)
+        # <|endoftext|> is this model's unk token, which is still a stop token; other unknown names map to unk.
+        if tid is not None and (tid != unk or tok == getattr(tokenizer, "unk_token", None)):
+            candidates.append(tid)
+    for tid in candidates:
+        if isinstance(tid, int) and tid >= 0 and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def clean_output(ids: Sequence[int], stop_ids: Iterable[int], filler_ids: Sequence[int] | None = None) -> list[int]:
+    """Strip trailing stop/EOS ids from a generated output; an empty result becomes ``filler_ids`` (if given)."""
+    stop = set(stop_ids)
+    out = list(ids)
+    while out and out[-1] in stop:
+        out.pop()
+    if not out and filler_ids is not None:
+        out = list(filler_ids)
+    return out
+
+
+def _rng(seed: int, *parts: Any) -> random.Random:
+    # String seeds are hashed with SHA-512 by random.Random: stable across processes and PYTHONHASHSEED.
+    return random.Random("/".join([str(seed), *map(str, parts)]))
+
+
+def _check_range(name: str, rng_: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = int(rng_[0]), int(rng_[1])
+    if lo < 1 or hi < lo:
+        raise ValueError(f"{name} must be (lo, hi) with 1 <= lo <= hi, got {rng_!r}")
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Workload
+# --------------------------------------------------------------------------------------------------------------------
+
+STYLE_DEFAULTS = {
+    "generative_agents": dict(private_tokens=(300, 600), task_tokens=(50, 150), max_new_tokens=32, memory_cap=128),
+    "agent_society": dict(private_tokens=(90, 160), task_tokens=(25, 60), max_new_tokens=24, memory_cap=48),
+}
+
+
+class Workload:
+    """A seeded All-Gather workload.
+
+    Parameters
+    ----------
+    style: ``"generative_agents"`` (alias ``"ga"``) or ``"agent_society"`` (alias ``"as"``).
+    n_agents, n_rounds, seed: sizes and the seed of every random choice.
+    tokenizer: a HF tokenizer object, a model directory, or ``None`` for the default model.
+    private_tokens: (lo, hi) tokens of the base private part (persona, rules, static memories); the actual length
+        per agent is drawn from this range.  Own recent outputs are added on top, capped at ``memory_cap`` tokens.
+    task_tokens: (lo, hi) tokens of the task text of one request.
+    max_new_tokens: default ``max_new_tokens`` of the requests (the runner may override it).
+    order: ``"same"`` (shared block in agent order for everyone) or ``"permuted"`` (a seeded permutation per agent
+        and round).
+    memory_cap: the most tokens of the agent's own previous outputs kept in its private part (0 disables).
+    namespace: if not empty, sent as ``td_ns`` in every request.
+    """
+
+    def __init__(
+        self,
+        style: str = "generative_agents",
+        n_agents: int = 4,
+        n_rounds: int = 3,
+        seed: int = 0,
+        *,
+        tokenizer: Any = None,
+        private_tokens: tuple[int, int] | None = None,
+        task_tokens: tuple[int, int] | None = None,
+        max_new_tokens: int | None = None,
+        order: str = "same",
+        memory_cap: int | None = None,
+        namespace: str = "",
+        temperature: float = 0.0,
+    ) -> None:
+        key = STYLE_ALIASES.get(str(style).lower())
+        if key is None:
+            raise ValueError(f"unknown workload style {style!r}; choose one of {STYLES}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if n_agents < 1 or n_rounds < 1:
+            raise ValueError("n_agents and n_rounds must be >= 1")
+        d = STYLE_DEFAULTS[key]
+        self.style = key
+        self.n_agents = int(n_agents)
+        self.n_rounds = int(n_rounds)
+        self.seed = int(seed)
+        self.order = order
+        self.private_tokens = _check_range("private_tokens", private_tokens or d["private_tokens"])
+        self.task_tokens = _check_range("task_tokens", task_tokens or d["task_tokens"])
+        self.max_new_tokens = int(max_new_tokens if max_new_tokens is not None else d["max_new_tokens"])
+        self.memory_cap = int(memory_cap if memory_cap is not None else d["memory_cap"])
+        self.namespace = namespace
+        self.temperature = float(temperature)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self._cache: dict[str, list[int]] = {}
+        self.filler_ids = self.encode(EMPTY_OUTPUT_FILLER)
+        self.agents = self._make_agents()
+        # Own outputs seen so far, per round: round -> {agent: cleaned ids}; filled by build_round.
+        self._history: dict[int, dict[int, list[int]]] = {}
+
+    # ------------------------------------------------------------------ basics
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "style": self.style,
+            "n_agents": self.n_agents,
+            "n_rounds": self.n_rounds,
+            "seed": self.seed,
+            "order": self.order,
+            "private_tokens": list(self.private_tokens),
+            "task_tokens": list(self.task_tokens),
+            "max_new_tokens": self.max_new_tokens,
+            "memory_cap": self.memory_cap,
+            "namespace": self.namespace,
+        }
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` alone, without special tokens (memoised)."""
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+            self._cache[text] = ids
+        return list(ids)
+
+    def _encode_nocache(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def clean(self, ids: Sequence[int]) -> list[int]:
+        """An output as it is used in the next round (see :func:`clean_output`)."""
+        return clean_output(ids, self.stop_ids, self.filler_ids)
+
+    @staticmethod
+    def segment_id(round_: int, agent: int) -> str:
+        return f"r{round_}/a{agent}"
+
+    # ------------------------------------------------------------------ agents
+
+    def _pad_to(self, rng: random.Random, head: str, pool: list[str], lo: int, hi: int, sep: str = " ") -> list[int]:
+        """Tokenize ``head`` plus sentences drawn from ``pool`` until the length reaches a target in [lo, hi]."""
+        target = rng.randint(lo, hi)
+        text = head
+        ids = self._encode_nocache(text)
+        bag: list[str] = []
+        guard = 0
+        while len(ids) < target and guard < 10_000:
+            if not bag:  # draw without replacement; refill when the pool is used up
+                bag = list(pool)
+                rng.shuffle(bag)
+            text = text + sep + bag.pop()
+            ids = self._encode_nocache(text)
+            guard += 1
+        if len(ids) > hi:
+            ids = ids[:hi]
+        return ids
+
+    def _make_agents(self) -> list[Agent]:
+        rng = _rng(self.seed, self.style, "agents")
+        lo, hi = self.private_tokens
+        if self.style == "generative_agents":
+            people = list(GA_PEOPLE)
+            rng.shuffle(people)
+            used = {p[0] for p in people}
+            while len(people) < self.n_agents:
+                name = f"{rng.choice(GA_EXTRA_FIRST)} {rng.choice(GA_EXTRA_LAST)}"
+                if name in used:
+                    continue
+                used.add(name)
+                people.append((name, rng.randint(18, 80), rng.choice(GA_EXTRA_JOBS), rng.choice(GA_EXTRA_HOMES),
+                               rng.choice(["she", "he"])))
+            people = people[: self.n_agents]
+            names = [p[0] for p in people]
+            agents = []
+            for i, (name, age, job, home, pron) in enumerate(people):
+                first = name.split()[0]
+                poss = "her" if pron == "she" else "his"
+                traits = rng.sample(GA_TRAITS, 3)
+                others = [n for n in names if n != name] or ["a neighbour"]
+                friend = rng.choice(others)
+                head = (
+                    f"{name} is a {age}-year-old {job} in {VILLAGE}, living in {home}. "
+                    f"{first} is {traits[0]}, {traits[1]} and {traits[2]}. {first} {rng.choice(GA_HABITS)}. "
+                    f"Lately {pron} has been worried about {rng.choice(GA_CONCERNS)}. "
+                    f"{first} knows {friend} as {rng.choice(GA_RELATIONS)}.\n"
+                    + GA_RULES.format(name=name)
+                    + f"\n\n{first}'s memories from the past days:"
+                )
+                pool = []
+                for _ in range(40):
+                    act = rng.choice(GA_ACTIVITIES).format(other=rng.choice(others))
+                    pool.append(
+                        f"\n- {rng.choice(GA_DAYS)} {rng.choice(GA_TIMES)}: at {rng.choice(GA_PLACES)}, "
+                        f"{first} {act}."
+                    )
+                ids = self._pad_to(rng, head, pool, lo, hi, sep="")
+                agents.append(Agent(i, name, f"{name}:\n", self.tokenizer.decode(ids), ids))
+            return agents
+
+        handles: list[str] = []
+        while len(handles) < self.n_agents:
+            h = rng.choice(AS_FIRST) + rng.choice(AS_SUFFIX)
+            if h not in handles:
+                handles.append(h)
+            if len(handles) < self.n_agents and len(handles) >= len(AS_FIRST) * len(AS_SUFFIX):
+                handles.append(f"user{len(handles)}")
+        agents = []
+        for i, h in enumerate(handles):
+            others = [x for x in handles if x != h] or ["someone"]
+            follows = rng.sample(others, min(3, len(others)))
+            interests = rng.sample(AS_INTERESTS, 2)
+            district = rng.choice(AS_DISTRICTS)
+            head = (
+                f"Profile: @{h} | age {rng.randint(16, 79)} | {rng.choice(AS_JOBS)} | lives in {district} | "
+                f"likes {interests[0]} and {interests[1]} | {rng.choice(AS_STANCES)} | mood: {rng.choice(AS_MOODS)} | "
+                f"follows " + ", ".join("@" + f for f in follows) + "\n" + AS_RULES.format(handle=h) + "\nRecently you:"
+            )
+            pool = []
+            for _ in range(20):
+                pool.append(
+                    " "
+                    + rng.choice(AS_FEED_MEMORY).format(
+                        interest=rng.choice(AS_INTERESTS), district=rng.choice(AS_DISTRICTS),
+                        topic=rng.choice(AS_TOPICS), mood=rng.choice(AS_MOODS), other=rng.choice(others),
+                    )
+                    + ";"
+                )
+            ids = self._pad_to(rng, head, pool, lo, hi, sep="")
+            agents.append(Agent(i, h, f"@{h}:\n", self.tokenizer.decode(ids), ids))
+        return agents
+
+    # ------------------------------------------------------------------ pieces
+
+    def _header(self) -> str:
+        return "Last round, everyone said:\n" if self.style == "generative_agents" else "Latest posts on the feed:\n"
+
+    def _opening(self, rng: random.Random) -> str:
+        if self.style == "generative_agents":
+            return f"It is {rng.choice(GA_DAYS)} morning in {VILLAGE}. News of the day: {rng.choice(GA_EVENTS)}\n"
+        return f"Breaking on the city feed: {rng.choice(AS_NEWS)}\n"
+
+    def _task(self, r: int, i: int, rng: random.Random) -> tuple[str, list[int]]:
+        lo, hi = self.task_tokens
+        agent = self.agents[i]
+        others = [a.name for a in self.agents if a.id != i] or ["a neighbour"]
+        if self.style == "generative_agents":
+            first = agent.name.split()[0]
+            kind = rng.choice(["plan", "converse", "react"])
+            time = GA_TIMES[(r * 3 + i) % len(GA_TIMES)]
+            if kind == "plan":
+                head = (f"It is now {time}. Plan the next hour for {first}: say what you will do, where, "
+                        f"and with whom.")
+            elif kind == "converse":
+                head = (f"{rng.choice(others)} meets {first} at {rng.choice(GA_PLACES)} and asks: "
+                        f"\"{rng.choice(GA_QUESTIONS)}\" Reply as {first}.")
+            else:
+                head = (f"Something just happened: {rng.choice(GA_EVENTS)} How does {first} react? "
+                        f"Say what you feel and what you do next.")
+            head = "Your task: " + head + " Guidelines:"
+            pool = [" " + g for g in GA_GUIDELINES]
+        else:
+            kind = rng.choice(["post", "reply", "react"])
+            if kind == "post":
+                head = f"Write a post about {rng.choice(AS_TOPICS)}."
+            elif kind == "reply":
+                head = f"Reply to @{rng.choice(others)} about {rng.choice(AS_TOPICS)}."
+            else:
+                head = f"News just in: {rng.choice(AS_NEWS)} React in one post."
+            head = "Now: " + head
+            pool = [" " + g for g in AS_GUIDELINES]
+        return kind, self._pad_to(rng, head, pool, lo, hi, sep="")
+
+    def _memory_ids(self, r: int, i: int) -> list[int]:
+        """The agent's own previous outputs (most recent last), capped at ``memory_cap`` tokens."""
+        if self.memory_cap <= 0 or r == 0:
+            return []
+        title = self.encode("\n\nThings you said recently:")
+        bullet = self.encode("\n- ")
+        entries: list[list[int]] = []
+        budget = self.memory_cap
+        for rr in range(r - 1, -1, -1):
+            out = self._history.get(rr, {}).get(i)
+            if out is None:
+                break
+            if len(out) > budget:
+                if not entries:
+                    entries.append(out[:budget])
+                break
+            entries.append(out)
+            budget -= len(out)
+        if not entries:
+            return []
+        ids = list(title)
+        for e in reversed(entries):
+            ids += bullet + e
+        return ids
+
+    def shared_order(self, r: int, i: int) -> list[int]:
+        """The order of the agents' outputs in agent ``i``'s shared block of round ``r``."""
+        order = list(range(self.n_agents))
+        if self.order == "permuted":
+            _rng(self.seed, self.style, "order", r, i).shuffle(order)
+        return order
+
+    # ------------------------------------------------------------------ rounds
+
+    def build_round(self, r: int, previous_outputs: dict[int, Sequence[int]] | None = None) -> list[AgentRequest]:
+        """The requests of round ``r``.
+
+        ``previous_outputs`` maps every agent id to its generated ids of round ``r-1`` (raw: trailing stop ids are
+        stripped here).  Round 0 takes none.  Rounds must be built in order once per run (the agents' memories of
+        their own outputs are recorded here); building a round again with the same inputs gives the same requests.
+        """
+        if not 0 <= r < self.n_rounds:
+            raise ValueError(f"round {r} out of range [0, {self.n_rounds})")
+        shared: dict[int, list[int]] = {}
+        if r > 0:
+            if previous_outputs is None or set(previous_outputs) != set(range(self.n_agents)):
+                raise ValueError(f"round {r} needs the outputs of all {self.n_agents} agents of round {r - 1}")
+            shared = {j: self.clean(previous_outputs[j]) for j in range(self.n_agents)}
+            self._history[r - 1] = shared
+            for rr in [k for k in self._history if k >= r]:
+                del self._history[rr]
+        else:
+            self._history.clear()
+
+        sys_open = self.encode(f"{IM_START}system\n")
+        sys_close = self.encode(f"{IM_END}\n{IM_START}user\n")
+        asst = self.encode(f"{IM_END}\n{IM_START}assistant\n")
+        newline = self.encode("\n")
+        header = self.encode(self._header())
+        reqs = []
+        for i, agent in enumerate(self.agents):
+            rng = _rng(self.seed, self.style, "round", r, "agent", i)
+            mem = self._memory_ids(r, i)
+            ids = sys_open + agent.persona_ids + mem + sys_close
+            segs: list[tuple[str, int, int]] = []
+            if r == 0:
+                ids += self.encode(self._opening(_rng(self.seed, self.style, "opening")))
+            else:
+                ids += header
+                for j in self.shared_order(r, i):
+                    ids += self.encode(self.agents[j].label)
+                    start = len(ids)
+                    ids += shared[j]
+                    segs.append((self.segment_id(r - 1, j), start, len(ids)))
+                    ids += newline
+            kind, task = self._task(r, i, rng)
+            ids += task + asst
+            out_seg = self.segment_id(r, i)
+            cp: dict[str, Any] = {
+                "td_round": r,
+                "td_agent": i,
+                "td_seg_ids": [s[0] for s in segs],
+                "td_seg_starts": [s[1] for s in segs],
+                "td_seg_ends": [s[2] for s in segs],
+                "td_out_seg": out_seg,
+            }
+            if self.namespace:
+                cp["td_ns"] = self.namespace
+            sp = {
+                "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature,
+                "stop_token_ids": list(self.stop_ids),
+            }
+            reqs.append(
+                AgentRequest(
+                    round=r, agent=i, input_ids=ids, custom_params=cp, sampling_params=sp, segments=segs,
+                    out_seg=out_seg, task_kind=kind, private_tokens=len(agent.persona_ids) + len(mem),
+                    base_private_tokens=len(agent.persona_ids), task_tokens=len(task),
+                    shared_tokens=sum(e - s for _, s, e in segs),
+                )
+            )
+        return reqs
+
+    # ------------------------------------------------------------------ offline simulation
+
+    def fake_outputs(self, r: int, *, max_new_tokens: int | None = None) -> dict[int, list[int]]:
+        """Seeded simulated raw outputs of round ``r``: a short in-style sentence per agent, cut at
+        ``max_new_tokens``; an output that was not cut ends with the stop id, as a real generation does."""
+        limit = int(max_new_tokens or self.max_new_tokens)
+        stop = self.stop_ids[0] if self.stop_ids else None
+        outs: dict[int, list[int]] = {}
+        for i, agent in enumerate(self.agents):
+            rng = _rng(self.seed, self.style, "fake", r, i)
+            others = [a.name for a in self.agents if a.id != i] or ["someone"]
+            if self.style == "generative_agents":
+                text = rng.choice(FAKE_GA).format(other=rng.choice(others).split()[0], place=rng.choice(GA_PLACES))
+            else:
+                text = rng.choice(FAKE_AS).format(topic=rng.choice(AS_TOPICS), district=rng.choice(AS_DISTRICTS),
+                                                  other=rng.choice(others), mood=rng.choice(AS_MOODS))
+            ids = self.encode(text)
+            if len(ids) >= limit or stop is None:
+                ids = ids[:limit]
+            else:
+                ids = ids + [stop]
+            outs[i] = ids
+        return outs
+
+
+def simulate(workload: Workload, *, max_new_tokens: int | None = None) -> list[tuple[list[AgentRequest], dict[int, list[int]]]]:
+    """Run a workload offline with :meth:`Workload.fake_outputs`: per round, (requests, raw outputs)."""
+    rounds = []
+    prev: dict[int, list[int]] | None = None
+    for r in range(workload.n_rounds):
+        reqs = workload.build_round(r, prev)
+        prev = workload.fake_outputs(r, max_new_tokens=max_new_tokens)
+        rounds.append((reqs, prev))
+    return rounds
+
+
+def make_workload(style: str = "generative_agents", **kwargs: Any) -> Workload:
+    """Convenience constructor (same arguments as :class:`Workload`)."""
+    return Workload(style, **kwargs)
+
+
+__all__ = [
+    "Agent",
+    "AgentRequest",
+    "EMPTY_OUTPUT_FILLER",
+    "ORDERS",
+    "STYLES",
+    "Workload",
+    "clean_output",
+    "load_tokenizer",
+    "make_workload",
+    "simulate",
+    "stop_token_ids",
+]
