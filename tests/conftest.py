@@ -1,0 +1,46 @@
+"""Shared fixtures.  One SGLang server per configuration for the whole session (engine tests are slow on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import tokendance_sgl  # noqa: F401  (must precede any sglang import: CPU bootstrap)
+import pytest
+
+from tokendance_sgl.model import prepare_model
+
+_servers: dict[tuple, object] = {}
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return prepare_model()
+
+
+def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = ()):
+    from tokendance_sgl.server import launch
+
+    key = (kv_backend, extra)
+    handle = _servers.get(key)
+    if handle is None or not handle.alive():
+        handle = launch(model_path, kv_backend=kv_backend, extra_args=list(extra))
+        _servers[key] = handle
+    return handle
+
+
+@pytest.fixture(scope="session")
+def radix_server(model_path):
+    """A running `python -m sglang.launch_server --kv-backend radix` on CPU (object with .base_url)."""
+    return _server(model_path, "radix")
+
+
+@pytest.fixture(scope="session")
+def server_factory(model_path):
+    """`server_factory(kv_backend, *extra_flags)` -> a shared running server for that configuration."""
+    return lambda kv_backend, *extra: _server(model_path, kv_backend, tuple(extra))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for handle in _servers.values():
+        handle.stop()
+    _servers.clear()

@@ -1,0 +1,105 @@
+"""The plugin as SGLang sees it: entry-point discovery, the --kv-backend flag, and the real engine on CPU."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+import requests
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_plugin_is_discovered_through_its_entry_point():
+    eps = importlib.metadata.entry_points(group="sglang.srt.plugins")
+    ours = [ep for ep in eps if ep.name == "tokendance"]
+    assert ours and ours[0].value == "tokendance_sgl.plugin:register"
+    from sglang.srt.plugins import load_plugins_by_group
+
+    found = load_plugins_by_group("sglang.srt.plugins")
+    assert "tokendance" in found and found["tokendance"][1] == "tokendance-sgl"
+
+
+def test_register_is_idempotent_and_hooks_apply():
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from tokendance_sgl.plugin import register
+
+    load_plugins()
+    register()
+    register()
+    HookRegistry.apply_hooks()
+    assert "sglang.srt.server_args.prepare_server_args" in HookRegistry._patched
+    assert "sglang.srt.server_args.ServerArgs.add_cli_args" in HookRegistry._patched
+    from sglang.srt import server_args as sa
+
+    args = sa.prepare_server_args(["--model-path", "m", "--kv-backend", "radix"])
+    assert args._tokendance == {"kv_backend": "radix"}
+    assert args.radix_cache_backend is None  # radix = stock SGLang caching
+
+
+def _launch_server(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", *argv], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_shows_kv_backend():
+    out = _launch_server("--help")
+    assert out.returncode == 0
+    assert "--kv-backend {radix,pic,tokendance}" in out.stdout
+
+
+@pytest.mark.parametrize("backend", ["pic"])
+def test_unimplemented_backend_fails_at_start_with_clear_message(backend):
+    out = _launch_server("--model-path", "unused", "--kv-backend", backend)
+    assert out.returncode != 0
+    assert f"--kv-backend {backend}" in out.stderr and "not implemented yet" in out.stderr
+
+
+def test_conflicting_cache_flags_are_refused():
+    out = _launch_server("--model-path", "unused", "--kv-backend", "radix", "--radix-cache-backend", "flexkv")
+    assert out.returncode != 0 and "do not also pass" in out.stderr
+
+
+def _chat_prompt(model_path: str) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return tok.apply_chat_template(FRANCE, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.engine
+def test_launch_server_with_kv_backend_radix_serves_generate(radix_server, model_path):
+    r = requests.post(
+        radix_server.base_url + "/generate",
+        json={"text": _chat_prompt(model_path), "sampling_params": {"max_new_tokens": 16, "temperature": 0}},
+        timeout=120,
+    )
+    r.raise_for_status()
+    assert "Paris" in r.json()["text"]
+    assert "--kv-backend" in radix_server.argv
+
+
+@pytest.mark.engine
+def test_plugin_loaded_engine_answers_paris(model_path):
+    from tokendance_sgl.engine import Engine
+
+    engine = Engine(model_path=model_path, kv_backend="radix", max_total_tokens=4096)
+    try:
+        out = engine.generate(prompt=_chat_prompt(model_path), sampling_params={"max_new_tokens": 16, "temperature": 0})
+        assert "Paris" in out["text"]
+        assert engine.server_args._tokendance == {"kv_backend": "radix"}
+    finally:
+        engine.shutdown()
+
+
+def test_engine_refuses_unimplemented_backend_before_starting(model_path):
+    from tokendance_sgl.engine import Engine
+    from tokendance_sgl.patches.kv_backend import KVBackendError
+
+    with pytest.raises(KVBackendError, match="pic"):
+        Engine(model_path=model_path, kv_backend="pic")
