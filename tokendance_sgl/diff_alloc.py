@@ -1,0 +1,462 @@
+"""Diff allocator: which KV slots of a request row are shared master slots and which are the request's own.
+
+SGLang's row ownership rule is positional: ``req_to_token[row, 0:cache_protected_len]`` belongs to the prefix cache,
+``[cache_protected_len, ...)`` belongs to the request and is freed by ``release_kv_cache``. TokenDance rows may
+reference *master* slots of shared segments inside the request-owned range. :class:`DiffAllocator` records, per
+row, the **master references**: half-open row-position intervals whose slots belong to a segment (the cache), not
+to the request. Everything else the request holds is **owned** (diff slots of recomputed tokens, new tokens).
+
+Ownership rules (enforced here, relied on by :class:`tokendance_sgl.collective_tree.CollectiveTree`):
+
+* a slot is freed by exactly one owner; :meth:`DiffAllocator.free_owned` frees only owned slots of the ranges it
+  is given and never a slot inside a master reference;
+* page granularity (``page_size > 1``): a row page -- row positions ``[k*ps, (k+1)*ps)``, which always map onto one
+  pool page -- is either entirely a master page (all its positions reference the same master page at matching
+  offsets) or entirely owned. A row page that would mix master tokens with private tokens (a recomputed token,
+  a new token, tokens of another master page or a misaligned master run) is **copied on write as a whole page**: a
+  fresh page is allocated, the master tokens that are reused are copied into it through ``copy_fn(src, dst)`` and
+  the private tokens get the page's other slots. When freeing, any row page that holds a master position is
+  skipped as a whole;
+* the allocator never counts references itself: the caller (the cache) locks the segments a row references when
+  :meth:`build_row` returns them and unlocks them when :meth:`pop_row` / :meth:`trim_below` return them.
+
+Per-agent accounting (:meth:`kv_bytes_by_agent`): ``bytes_per_token * (sum over the row's master slots of
+1/refcount + private slots)``, where ``refcount`` is the number of live rows referencing that master slot and the
+private slots are the diff/new slots the row owns (set by :meth:`build_row`, updated with
+:meth:`set_private_tokens`).
+
+This module imports torch and numpy only (no sglang): unit tests drive it with a real SGLang allocator or a fake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "NewRun",
+    "MasterRun",
+    "MasterRef",
+    "RowRecord",
+    "BuiltRow",
+    "DiffAllocator",
+    "coalesce",
+]
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """``length`` fresh private slots (tokens computed by the normal extend)."""
+
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class MasterRun:
+    """A run of row positions whose KV comes from a segment's master slots.
+
+    ``slots[i]`` is the master slot of the run's i-th token. ``recompute`` lists offsets (0-based, within the run)
+    that get private diff slots instead (their KV is recomputed for this row)."""
+
+    seg: Hashable
+    slots: torch.Tensor
+    recompute: Sequence[int] = ()
+
+    def __len__(self) -> int:
+        return int(self.slots.numel())
+
+
+Piece = Union[NewRun, MasterRun]
+
+
+@dataclass
+class MasterRef:
+    """Row positions ``[start, end)`` hold ``slots`` (master slots of ``seg``): not the request's to free."""
+
+    start: int
+    end: int
+    seg: Hashable
+    slots: torch.Tensor  # CPU int64, len == end - start
+    locked: bool = True  # False: a transfer (the row's own slots handed to the segment), no lock taken
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class RowRecord:
+    key: Hashable
+    agent: Optional[int] = None
+    refs: list[MasterRef] = field(default_factory=list)
+    private_tokens: int = 0
+    owner: Any = None  # keeps the keyed object alive (ids are only unique among live objects)
+
+    def segs(self, *, locked_only: bool = False) -> list:
+        seen: dict = {}
+        for r in self.refs:
+            if locked_only and not r.locked:
+                continue
+            seen.setdefault(_seg_id(r.seg), r.seg)
+        return list(seen.values())
+
+    def master_positions(self) -> np.ndarray:
+        if not self.refs:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate([np.arange(r.start, r.end, dtype=np.int64) for r in self.refs])
+
+    def master_tokens(self) -> int:
+        return sum(len(r) for r in self.refs)
+
+
+@dataclass
+class BuiltRow:
+    slots: torch.Tensor  # slot per row position of the built span, on the allocator's device
+    segs: list  # distinct segments the span references (the caller locks them once each)
+    private_tokens: int  # slots allocated for the span (whole pages when page_size > 1)
+    private_positions: np.ndarray  # offsets (within the span) of the positions with private slots
+    copies: int  # master tokens copied into copy-on-write pages
+
+
+def _seg_id(seg: Hashable) -> int:
+    return id(seg)
+
+
+def coalesce(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted((int(a), int(b)) for a, b in ranges):
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _as_cpu_i64(t) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(device="cpu", dtype=torch.int64)
+    return torch.as_tensor(list(t), dtype=torch.int64)
+
+
+class DiffAllocator:
+    """Per-row master/owned bookkeeping and copy-on-write row composition over an SGLang KV allocator.
+
+    ``allocator`` provides ``alloc(n)``/``free(idx)`` (SGLang's ``TokenToKVPoolAllocator`` or
+    ``PagedTokenToKVPoolAllocator``) and ``page_size``. ``alloc_fn(n)`` overrides allocation (the cache passes one
+    that evicts first). ``copy_fn(src, dst)`` copies K/V of pool slots (needed for copy-on-write pages when
+    ``page_size > 1``). ``bytes_per_token`` is the K+V bytes of one token over all layers.
+    """
+
+    def __init__(
+        self,
+        allocator: Any,
+        *,
+        page_size: Optional[int] = None,
+        bytes_per_token: float = 0.0,
+        copy_fn: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+        alloc_fn: Optional[Callable[[int], Optional[torch.Tensor]]] = None,
+    ):
+        self.allocator = allocator
+        self.page_size = int(page_size if page_size is not None else getattr(allocator, "page_size", 1))
+        if self.page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        self.bytes_per_token = float(bytes_per_token)
+        self.copy_fn = copy_fn
+        self.alloc_fn = alloc_fn
+        self.rows: dict[Hashable, RowRecord] = {}
+
+    # ------------------------------------------------------------------ records
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.rows
+
+    def record(self, key: Hashable) -> Optional[RowRecord]:
+        return self.rows.get(key)
+
+    def ensure_record(self, key: Hashable, *, agent: Optional[int] = None, owner: Any = None) -> RowRecord:
+        rec = self.rows.get(key)
+        if rec is None:
+            rec = RowRecord(key=key, agent=agent, owner=owner)
+            self.rows[key] = rec
+        else:
+            if agent is not None:
+                rec.agent = agent
+            if owner is not None:
+                rec.owner = owner
+        return rec
+
+    def pop_row(self, key: Hashable) -> Optional[RowRecord]:
+        """Forgets the row; returns its record (the caller unlocks ``record.segs(locked_only=True)``)."""
+        return self.rows.pop(key, None)
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+    def set_private_tokens(self, key: Hashable, n: int) -> None:
+        rec = self.rows.get(key)
+        if rec is not None:
+            rec.private_tokens = max(0, int(n))
+
+    def add_master_ref(
+        self, key: Hashable, start: int, end: int, seg: Hashable, slots, *, locked: bool = True, agent=None, owner=None
+    ) -> MasterRef:
+        """Marks row positions ``[start, end)`` (holding ``slots``) as belonging to ``seg``. With ``locked=False`` the
+        reference is a transfer of the row's own slots to the segment (no lock is taken or given back for it)."""
+        slots = _as_cpu_i64(slots)
+        if end - start != slots.numel():
+            raise ValueError(f"master ref [{start}, {end}) needs {end - start} slots, got {slots.numel()}")
+        if end <= start:
+            raise ValueError("empty master ref")
+        rec = self.ensure_record(key, agent=agent, owner=owner)
+        for r in rec.refs:
+            if r.start < end and start < r.end:
+                raise ValueError(f"master ref [{start}, {end}) overlaps [{r.start}, {r.end}) of row {key!r}")
+        ref = MasterRef(int(start), int(end), seg, slots, locked)
+        rec.refs.append(ref)
+        rec.refs.sort(key=lambda r: r.start)
+        return ref
+
+    def trim_below(self, key: Hashable, pos: int) -> list:
+        """Drops the master references of row positions below ``pos`` (they became the prefix cache's, e.g. after a
+        checkpoint repointed them). Returns the locked segments no longer referenced by this row at all."""
+        rec = self.rows.get(key)
+        if rec is None:
+            return []
+        before = {_seg_id(s): s for s in rec.segs(locked_only=True)}
+        kept: list[MasterRef] = []
+        for r in rec.refs:
+            if r.end <= pos:
+                continue
+            if r.start < pos:
+                cut = pos - r.start
+                r = MasterRef(pos, r.end, r.seg, r.slots[cut:], r.locked)
+            kept.append(r)
+        rec.refs = kept
+        after = {_seg_id(s) for s in rec.segs(locked_only=True)}
+        return [s for k, s in before.items() if k not in after]
+
+    # ------------------------------------------------------------------ ownership queries
+
+    def master_page_set(self, rec: RowRecord) -> np.ndarray:
+        pos = rec.master_positions()
+        if pos.size == 0:
+            return pos
+        return np.unique(pos // self.page_size)
+
+    def owned_mask(self, key: Hashable, start: int, end: int) -> np.ndarray:
+        """Boolean mask over row positions ``[start, end)``: True where the slot is the request's own."""
+        n = max(0, end - start)
+        rec = self.rows.get(key)
+        if rec is None or not rec.refs:
+            return np.ones(n, dtype=bool)
+        pos = np.arange(start, end, dtype=np.int64)
+        return ~np.isin(pos // self.page_size, self.master_page_set(rec))
+
+    def free_owned(self, key: Hashable, row: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> int:
+        """Frees the owned slots of ``row`` (the request's ``req_to_token`` row) inside ``ranges`` (row positions).
+        Master positions (whole pages when ``page_size > 1``) are skipped. Returns the number of row positions whose
+        slots were given back."""
+        ps = self.page_size
+        rec = self.rows.get(key)
+        master_pages = self.master_page_set(rec) if rec is not None else np.empty(0, dtype=np.int64)
+        parts = []
+        freed = 0
+        for s, e in coalesce(ranges):
+            if ps > 1 and s % ps != 0:
+                raise ValueError(f"free range start {s} is not page-aligned (page_size {ps})")
+            pos = np.arange(s, e, dtype=np.int64)
+            mask = ~np.isin(pos // ps, master_pages) if master_pages.size else np.ones(len(pos), dtype=bool)
+            if not mask.any():
+                continue
+            seg_slots = row[s:e].to(torch.int64)
+            if mask.all():
+                parts.append(seg_slots)
+            else:
+                parts.append(seg_slots[torch.from_numpy(mask).to(seg_slots.device)])
+            freed += int(mask.sum())
+        if parts:
+            self.allocator.free(torch.cat(parts))
+        return freed
+
+    # ------------------------------------------------------------------ composition
+
+    def _alloc(self, n: int) -> Optional[torch.Tensor]:
+        if n == 0:
+            return torch.empty(0, dtype=torch.int64, device=getattr(self.allocator, "device", "cpu"))
+        fn = self.alloc_fn or self.allocator.alloc
+        out = fn(n)
+        if out is None:
+            return None
+        return out.to(torch.int64)
+
+    def build_row(
+        self,
+        key: Hashable,
+        start_pos: int,
+        pieces: Sequence[Piece],
+        *,
+        agent: Optional[int] = None,
+        owner: Any = None,
+    ) -> Optional[BuiltRow]:
+        """Composes the slots of row positions ``[start_pos, start_pos + sum(len(pieces)))``.
+
+        Master positions reference the master slots (recorded as master references of the row); recomputed
+        positions and :class:`NewRun` positions get fresh private slots. With ``page_size > 1`` the span must start
+        on a page boundary and row pages that would mix sources are copied on write as whole pages (see the module
+        docstring). Returns None (and changes nothing) when the allocator cannot provide the private slots.
+        The caller writes ``BuiltRow.slots`` into the row and locks ``BuiltRow.segs``.
+        """
+        ps = self.page_size
+        if ps > 1 and start_pos % ps != 0:
+            raise ValueError(f"row span must start on a page boundary, got {start_pos} (page_size {ps})")
+        total = sum(len(p) for p in pieces)
+        src = np.full(total, -1, dtype=np.int64)  # master slot, or -1
+        reuse = np.zeros(total, dtype=bool)  # position reads the master's KV (not recomputed)
+        piece_of = np.full(total, -1, dtype=np.int64)
+        off = 0
+        for i, p in enumerate(pieces):
+            n = len(p)
+            if isinstance(p, MasterRun):
+                sl = _as_cpu_i64(p.slots).numpy()
+                if n and (sl < 0).any():
+                    raise ValueError("master slots must be >= 0")
+                src[off : off + n] = sl
+                reuse[off : off + n] = True
+                piece_of[off : off + n] = i
+                if p.recompute is not None and len(p.recompute):
+                    rc = np.asarray(list(p.recompute), dtype=np.int64)
+                    if (rc < 0).any() or (rc >= n).any():
+                        raise ValueError(f"recompute offsets must lie in [0, {n})")
+                    reuse[off + rc] = False
+            elif isinstance(p, NewRun):
+                if p.length < 0:
+                    raise ValueError("NewRun length must be >= 0")
+            else:
+                raise TypeError(f"unknown piece {p!r}")
+            off += n
+
+        # Which positions keep the master slot.
+        keep = reuse.copy()
+        if ps > 1 and total:
+            n_pages = -(-total // ps)
+            for k in range(n_pages):
+                a, b = k * ps, min((k + 1) * ps, total)
+                pk = keep[a:b]
+                if not pk.any():
+                    continue
+                full_page = (b - a) == ps
+                ok = full_page and pk.all() and (piece_of[a:b] == piece_of[a]).all()
+                if ok:
+                    s = src[a:b]
+                    ok = bool((s // ps == s[0] // ps).all() and (s % ps == np.arange(ps)).all())
+                if not ok:
+                    keep[a:b] = False  # copy on write: the whole row page becomes private
+
+        private = ~keep
+        private_positions = np.nonzero(private)[0]
+        if ps == 1:
+            n_alloc = int(private.sum())
+        else:
+            priv_pages = np.unique(private_positions // ps) if private_positions.size else np.empty(0, np.int64)
+            n_alloc = int(priv_pages.size) * ps
+        fresh = self._alloc(n_alloc)
+        if fresh is None:
+            return None
+        fresh_cpu = fresh.cpu()
+
+        out = src.copy()
+        copies_src: list[int] = []
+        copies_dst: list[int] = []
+        if ps == 1:
+            out[private] = fresh_cpu.numpy()
+        elif n_alloc:
+            page_base = fresh_cpu.view(-1, ps)[:, 0].numpy()  # first slot of each fresh page
+            page_index = {int(pg): j for j, pg in enumerate(priv_pages.tolist())}
+            for pos in private_positions.tolist():
+                base = page_base[page_index[pos // ps]]
+                dst = int(base) + (pos % ps)
+                if reuse[pos]:
+                    copies_src.append(int(src[pos]))
+                    copies_dst.append(dst)
+                out[pos] = dst
+        if copies_src:
+            if self.copy_fn is None:
+                # Nothing recorded yet: give the fresh slots back before refusing.
+                if fresh.numel():
+                    self.allocator.free(fresh)
+                raise ValueError("copy-on-write of a master page needs copy_fn (page_size > 1)")
+            dev = fresh.device
+            self.copy_fn(
+                torch.tensor(copies_src, dtype=torch.int64, device=dev),
+                torch.tensor(copies_dst, dtype=torch.int64, device=dev),
+            )
+
+        # Record master references: maximal runs of kept positions from one piece with consecutive positions.
+        rec = self.ensure_record(key, agent=agent, owner=owner)
+        kept_pos = np.nonzero(keep)[0]
+        if kept_pos.size:
+            breaks = np.nonzero((np.diff(kept_pos) != 1) | (np.diff(piece_of[kept_pos]) != 0))[0] + 1
+            for run in np.split(kept_pos, breaks):
+                a, b = int(run[0]), int(run[-1]) + 1
+                seg = pieces[int(piece_of[a])].seg
+                self.add_master_ref(key, start_pos + a, start_pos + b, seg, torch.from_numpy(src[a:b].copy()))
+        rec.private_tokens += n_alloc
+        used_segs: dict = {}
+        if kept_pos.size:
+            for i in np.unique(piece_of[kept_pos]).tolist():
+                used_segs.setdefault(_seg_id(pieces[i].seg), pieces[i].seg)
+        dev = fresh.device if fresh.numel() else getattr(self.allocator, "device", "cpu")
+        return BuiltRow(
+            slots=torch.from_numpy(out).to(dev),
+            segs=list(used_segs.values()),
+            private_tokens=n_alloc,
+            private_positions=private_positions,
+            copies=len(copies_src),
+        )
+
+    # ------------------------------------------------------------------ accounting
+
+    def master_refcounts(self) -> dict[int, int]:
+        """slot -> number of live rows whose master references include it."""
+        counts: dict[int, int] = {}
+        for rec in self.rows.values():
+            seen = set()
+            for r in rec.refs:
+                for s in r.slots.tolist():
+                    if s not in seen:
+                        seen.add(s)
+                        counts[s] = counts.get(s, 0) + 1
+        return counts
+
+    def row_kv_tokens(self) -> dict[Hashable, float]:
+        """Row key -> token-equivalents it holds: master slots weighted by 1/refcount plus private slots."""
+        counts = self.master_refcounts()
+        out: dict[Hashable, float] = {}
+        for key, rec in self.rows.items():
+            seen = set()
+            shared = 0.0
+            for r in rec.refs:
+                for s in r.slots.tolist():
+                    if s not in seen:
+                        seen.add(s)
+                        shared += 1.0 / counts[s]
+            out[key] = shared + rec.private_tokens
+        return out
+
+    def kv_bytes_by_agent(self) -> dict[Optional[int], float]:
+        """Agent -> KV bytes: master bytes divided among the rows sharing them, plus the rows' diff/private bytes."""
+        out: dict[Optional[int], float] = {}
+        for key, toks in self.row_kv_tokens().items():
+            agent = self.rows[key].agent
+            out[agent] = out.get(agent, 0.0) + toks * self.bytes_per_token
+        return out
