@@ -103,3 +103,13 @@ def test_engine_refuses_unimplemented_backend_before_starting(model_path):
 
     with pytest.raises(KVBackendError, match="pic"):
         Engine(model_path=model_path, kv_backend="pic")
+
+
+@pytest.mark.engine
+def test_stats_endpoint_reports_the_pool(radix_server):
+    r = requests.get(radix_server.base_url + "/tokendance/stats", timeout=60)
+    r.raise_for_status()
+    s = r.json()
+    assert s["kv_backend"] == "radix"
+    assert s["max_total_num_tokens"] > 0
+    assert s["available_size"] + s["evictable_size"] + s["protected_size"] == s["max_total_num_tokens"]
