@@ -1,0 +1,144 @@
+"""Selective recompute inside a request's row, and the position shift of aligned rows.
+
+A request whose row is built from reused segments gets a :class:`RowPlan` (``req.td_plan``) from the cache when it
+is admitted.  Its row ``[0, prefix_len)`` is then "cached" as far as SGLang knows, but some of those rows still
+have to be computed in this request's context: the positions chosen for recompute (their slots are the request's
+private diff slots) and uncached text between or around segments.  :func:`run_prepass` computes all of them, for
+every request of an extend batch, in ONE extra forward before the normal extend:
+
+* each contiguous run of rows to compute becomes one row of a replay batch (several rows may share a request);
+  its keys are the request's row ``req_to_token[idx, :end]``, causal by row, so a recomputed token attends to
+  every row before it -- master rows, private rows and the other recomputed tokens (within a layer every replay
+  row's K/V is written before any attention runs, as in SGLang's own encoder-SWA replay);
+* writes go only to ``req_to_token[idx, start:end]``, which the plan guarantees are the request's own slots.
+
+Aligned layout: rows ``>= gap_start`` run at position ``row + gap`` (the shared region of a round gets the same
+canonical position ids in every agent's row, and the rest continues from the canonical end).
+:func:`shift_positions` applies that to any forward batch (extend, decode and the replay batch itself).
+"""
+
+from __future__ import annotations
+
+from copy import copy
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RowPlan:
+    compute_spans: list[tuple[int, int]] = field(default_factory=list)
+    gap_start: int = 0
+    gap: int = 0
+    pending: bool = True  # compute_spans not run yet
+
+    def __post_init__(self) -> None:
+        prev = -1
+        for s, e in self.compute_spans:
+            if not (0 <= s < e) or s < prev:
+                raise ValueError(f"compute spans must be sorted, disjoint and non-empty: {self.compute_spans}")
+            prev = e
+        if self.gap < 0 or self.gap_start < 0:
+            raise ValueError("gap and gap_start must be >= 0")
+
+    @property
+    def compute_tokens(self) -> int:
+        return sum(e - s for s, e in self.compute_spans)
+
+    def position_of(self, row: int) -> int:
+        return row + self.gap if self.gap and row >= self.gap_start else row
+
+
+def plan_of(req) -> RowPlan | None:
+    return getattr(req, "td_plan", None)
+
+
+def shift_positions(positions: torch.Tensor, reqs, lengths: list[int]) -> None:
+    """In place: ``positions`` holds ``lengths[i]`` consecutive entries per request ``reqs[i]``; add each shifted
+    request's gap to its entries at rows >= gap_start (a position equals its row before shifting)."""
+    off = 0
+    for req, n in zip(reqs, lengths):
+        plan = plan_of(req)
+        if plan is not None and plan.gap and n:
+            seg = positions[off : off + n]
+            seg += (seg >= plan.gap_start).to(seg.dtype) * plan.gap
+        off += n
+
+
+def _pending_rows(batch) -> list[tuple[int, int, int]]:
+    rows = []
+    for i, req in enumerate(batch.reqs):
+        plan = plan_of(req)
+        if plan is None or not plan.pending or not plan.compute_spans:
+            continue
+        if plan.compute_spans[-1][1] > batch.prefix_lens[i]:
+            raise RuntimeError(
+                f"recompute span {plan.compute_spans[-1]} reaches past the cached prefix ({batch.prefix_lens[i]}) "
+                f"of request {req.rid}"
+            )
+        rows.extend((i, s, e) for s, e in plan.compute_spans)
+    return rows
+
+
+def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]):
+    """A copy of the extend ScheduleBatch whose rows are the spans to recompute (logits are not used)."""
+    device = runner.device
+    req_to_token = runner.req_to_token_pool.req_to_token
+    idx = [i for i, _, _ in rows]
+    reqs = [batch.reqs[i] for i in idx]
+    starts = [s for _, s, _ in rows]
+    ends = [e for _, _, e in rows]
+    lens = [e - s for s, e in zip(starts, ends)]
+    pool_idx_cpu = batch.req_pool_indices_cpu[idx]
+    pool_idx = batch.req_pool_indices[idx]
+
+    pre = copy(batch)
+    pre.reqs = reqs
+    ids = [t for r, s, e in zip(reqs, starts, ends) for t in r.full_untruncated_fill_ids[s:e]]
+    pre.input_ids = torch.tensor(ids, dtype=torch.int64, device=device)
+    pre.prefill_input_ids_cpu = None
+    pre.req_pool_indices = pool_idx
+    pre.req_pool_indices_cpu = pool_idx_cpu
+    pre.prefix_lens = starts
+    pre.extend_lens = lens
+    pre.extend_num_tokens = sum(lens)
+    pre.seq_lens = torch.tensor(ends, dtype=torch.int64, device=device)
+    pre.seq_lens_cpu = torch.tensor(ends, dtype=torch.int64)
+    pre.seq_lens_sum = sum(ends)
+    pre.orig_seq_lens = pre.seq_lens
+    pre.out_cache_loc = torch.cat(
+        [req_to_token[int(pool_idx_cpu[k]), s:e] for k, (s, e) in enumerate(zip(starts, ends))]
+    ).to(torch.int64)
+    pre.return_logprob = False
+    pre.top_logprobs_nums = None
+    pre.token_ids_logprobs = None
+    pre.extend_logprob_start_lens = lens
+    pre.extend_input_logprob_token_ids = None
+    pre.is_prefill_only = True
+    pre.spec_info = None
+    pre.sampling_info = None
+    pre.has_grammar = False
+    pre.multimodal_inputs = [None] * len(reqs)
+    pre.decoding_reqs = None
+    if getattr(batch, "global_num_tokens", None) is not None:
+        pre.global_num_tokens = [pre.extend_num_tokens]
+        pre.global_num_tokens_for_logprob = [len(lens)]
+    return pre
+
+
+def run_prepass(worker, batch) -> int:
+    """Computes every pending span of the batch's requests in one forward.  Returns the number of tokens."""
+    if batch is None or not batch.forward_mode.is_extend():
+        return 0
+    rows = _pending_rows(batch)
+    if not rows:
+        return 0
+    from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
+
+    runner = worker.model_runner
+    pre = build_prepass_batch(batch, runner, rows)
+    fb = ForwardBatch.init_new(pre, runner, capture_hidden_mode=CaptureHiddenMode.NULL)
+    runner.forward(fb)
+    for req in {id(r): r for r in pre.reqs}.values():
+        req.td_plan.pending = False
+    return pre.extend_num_tokens
