@@ -59,10 +59,12 @@ node and segment without freeing (the scheduler clears the allocator afterwards)
 Known ids (segment tables): the tree remembers every id ever registered (id -> content hash, length, namespace),
 across evictions and flushes, and every id announced as ``td_out_seg`` by a request it has seen. A table naming an
 id that is neither is refused ("unknown segment id"). A span naming a known id must hold a prefix of the
-registered tokens (clients may drop the final token, e.g. EOS): when the segment node is alive its tokens are
-compared; when it was evicted and the span has the registered length, the content hash is compared; a mismatch is
-refused ("segment does not match the prompt"). A known id whose segment was evicted, is still pending, or lives in
-another namespace is not an error: the span is simply recomputed (``kv_len == 0`` in the plan).
+registered tokens (clients may drop trailing tokens, e.g. EOS): when the segment node is alive its tokens are
+compared; when it was evicted and the span has the registered length, the content hash is compared. A provable
+mismatch is never reused: by default the span is recomputed with a warning (status ``"mismatch"``); with
+``strict_content`` (``TOKENDANCE_STRICT_SEGMENTS=1``) the request is refused ("segment does not match the
+prompt"). A known id whose segment was evicted, is still pending, or lives in another namespace is not an error
+either: the span is simply recomputed (``kv_len == 0`` in the plan).
 
 In this issue :meth:`match_prefix` returns only the radix prefix (as stock) and records on the request, as
 ``req.td_plan`` (:class:`SegmentPlan`), which registered segments its prompt contains (from the table, or by
@@ -137,12 +139,13 @@ def _env_int(name: str, default: int) -> int:
 @dataclass
 class TreeConfig:
     """Settings of the collective tree (environment: ``TOKENDANCE_MIN_SEGMENT_LEN``, ``TOKENDANCE_AUTO_REGISTER``,
-    ``TOKENDANCE_DETECT``, ``TOKENDANCE_MAX_WEAK_SEGMENTS``)."""
+    ``TOKENDANCE_DETECT``, ``TOKENDANCE_MAX_WEAK_SEGMENTS``, ``TOKENDANCE_STRICT_SEGMENTS``)."""
 
     min_segment_len: int = DEFAULT_MIN_SEGMENT_LEN  # shortest segment detection can find
     auto_register: bool = True  # register outputs of plain finished requests as weak segments
     detect: bool = True  # rolling-hash detection for prompts without td_seg_* spans
     max_weak_segments: int = 4096  # weak segments hold no KV; this caps their token copies
+    strict_content: bool = False  # a span whose tokens differ from its registered segment fails the request
 
     @classmethod
     def from_env(cls, overrides: Optional[dict] = None) -> "TreeConfig":
@@ -151,6 +154,7 @@ class TreeConfig:
             auto_register=_env_bool("TOKENDANCE_AUTO_REGISTER", True),
             detect=_env_bool("TOKENDANCE_DETECT", True),
             max_weak_segments=_env_int("TOKENDANCE_MAX_WEAK_SEGMENTS", 4096),
+            strict_content=_env_bool("TOKENDANCE_STRICT_SEGMENTS", False),
         )
         for k, v in (overrides or {}).items():
             if not hasattr(cfg, k):
@@ -219,7 +223,7 @@ class PlannedSegment:
     seg_id: Optional[str]
     key: Optional[str]  # content key of the segment node (None while pending)
     source: str  # "table" | "detected"
-    status: str  # "resident" | "evicted" | "pending" | "other-namespace"
+    status: str  # "resident" | "evicted" | "pending" | "other-namespace" | "mismatch"
     kv_len: int  # tokens of the span whose master KV is resident now (0: recompute all)
     anchor: Optional[int] = None
 
@@ -1006,7 +1010,7 @@ class CollectiveTree(RadixCache):
             table = parse_segment_table(cp, len(prompt))
         except SegmentTableError as e:
             plan = SegmentPlan(None, None, None, self._ns_key(req), "none", [], str(e), self._seg_epoch, len(prompt))
-            self._warn_once(req, plan.error)
+            self._warn_once(req, plan.error + "; serving the request without segments")
             req.td_plan = plan
             return plan
         rnd = table.round if table is not None else None
@@ -1040,11 +1044,16 @@ class CollectiveTree(RadixCache):
                 else:
                     ok = len(toks) <= rec.length  # evicted and not verifiable: recomputed anyway
                 if not ok:
-                    error = (
+                    msg = (
                         f"segment {i} ({sp.seg_id!r}): the prompt tokens [{sp.start}, {sp.end}) do not match the "
                         f"registered segment (segment does not match the prompt)"
                     )
-                    break
+                    if self.config.strict_content:
+                        error = msg
+                        break
+                    self._warn_once(req, msg + "; the span is recomputed")
+                    spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, rec.key, "table", "mismatch", 0))
+                    continue
                 if node is None or not self._weak_valid(node):
                     status, kv_len, anchor = "evicted", 0, None
                 elif node.ns_key != ns_key:
@@ -1058,7 +1067,7 @@ class CollectiveTree(RadixCache):
                 spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, rec.key, "table", status, kv_len, anchor))
             if error is not None:
                 spans = []
-                self._warn_once(req, error)
+                self._warn_once(req, error + "; serving the request without segments")
         elif self.config.detect and len(self._detector):
             for d in self._detector.find(prompt, ns_key):
                 node = self._segments.get(d.key)
@@ -1087,8 +1096,7 @@ class CollectiveTree(RadixCache):
     def _warn_once(req: Any, msg: str) -> None:
         if getattr(req, "_td_warned", None) != msg:
             req._td_warned = msg
-            logger.warning("request %s: segment table refused, serving it without segments: %s",
-                           getattr(req, "rid", "?"), msg)
+            logger.warning("request %s: segment table: %s", getattr(req, "rid", "?"), msg)
 
     # ================================================================== diagnostics
 

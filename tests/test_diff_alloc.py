@@ -1,0 +1,192 @@
+"""DiffAllocator: rows composed of master runs and owned runs over SGLang's real CPU allocators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tokendance_sgl  # noqa: F401  (CPU bootstrap before sglang)
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+from tokendance_sgl.diff_alloc import DiffAllocator, MasterRun, NewRun, coalesce
+
+
+def make_alloc(ps: int, size: int = 64):
+    if ps == 1:
+        return TokenToKVPoolAllocator(size=size, dtype=torch.float32, device="cpu", kvcache=None, need_sort=False)
+    return PagedTokenToKVPoolAllocator(size=size, page_size=ps, dtype=torch.float32, device="cpu", kvcache=None,
+                                       need_sort=False)
+
+
+def free_set(alloc) -> set[int]:
+    pages = alloc.get_all_free_pages()
+    return set(pages.tolist())
+
+
+class KV:
+    """Fake KV content: one value per slot, copied by copy_fn."""
+
+    def __init__(self, n):
+        self.v = np.full(n, -1, dtype=np.int64)
+        self.calls = 0
+
+    def copy(self, src, dst):
+        self.calls += 1
+        assert len(set(dst.tolist()) & set(src.tolist())) == 0
+        self.v[dst.numpy()] = self.v[src.numpy()]
+
+
+def test_ps1_masters_recompute_and_new():
+    alloc = make_alloc(1)
+    d = DiffAllocator(alloc, bytes_per_token=10.0)
+    master = alloc.alloc(8)  # a segment's master slots (owned by "the tree" in this test)
+    avail = alloc.available_size()
+    built = d.build_row("row", 5, [MasterRun("S", master, recompute=[0, 3]), NewRun(4)], agent=7)
+    slots = built.slots
+    assert len(slots) == 12 and built.segs == ["S"]
+    assert built.private_tokens == 2 + 4 and alloc.available_size() == avail - 6
+    # positions 1,2,4..7 of the run reuse the master; 0, 3 and the new run are private
+    keep = [1, 2, 4, 5, 6, 7]
+    assert slots[keep].tolist() == master[keep].tolist()
+    private = [0, 3, 8, 9, 10, 11]
+    assert built.private_positions.tolist() == private
+    assert not set(slots[private].tolist()) & set(master.tolist())
+    rec = d.record("row")
+    assert [(r.start, r.end) for r in rec.refs] == [(6, 8), (9, 13)]
+    assert rec.master_tokens() == 6 and rec.agent == 7
+    # owned mask over row positions
+    assert d.owned_mask("row", 5, 17).tolist() == [True, False, False, True, False, False, False, False] + [True] * 4
+    # free_owned frees exactly the private slots of the given ranges
+    row = torch.zeros(40, dtype=torch.int32)
+    row[5:17] = slots.to(torch.int32)
+    before = free_set(alloc)
+    n = d.free_owned("row", row, [(5, 17)])
+    assert n == 6
+    assert free_set(alloc) - before == set(slots[private].tolist())
+    assert not set(master.tolist()) & free_set(alloc)
+    # pop: the caller unlocks the locked segments
+    rec = d.pop_row("row")
+    assert rec.segs(locked_only=True) == ["S"] and "row" not in d
+
+
+def test_ps1_no_masters_is_a_plain_alloc_and_failure_changes_nothing():
+    alloc = make_alloc(1, size=8)
+    d = DiffAllocator(alloc)
+    b = d.build_row("r", 0, [NewRun(5)])
+    assert b.private_tokens == 5 and b.segs == [] and d.record("r").refs == []
+    avail = alloc.available_size()
+    assert d.build_row("r2", 0, [NewRun(10)]) is None
+    assert alloc.available_size() == avail and "r2" not in d
+
+
+def test_ps4_page_aligned_master_pages_are_shared_and_cow_pages_copied():
+    ps = 4
+    alloc = make_alloc(ps)
+    kv = KV(80)
+    d = DiffAllocator(alloc, copy_fn=kv.copy)
+    master = alloc.alloc(12)  # three whole master pages
+    kv.v[master.numpy()] = np.arange(100, 112)
+    # span at row position 8 (page-aligned); recompute offset 5 (second master page) -> that page is copied on write
+    built = d.build_row("row", 8, [MasterRun("S", master, recompute=[5]), NewRun(3)])
+    s = built.slots
+    assert s[0:4].tolist() == master[0:4].tolist()
+    assert s[8:12].tolist() == master[8:12].tolist()
+    cow = s[4:8]
+    assert not set(cow.tolist()) & set(master.tolist())
+    assert (cow // ps).unique().numel() == 1 and (cow % ps).tolist() == [0, 1, 2, 3]
+    # the reused tokens of the copied page carry the master's KV; the recomputed one is left for the forward
+    assert kv.v[cow.numpy()].tolist() == [104, -1, 106, 107]
+    assert built.copies == 3 and kv.calls == 1
+    # new run gets a fresh page (3 tokens, whole page allocated)
+    assert built.private_tokens == 2 * ps
+    assert [(r.start, r.end) for r in d.record("row").refs] == [(8, 12), (16, 20)]
+    # free: only the CoW page and the new page go back, whole
+    row = torch.zeros(64, dtype=torch.int32)
+    row[8:23] = s.to(torch.int32)
+    before = free_set(alloc)
+    d.free_owned("row", row, [(8, 23)])
+    freed = free_set(alloc) - before
+    assert freed == {int(cow[0]) // ps, int(s[12]) // ps}
+    with pytest.raises(ValueError):
+        d.free_owned("row", row, [(9, 12)])  # not page-aligned
+
+
+def test_ps4_misaligned_master_run_is_copied():
+    ps = 4
+    alloc = make_alloc(ps)
+    kv = KV(80)
+    d = DiffAllocator(alloc, copy_fn=kv.copy)
+    m = alloc.alloc(8)
+    kv.v[m.numpy()] = np.arange(8)
+    # a run of 6 master tokens starting at master offset 1: no row page matches a master page -> all copied
+    built = d.build_row("r", 0, [NewRun(2), MasterRun("S", m[1:7]), NewRun(1)])
+    assert d.record("r").refs == []
+    assert built.segs == []
+    assert kv.v[built.slots[2:8].numpy()].tolist() == [1, 2, 3, 4, 5, 6]
+    # two master runs of different segments in one page: copied as well
+    d2 = DiffAllocator(alloc, copy_fn=kv.copy)
+    m2 = alloc.alloc(4)
+    kv.v[m2.numpy()] = np.arange(50, 54)
+    b = d2.build_row("r", 0, [MasterRun("S", m[0:2]), MasterRun("T", m2[2:4])])
+    assert d2.record("r").refs == [] and kv.v[b.slots.numpy()].tolist() == [0, 1, 52, 53]
+    # without copy_fn a copy-on-write page cannot be built: refused, nothing leaked
+    d3 = DiffAllocator(alloc)
+    avail = alloc.available_size()
+    with pytest.raises(ValueError, match="copy_fn"):
+        d3.build_row("r", 0, [MasterRun("S", m[1:5])])
+    assert alloc.available_size() == avail and d3.record("r") is None
+    with pytest.raises(ValueError, match="page boundary"):
+        d3.build_row("r", 2, [NewRun(2)])
+
+
+def test_trim_below_and_transfer_refs_and_validation():
+    alloc = make_alloc(1)
+    d = DiffAllocator(alloc)
+    m = alloc.alloc(6)
+    d.build_row("r", 0, [MasterRun("S", m[:3]), NewRun(2), MasterRun("T", m[3:])])
+    assert d.trim_below("r", 2) == []  # S still referenced at position 2
+    assert [(r.start, r.end) for r in d.record("r").refs] == [(2, 3), (5, 8)]
+    assert d.trim_below("r", 6) == ["S"]
+    assert [(r.start, r.end, r.seg) for r in d.record("r").refs] == [(6, 8, "T")]
+    assert d.record("r").refs[0].slots.tolist() == m[4:].tolist()
+    # a transfer (unlocked) ref is skipped by free but never reported for unlocking
+    d.add_master_ref("r", 10, 12, "U", torch.tensor([30, 31]), locked=False)
+    assert d.record("r").segs(locked_only=True) == ["T"]
+    assert sorted(d.record("r").segs()) == ["T", "U"]
+    with pytest.raises(ValueError, match="overlaps"):
+        d.add_master_ref("r", 11, 13, "U", torch.tensor([1, 2]))
+    with pytest.raises(ValueError):
+        d.add_master_ref("r", 20, 22, "U", torch.tensor([1]))
+    with pytest.raises(ValueError):
+        d.build_row("x", 0, [MasterRun("S", m[:2], recompute=[2])])
+    with pytest.raises(TypeError):
+        d.build_row("x", 0, ["nope"])
+    assert d.trim_below("missing", 3) == []
+
+
+def test_kv_bytes_by_agent_divides_master_bytes():
+    alloc = make_alloc(1, size=128)
+    d = DiffAllocator(alloc, bytes_per_token=2.0)
+    m = alloc.alloc(10)
+    # three agents share the same 10 master slots; agent 0 recomputes 2 of them; each adds 5 new tokens
+    d.build_row("a0", 20, [MasterRun("S", m, recompute=[0, 1]), NewRun(5)], agent=0)
+    d.build_row("a1", 20, [MasterRun("S", m), NewRun(5)], agent=1)
+    d.build_row("a2", 20, [MasterRun("S", m), NewRun(5)], agent=2)
+    rc = d.master_refcounts()
+    assert rc[int(m[0])] == 2 and rc[int(m[5])] == 3
+    toks = d.row_kv_tokens()
+    # a0: 8 shared slots /3 + 7 private; a1/a2: 2 slots /2 + 8 slots /3 + 5 private
+    assert toks["a0"] == pytest.approx(8 / 3 + 7)
+    assert toks["a1"] == pytest.approx(2 / 2 + 8 / 3 + 5)
+    by_agent = d.kv_bytes_by_agent()
+    assert by_agent[1] == pytest.approx(2.0 * toks["a1"])
+    # the master bytes are counted exactly once in total
+    assert sum(by_agent.values()) == pytest.approx(2.0 * (10 + 7 + 5 + 5))
+    d.set_private_tokens("a1", 0)
+    assert d.row_kv_tokens()["a1"] == pytest.approx(2 / 2 + 8 / 3)
+
+
+def test_coalesce():
+    assert coalesce([(5, 8), (0, 2), (2, 4), (7, 9), (10, 10)]) == [(0, 4), (5, 9)]
