@@ -474,7 +474,13 @@ class CollectiveTree(RadixCache):
 
     @staticmethod
     def _ns_key(req: Any, td_ns: str = "") -> str:
-        return json.dumps([td_ns or "", getattr(req, "extra_key", None), getattr(req, "cache_salt", None)], default=str)
+        """Namespace of a request's segments: ``td_ns`` alone (so a client can compute
+        ``content_hash(tokens, td_ns)`` itself), extended with the request's ``extra_key`` (LoRA) and ``cache_salt``
+        when it has them, because those change the KV."""
+        extra, salt = getattr(req, "extra_key", None), getattr(req, "cache_salt", None)
+        if extra is None and salt is None:
+            return td_ns or ""
+        return json.dumps([td_ns or "", extra, salt], default=str)
 
     def _note_round(self, rnd: Optional[int]) -> None:
         if rnd is not None and rnd > self.current_round:
