@@ -84,10 +84,12 @@ class Sim:
         self.n += 1
         return Req(f"q{self.n}", "", array("q", prompt), SamplingParams(max_new_tokens=256, custom_params=custom))
 
-    def admit(self, prompt, custom=None, *, compose=False, recompute_frac=0.0, rng=None, first=7, no_insert=False):
+    def admit(self, prompt, custom=None, *, compose=False, recompute_frac=0.0, rng=None, first=7, no_insert=False,
+              chunk=None):
         """Admits a request like the scheduler. With ``compose``, the row after the radix prefix is built from the
         masters of the resident segments its plan names (recomputed positions and the rest get private slots).
-        ``no_insert`` sets ``req.skip_radix_cache_insert`` (nothing of the request enters the radix tree)."""
+        ``no_insert`` sets ``req.skip_radix_cache_insert`` (nothing of the request enters the radix tree).
+        ``chunk`` checkpoints the prompt at that length first, as chunked prefill does between chunks."""
         req = self.make(prompt, custom)
         req.skip_radix_cache_insert = no_insert
         req.init_next_round_input(self.tree)
@@ -139,6 +141,10 @@ class Sim:
         toks = np.asarray(prompt[start:n], dtype=np.int64)
         self.kv[slots.numpy()[private]] = toks[private]
         req.kv.kv_allocated_len = req.kv.kv_committed_len = n
+        if chunk is not None and start < chunk < n:
+            req.extend_end = chunk
+            checkpoint_kv_cache(req, self.tree)
+            self.tree.check_invariants()
         req.extend_end = n
         req.output_ids.append(first)
         checkpoint_kv_cache(req, self.tree)
@@ -613,8 +619,9 @@ class TreeMachine(RuleBasedStateMachine):
         if compose is None:
             compose = data.draw(st.booleans())
         rng = random.Random(data.draw(st.integers(0, 10**6)))
+        chunk = data.draw(st.one_of(st.none(), st.integers(1, len(prompt))))
         req = sim.admit(prompt, cp, compose=compose, recompute_frac=0.25, rng=rng,
-                        first=data.draw(st.integers(1, 50)), no_insert=data.draw(st.integers(0, 3)) == 0)
+                        first=data.draw(st.integers(1, 50)), no_insert=data.draw(st.integers(0, 3)) == 0, chunk=chunk)
         if req is not None:
             assert req.td_plan.error is None, req.td_plan.error
             req._out = out
