@@ -201,7 +201,7 @@ def _selective_attention_kernel(
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest blocks (latest rows) first: shorter tail
     head = tl.program_id(1)
     kv_head = head // GROUP
     b = tl.load(blk_req_ptr + pid)
