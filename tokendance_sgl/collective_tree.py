@@ -450,9 +450,9 @@ class CollectiveTree(RadixCache):
         alloc.free(slots.to(self.device))
 
     def _alloc_slots(self, n: int) -> Optional[torch.Tensor]:
+        """Allocation for composed rows: evict like SGLang's ``alloc_token_slots`` does, then allocate."""
         alloc = self.token_to_kv_pool_allocator
-        if alloc.available_size() < n:
-            self.evict(EvictParams(num_tokens=n - alloc.available_size()))
+        alloc.evict_to_free_tokens(self, n)
         return alloc.alloc(n)
 
     def _pool_bytes_per_token(self) -> float:
