@@ -82,7 +82,7 @@ import os
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
-from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun, NewRun
+from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun
 from tokendance_sgl.segments import (
     DEFAULT_MIN_SEGMENT_LEN,
     SegmentDetector,
