@@ -10,9 +10,14 @@ def register_all() -> None:
 
     main_process = multiprocessing.parent_process() is None
     kv_backend.register_hooks()
+    kv_backend.register_cache_backends()
     stats.register_hooks(main_process)
     if main_process:
-        # Main process only (TokenizerManager and the HTTP server live there).
+        # TokenizerManager and the HTTP server live in the main process.
         from tokendance_sgl.patches import segment_validation
 
         segment_validation.register_hooks()
+    else:
+        from tokendance_sgl.patches import segment_admission
+
+        segment_admission.register_hooks()

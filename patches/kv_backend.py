@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass
 KV_BACKENDS = ("radix", "pic", "tokendance")
 # The backends whose implementation has landed, with the --radix-cache-backend name each maps onto
 # (None = SGLang's default cache).
-IMPLEMENTED = {"radix": None}
+IMPLEMENTED = {"radix": None, "tokendance": "tokendance"}
 NOT_YET = {
     "pic": "the per-request PIC baseline is not implemented yet (it arrives with the KV Collector work)",
-    "tokendance": "the tokendance backend is not implemented yet (the collective tree has not landed)",
 }
 
 ENV_BACKEND = "TOKENDANCE_KV_BACKEND"
@@ -109,6 +108,20 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
         except KVBackendError as e:
             raise SystemExit(f"error: {e}") from None
     return server_args
+
+
+def _build_tokendance_cache(ctx):
+    from tokendance_sgl.collective_tree import build_collective_tree
+
+    return build_collective_tree(ctx)
+
+
+def register_cache_backends() -> None:
+    """Target: ``sglang.srt.mem_cache.registry`` (``--radix-cache-backend tokendance``)."""
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+
+    if get_radix_cache_factory("tokendance") is None:
+        register_radix_cache_backend("tokendance", _build_tokendance_cache)
 
 
 def register_hooks() -> None:

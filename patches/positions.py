@@ -2,7 +2,7 @@
 
 Target: ``sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new`` (AFTER; a classmethod, so the hook
 receives ``(result, cls, batch, model_runner, ...)``).  Extend batches hold ``extend_lens[i]`` positions per
-request, decode batches one; requests without a plan (``req.td_plan``) or without a gap are left alone.
+request, decode batches one; requests without a plan (``req.td_row_plan``) or without a gap are left alone.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 def _after_init_new(result, cls, batch, *args, **kwargs):
     positions = getattr(result, "positions", None)
     reqs = getattr(batch, "reqs", None)
-    if positions is None or not reqs or not any(getattr(r, "td_plan", None) is not None for r in reqs):
+    if positions is None or not reqs or not any(getattr(r, "td_row_plan", None) is not None for r in reqs):
         return result
     from tokendance_sgl.recompute import shift_positions
 

@@ -1,7 +1,7 @@
 """Run the selective-recompute pre-pass before an extend forward.
 
 Target: ``sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation`` (AROUND).  When the batch is an
-extend whose requests carry pending recompute spans (``req.td_plan``), one extra forward computes them into the
+extend whose requests carry pending recompute spans (``req.td_row_plan``), one extra forward computes them into the
 requests' own slots (:func:`tokendance_sgl.recompute.run_prepass`), then the normal extend runs.
 """
 

@@ -6,8 +6,8 @@ Targets:
     travel over SGLang's existing IPC (``TokenizerManager.get_internal_state``).
   * ``sglang.srt.entrypoints.http_server.app`` (main process): a GET route that asks for that state.
 
-Every backend reports the pool view (slots in use, evictable, protected); a cache that has ``td_stats()`` (the
-collective tree) adds its own counters.
+Every backend reports the pool view (slots in use, evictable, protected); the collective tree adds its own
+counters and the KV bytes per agent.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def scheduler_stats(scheduler) -> dict:
         "protected_size": int(tree.protected_size()),
         "used_slots": total - available,
     }
-    td_stats = getattr(tree, "td_stats", None)
-    if callable(td_stats):
-        stats.update(td_stats())
+    from tokendance_sgl.collective_tree import CollectiveTree
+
+    if isinstance(tree, CollectiveTree):
+        stats.update(tree.stats())
+        stats["kv_bytes_by_agent"] = {str(k): v for k, v in tree.kv_bytes_by_agent().items()}
     return stats
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import subprocess
 import sys
 
@@ -84,17 +85,31 @@ def test_launch_server_with_kv_backend_radix_serves_generate(radix_server, model
     assert "--kv-backend" in radix_server.argv
 
 
+_ENGINE_SCRIPT = """
+import json, sys
+from tokendance_sgl.engine import Engine
+engine = Engine(model_path=sys.argv[1], kv_backend="radix", max_total_tokens=4096)
+try:
+    out = engine.generate(prompt=sys.argv[2], sampling_params={"max_new_tokens": 16, "temperature": 0})
+    print("RESULT " + json.dumps({"text": out["text"], "td": engine.server_args._tokendance}))
+finally:
+    engine.shutdown()
+"""
+
+
 @pytest.mark.engine
 def test_plugin_loaded_engine_answers_paris(model_path):
-    from tokendance_sgl.engine import Engine
-
-    engine = Engine(model_path=model_path, kv_backend="radix", max_total_tokens=4096)
-    try:
-        out = engine.generate(prompt=_chat_prompt(model_path), sampling_params={"max_new_tokens": 16, "temperature": 0})
-        assert "Paris" in out["text"]
-        assert engine.server_args._tokendance == {"kv_backend": "radix"}
-    finally:
-        engine.shutdown()
+    # In its own process: Engine.shutdown() kills every child of the calling process, which in pytest would
+    # include the session's shared servers.
+    proc = subprocess.run(
+        [sys.executable, "-c", _ENGINE_SCRIPT, model_path, _chat_prompt(model_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert "Paris" in out["text"]
+    assert out["td"] == {"kv_backend": "radix"}
 
 
 def test_engine_refuses_unimplemented_backend_before_starting(model_path):

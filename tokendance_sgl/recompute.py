@@ -1,6 +1,6 @@
 """Selective recompute inside a request's row, and the position shift of aligned rows.
 
-A request whose row is built from reused segments gets a :class:`RowPlan` (``req.td_plan``) from the cache when it
+A request whose row is built from reused segments gets a :class:`RowPlan` (``req.td_row_plan``) from the cache when it
 is admitted.  Its row ``[0, prefix_len)`` is then "cached" as far as SGLang knows, but some of those rows still
 have to be computed in this request's context: the positions chosen for recompute (their slots are the request's
 private diff slots) and uncached text between or around segments.  :func:`run_prepass` computes all of them, for
@@ -50,7 +50,7 @@ class RowPlan:
 
 
 def plan_of(req) -> RowPlan | None:
-    return getattr(req, "td_plan", None)
+    return getattr(req, "td_row_plan", None)
 
 
 def shift_positions(positions: torch.Tensor, reqs, lengths: list[int]) -> None:
@@ -140,5 +140,5 @@ def run_prepass(worker, batch) -> int:
     fb = ForwardBatch.init_new(pre, runner, capture_hidden_mode=CaptureHiddenMode.NULL)
     runner.forward(fb)
     for req in {id(r): r for r in pre.reqs}.values():
-        req.td_plan.pending = False
+        req.td_row_plan.pending = False
     return pre.extend_num_tokens
