@@ -18,6 +18,9 @@ def register_all() -> None:
 
         segment_validation.register_hooks()
     else:
-        from tokendance_sgl.patches import segment_admission
+        # Scheduler (and detokenizer) processes. The forward hooks act only on requests carrying a row plan.
+        from tokendance_sgl.patches import positions, recompute_prepass, segment_admission
 
         segment_admission.register_hooks()
+        recompute_prepass.register_hooks()
+        positions.register_hooks()

@@ -33,12 +33,20 @@ class KVBackendError(ValueError):
     pass
 
 
+ENV_RECOMPUTE = "TOKENDANCE_RECOMPUTE"
+REUSE_BACKENDS = ("tokendance", "pic")  # the backends that re-rotate reused K and take a recompute policy
+
+
 @dataclass(frozen=True)
 class TokenDanceSettings:
     kv_backend: str = "radix"
+    recompute: str | None = None  # --td-recompute
 
     def to_env(self) -> dict[str, str]:
-        return {ENV_BACKEND: self.kv_backend}
+        env = {ENV_BACKEND: self.kv_backend}
+        if self.recompute is not None:
+            env[ENV_RECOMPUTE] = self.recompute
+        return env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "position-independent reuse (CacheBlend-style baseline); 'tokendance' = collective tree with shared "
         "masters and per-agent diffs. Maps onto --radix-cache-backend.",
     )
+    group.add_argument(
+        "--td-recompute",
+        dest="td_recompute",
+        default=None,
+        metavar="POLICY",
+        help="Which tokens of a reused segment are recomputed in the new context: 'full' (all of them at their true "
+        "positions: exact), 'none', or 'sink:K' (the first K tokens of every segment; default sink:4). Also "
+        "TOKENDANCE_RECOMPUTE, or per request custom_params['td_recompute'].",
+    )
 
 
 def parse_settings(argv: list[str]) -> tuple[TokenDanceSettings | None, list[str]]:
@@ -60,8 +77,10 @@ def parse_settings(argv: list[str]) -> tuple[TokenDanceSettings | None, list[str
     add_arguments(parser)
     ns, rest = parser.parse_known_args(argv)
     if ns.td_kv_backend is None:
+        if ns.td_recompute is not None:
+            raise KVBackendError("--td-recompute needs --kv-backend tokendance")
         return None, rest
-    return TokenDanceSettings(kv_backend=ns.td_kv_backend), rest
+    return TokenDanceSettings(kv_backend=ns.td_kv_backend, recompute=ns.td_recompute), rest
 
 
 def resolve_backend(settings: TokenDanceSettings, *, radix_cache_backend: str | None, disable_radix_cache: bool) -> str | None:
@@ -79,7 +98,34 @@ def resolve_backend(settings: TokenDanceSettings, *, radix_cache_backend: str | 
         )
     if target is not None and disable_radix_cache:
         raise KVBackendError(f"--kv-backend {name} needs the prefix cache: remove --disable-radix-cache")
+    if settings.recompute is not None:
+        if name not in REUSE_BACKENDS:
+            raise KVBackendError(f"--td-recompute does not apply to --kv-backend {name}")
+        from tokendance_sgl.selection import parse_policy
+
+        try:
+            parse_policy(settings.recompute)
+        except ValueError as e:
+            raise KVBackendError(f"--td-recompute: {e}") from None
     return target
+
+
+def check_model(name: str, model_path: str | None) -> None:
+    """Refuses, before anything starts, a model whose RoPE cannot be re-rotated exactly (reuse backends only)."""
+    if name not in REUSE_BACKENDS or not model_path:
+        return
+    from tokendance_sgl.rope import UnsupportedRope, check_hf_config
+
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    except Exception:  # unreadable here (remote code, hub id offline): the scheduler checks the loaded model
+        return
+    try:
+        check_hf_config(config, model_path)
+    except UnsupportedRope as e:
+        raise KVBackendError(str(e)) from None
 
 
 def apply_to_server_args(server_args, settings: TokenDanceSettings) -> None:
@@ -88,9 +134,10 @@ def apply_to_server_args(server_args, settings: TokenDanceSettings) -> None:
         radix_cache_backend=server_args.radix_cache_backend,
         disable_radix_cache=bool(server_args.disable_radix_cache),
     )
+    check_model(settings.kv_backend, getattr(server_args, "model_path", None))
     if target is not None:
         server_args.radix_cache_backend = target
-    server_args._tokendance = asdict(settings)
+    server_args._tokendance = {k: v for k, v in asdict(settings).items() if v is not None}
     os.environ.update(settings.to_env())
 
 
@@ -100,7 +147,10 @@ def _after_add_cli_args(result, parser, *args, **kwargs):
 
 
 def _around_prepare_server_args(original, argv, *args, **kwargs):
-    settings, _ = parse_settings(list(argv))
+    try:
+        settings, _ = parse_settings(list(argv))
+    except KVBackendError as e:
+        raise SystemExit(f"error: {e}") from None
     server_args = original(argv, *args, **kwargs)
     if settings is not None:
         try:

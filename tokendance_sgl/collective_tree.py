@@ -76,6 +76,7 @@ the same error for a request-receipt hook that fails the request with HTTP 400.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
     EvictParams,
     EvictResult,
     IncLockRefResult,
+    InitLoadBackParams,
     InsertParams,
     MatchPrefixParams,
     MatchResult,
@@ -101,6 +103,9 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun
+from tokendance_sgl.reuse import build_row, plan_layout
+from tokendance_sgl.rope import RopeSpec
+from tokendance_sgl.selection import DEFAULT_POLICY, parse_policy
 from tokendance_sgl.segments import (
     DEFAULT_MIN_SEGMENT_LEN,
     SegmentDetector,
@@ -139,13 +144,18 @@ def _env_int(name: str, default: int) -> int:
 @dataclass
 class TreeConfig:
     """Settings of the collective tree (environment: ``TOKENDANCE_MIN_SEGMENT_LEN``, ``TOKENDANCE_AUTO_REGISTER``,
-    ``TOKENDANCE_DETECT``, ``TOKENDANCE_MAX_WEAK_SEGMENTS``, ``TOKENDANCE_STRICT_SEGMENTS``)."""
+    ``TOKENDANCE_DETECT``, ``TOKENDANCE_MAX_WEAK_SEGMENTS``, ``TOKENDANCE_STRICT_SEGMENTS``, ``TOKENDANCE_REUSE``,
+    ``TOKENDANCE_RECOMPUTE``, ``TOKENDANCE_BASE_ALIGN``, ``TOKENDANCE_MAX_GAP``)."""
 
     min_segment_len: int = DEFAULT_MIN_SEGMENT_LEN  # shortest segment detection can find
     auto_register: bool = True  # register outputs of plain finished requests as weak segments
     detect: bool = True  # rolling-hash detection for prompts without td_seg_* spans
     max_weak_segments: int = 4096  # weak segments hold no KV; this caps their token copies
     strict_content: bool = False  # a span whose tokens differ from its registered segment fails the request
+    reuse: bool = True  # compose rows from masters (False: segments are tracked but every prompt is computed)
+    recompute: str = DEFAULT_POLICY  # recompute policy (tokendance_sgl.selection)
+    base_align: int = 16  # a round's canonical base: the first agent's region start rounded up to this
+    max_gap: int = 64  # the largest position gap an agent accepts before it opens a base of its own
 
     @classmethod
     def from_env(cls, overrides: Optional[dict] = None) -> "TreeConfig":
@@ -155,6 +165,10 @@ class TreeConfig:
             detect=_env_bool("TOKENDANCE_DETECT", True),
             max_weak_segments=_env_int("TOKENDANCE_MAX_WEAK_SEGMENTS", 4096),
             strict_content=_env_bool("TOKENDANCE_STRICT_SEGMENTS", False),
+            reuse=_env_bool("TOKENDANCE_REUSE", True),
+            recompute=os.environ.get("TOKENDANCE_RECOMPUTE") or DEFAULT_POLICY,
+            base_align=_env_int("TOKENDANCE_BASE_ALIGN", 16),
+            max_gap=_env_int("TOKENDANCE_MAX_GAP", 64),
         )
         for k, v in (overrides or {}).items():
             if not hasattr(cfg, k):
@@ -164,7 +178,14 @@ class TreeConfig:
             setattr(cfg, k, type(getattr(cfg, k))(v))
         if cfg.min_segment_len < 1:
             raise ValueError("min_segment_len must be >= 1")
+        parse_policy(cfg.recompute)  # a clear error at start-up
+        if cfg.base_align < 1 or cfg.max_gap < 0:
+            raise ValueError("base_align must be >= 1 and max_gap >= 0")
         return cfg
+
+
+_COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "composed_private_slots", "master_copies",
+             "rotated_tokens", "load_back_fallbacks")
 
 
 class SegmentUnavailable(RuntimeError):
@@ -191,6 +212,7 @@ class SegmentNode:
     page_gens: Optional[np.ndarray] = None  # weak segments: ledger generations of `pages` at registration
     last_access_time: float = field(default_factory=time.monotonic)
     creation_time: float = field(default_factory=time.monotonic)
+    copy_of: Optional[str] = None  # a re-rotated copy of segment `copy_of` at another anchor (key "<copy_of>@<anchor>")
 
     @property
     def kv_len(self) -> int:
@@ -378,6 +400,11 @@ class CollectiveTree(RadixCache):
         self.current_round = 0
         self._seg_epoch = 0
         self._ledger: Optional[_PageLedger] = None
+        self.policy = parse_policy(self.config.recompute)
+        self.round_bases: OrderedDict = OrderedDict()  # (round, ns) or segment keys -> canonical bases in use
+        self.rope: Optional[RopeSpec] = None  # set by build_collective_tree from the loaded model
+        self.counters = {k: 0 for k in _COUNTERS}
+        self.cum_bytes_by_agent: dict = {}
         super().__init__(params)  # calls reset()
         self.diff = DiffAllocator(
             self.token_to_kv_pool_allocator,
@@ -399,6 +426,7 @@ class CollectiveTree(RadixCache):
         self._n_holding = 0
         self._detector = SegmentDetector(min_len=self.config.min_segment_len)
         self._seg_epoch += 1
+        self.round_bases.clear()
         if hasattr(self, "diff"):
             self.diff.clear()
 
@@ -870,8 +898,16 @@ class CollectiveTree(RadixCache):
         self.diff.free_owned(id(kv), row, ranges)
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
-        rec = self.diff.pop_row(id(req.kv)) if self.diff.rows else None
+        req.td_host_slots = None
+        req.td_row_plan = None
+        rec = self.diff.record(id(req.kv)) if self.diff.rows else None
         if rec is not None:
+            self._refresh_private_tokens()
+            toks = self.diff.row_kv_tokens().get(id(req.kv), 0.0)
+            self.cum_bytes_by_agent[rec.agent] = self.cum_bytes_by_agent.get(rec.agent, 0.0) + (
+                toks * self.diff.bytes_per_token
+            )
+            self.diff.pop_row(id(req.kv))
             for seg in rec.segs(locked_only=True):
                 self._release_row_ref(seg)
 
@@ -882,6 +918,10 @@ class CollectiveTree(RadixCache):
     def kv_bytes_by_agent(self) -> dict:
         """Agent -> KV bytes its live rows hold beyond the radix prefix: master bytes divided among the rows sharing
         them plus the rows' own (diff/new) slots."""
+        self._refresh_private_tokens()
+        return self.diff.kv_bytes_by_agent()
+
+    def _refresh_private_tokens(self) -> None:
         ps = self.page_size
         for key, rec in self.diff.rows.items():
             kv = rec.owner
@@ -892,7 +932,6 @@ class CollectiveTree(RadixCache):
                 (rec.master_positions() >= kv.cache_protected_len).sum()
             )
             rec.private_tokens = max(0, own)
-        return self.diff.kv_bytes_by_agent()
 
     # ================================================================== checkpoint / registration
 
@@ -903,6 +942,11 @@ class CollectiveTree(RadixCache):
         radix_key = RadixKey(token_ids, req.extra_key, is_bigram=self.is_eagle, cache_salt=req.cache_salt).page_aligned(
             self.page_size
         )
+        plan = getattr(req, "td_row_plan", None)
+        if plan is not None and plan.exact_len is not None:
+            # Rows from exact_len on hold reused (approximate or position-shifted) KV: never offered as a prefix.
+            exact = max(req.kv.cache_protected_len, plan.exact_len // self.page_size * self.page_size)
+            key_limit = exact if key_limit is None else min(key_limit, exact)
         if key_limit is not None:
             radix_key = radix_key[:key_limit]
         key_len = len(radix_key)
@@ -967,8 +1011,9 @@ class CollectiveTree(RadixCache):
         master = row[kv_start:kv_end].to(torch.int64) if kv_end > kv_start else None
         if master is None and not strong:
             return None
+        plan = getattr(req, "td_row_plan", None)
         node, adopted = self._register(
-            array("q", out), master, anchor=kv_start,
+            array("q", out), master, anchor=plan.position_of(kv_start) if plan is not None else kv_start,
             round=table.round if table is not None else None,
             agent=table.agent if table is not None else None,
             seg_id=out_seg, ns_key=ns_key, strong=strong,
@@ -990,9 +1035,100 @@ class CollectiveTree(RadixCache):
         if req is not None and not self.disable:
             try:
                 self.plan_for(req)
+                lay = None
+                if self.config.reuse and not getattr(getattr(req, "kv", None), "holds_kv", False):
+                    lay = plan_layout(self, req, res.device_prefix_len, len(params.key))
+                req.td_layout = lay
+                if lay is not None:
+                    # The segment region is offered as a "host hit": PrefillAdder budgets it, then init_load_back
+                    # composes the row.
+                    res = res._replace(host_hit_length=lay.end - lay.start)
             except Exception:  # planning is advisory; never take the scheduler down
                 logger.exception("tokendance: segment planning failed for request %s", getattr(req, "rid", "?"))
         return res
+
+    def init_load_back(self, params: InitLoadBackParams):
+        """Composes the request's segment region (``tokendance_sgl.reuse.build_row``). All promised tokens or none:
+        0 makes SGLang prefill the request normally."""
+        req = params.req
+        node = req.last_node if req is not None else params.best_match_node
+        lay = getattr(req, "td_layout", None) if req is not None else None
+        if lay is None or lay.start != req.prefix_len or lay.end - lay.start != params.host_hit_length:
+            return 0, node
+        try:
+            out = build_row(self, req, lay)
+        except Exception:
+            logger.exception("tokendance: composing the row of request %s failed; prefilling it normally", req.rid)
+            out = None
+        if out is None:
+            self.counters["load_back_fallbacks"] += 1
+            return 0, node
+        req.td_host_slots, req.td_row_plan = out
+        c = self.counters
+        c["rows_composed"] += 1
+        c["reused_tokens"] += lay.stats["reused"]
+        c["recomputed_tokens"] += lay.stats["recomputed"]
+        c["composed_private_slots"] += lay.stats["private_slots"]
+        return lay.end - lay.start, node
+
+    def load_back_is_cache_owned(self) -> bool:
+        return False  # the composed region is the request's (minus its master references, see free_kv_row)
+
+    def prefix_device_indices(self, req: Any) -> torch.Tensor:
+        extra = getattr(req, "td_host_slots", None)
+        if extra is None:
+            return super().prefix_device_indices(req)
+        r = req.prefix_len - int(extra.numel())
+        path = self.path_device_indices(req.last_node)[:r] if r > 0 else extra[:0]
+        return torch.cat([path.to(device=extra.device, dtype=torch.int64), extra.to(torch.int64)])
+
+    def master_at(self, seg: Optional[SegmentNode], anchor: int, pinned: list) -> Optional[SegmentNode]:
+        """``seg``'s master K rotated for row position ``anchor``: the segment itself, or its copy at that anchor,
+        made now (one batched copy + re-rotation) if needed. The returned node (and the source of a new copy) is
+        locked and appended to ``pinned``; the caller unlocks them. None when no KV or no room."""
+        if seg is None or not self.has_kv(seg):
+            return None
+        if seg.copy_of is None and seg.anchor == anchor:
+            self.lock_segment(seg)
+            pinned.append(seg)
+            return seg
+        key = f"{seg.copy_of or seg.key}@{anchor}"
+        copy_node = self._segments.get(key)
+        if copy_node is not None and self.has_kv(copy_node) and copy_node.kv_len >= seg.kv_len:
+            copy_node.round = max(copy_node.round, self.current_round)
+            self.lock_segment(copy_node)
+            pinned.append(copy_node)
+            return copy_node
+        if self.rope is None:
+            raise RuntimeError("re-rotation needs the model's RoPE spec (CollectiveTree.rope is not set)")
+        self.lock_segment(seg)  # allocation below may evict
+        pinned.append(seg)
+        n = seg.kv_len
+        slots = self._alloc_slots(n)
+        if slots is None:
+            return None
+        slots = slots.to(torch.int64)
+        from tokendance_sgl.kernels import copy_rerotate_k
+
+        kv = self.token_to_kv_pool_allocator.get_kvcache()
+        delta = torch.full((n,), anchor - seg.anchor, dtype=torch.int64, device=slots.device)
+        copy_rerotate_k(kv.k_buffer, kv.v_buffer, seg.master, slots, delta, **self.rope.kernel_kwargs())
+        if copy_node is not None and copy_node.lock_ref == 0:
+            self._drop_segment(copy_node)
+        node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=int(anchor),
+                           round=self.current_round, agent=seg.agent, strong=True, master=slots.clone(),
+                           pages=self._slot_pages(slots), copy_of=seg.copy_of or seg.key)
+        node.used_round = self.current_round
+        self._ledger.hold_seg(node.pages)
+        node.holding = True
+        self._n_holding += 1
+        self._segments[key] = node
+        self._seg_epoch += 1
+        self.counters["master_copies"] += 1
+        self.counters["rotated_tokens"] += n
+        self.lock_segment(node)
+        pinned.append(node)
+        return node
 
     def validate_request(self, req: Any) -> Optional[str]:
         """The error message that should fail ``req`` with HTTP 400 (malformed table, unknown segment id, content
@@ -1127,6 +1263,12 @@ class CollectiveTree(RadixCache):
             "current_round": self.current_round,
             "known_ids": len(self._ids),
             "rows": len(self.diff.rows),
+            "recompute_policy": str(self.policy),
+            "master_copies_resident": sum(s.copy_of is not None for s in segs),
+            "master_slots": int(sum(s.kv_len for s in segs if s.holding)),
+            "diff_slots": int(sum(r.private_tokens for r in self.diff.rows.values())),
+            "rounds_seen": self.current_round + 1 if self._ids or self._pending_ids else 0,
+            **self.counters,
         }
 
     def check_invariants(self) -> None:
@@ -1159,7 +1301,7 @@ class CollectiveTree(RadixCache):
                     np.add.at(sl, seg.pages, 1)
             if seg.master is not None:
                 assert np.array_equal(np.unique(seg.master.cpu().numpy() // self.page_size), seg.pages), seg
-            assert seg.key in self._detector or len(seg.tokens) < self._detector.min_len, seg
+            assert seg.copy_of is not None or seg.key in self._detector or len(seg.tokens) < self._detector.min_len, seg
         assert holding == self._n_holding, (holding, self._n_holding)
         for name, ref in (("r", r), ("rl", rl), ("s", s), ("sl", sl)):
             assert np.array_equal(getattr(L, name).astype(np.int64), ref), f"ledger {name} differs"
@@ -1182,4 +1324,10 @@ def build_collective_tree(ctx: Any) -> CollectiveTree:
     params = ctx.params
     if getattr(ctx, "disable_radix_cache", False):
         params.disable = True
-    return CollectiveTree(params, TreeConfig.from_env(overrides))
+    tree = CollectiveTree(params, TreeConfig.from_env(overrides))
+    runner = getattr(getattr(ctx, "tp_worker", None), "model_runner", None)
+    if tree.config.reuse and runner is not None:
+        from tokendance_sgl.rope import spec_from_model
+
+        tree.rope = spec_from_model(runner.model, getattr(ctx.server_args, "model_path", "this model"))
+    return tree

@@ -27,12 +27,16 @@ def _build_server_args(settings: TokenDanceSettings | None, **kwargs):
     return server_args
 
 
-def engine_kwargs(kv_backend: str | None, kwargs: dict) -> tuple[TokenDanceSettings | None, dict]:
+def engine_kwargs(
+    kv_backend: str | None, kwargs: dict, td_recompute: str | None = None
+) -> tuple[TokenDanceSettings | None, dict]:
     out = dict(kwargs)
     if not _bootstrap.host_has_cuda():
         for key, value in CPU_ENGINE_DEFAULTS.items():
             out.setdefault(key, value)
-    settings = TokenDanceSettings(kv_backend=kv_backend) if kv_backend is not None else None
+    if kv_backend is None and td_recompute is not None:
+        raise KVBackendError("td_recompute needs kv_backend='tokendance'")
+    settings = TokenDanceSettings(kv_backend=kv_backend, recompute=td_recompute) if kv_backend is not None else None
     return settings, out
 
 
@@ -40,10 +44,11 @@ def _engine_class():
     from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 
     class Engine(SGLangEngine):
-        """``Engine(model_path=..., kv_backend="radix" | "pic" | "tokendance", **sglang_server_args)``."""
+        """``Engine(model_path=..., kv_backend="radix" | "pic" | "tokendance", td_recompute=None,
+        **sglang_server_args)``."""
 
-        def __init__(self, *, kv_backend: str | None = "radix", **kwargs):
-            settings, kwargs = engine_kwargs(kv_backend, kwargs)
+        def __init__(self, *, kv_backend: str | None = "radix", td_recompute: str | None = None, **kwargs):
+            settings, kwargs = engine_kwargs(kv_backend, kwargs, td_recompute)
             if settings is not None:
                 # Fail before any process starts, with the same message as the command line.
                 from tokendance_sgl.patches.kv_backend import resolve_backend

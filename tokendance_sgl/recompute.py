@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from copy import copy
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -30,6 +31,7 @@ class RowPlan:
     compute_spans: list[tuple[int, int]] = field(default_factory=list)
     gap_start: int = 0
     gap: int = 0
+    exact_len: Optional[int] = None  # rows [0, exact_len) hold exact KV (None: the whole row); the radix takes no more
     pending: bool = True  # compute_spans not run yet
 
     def __post_init__(self) -> None:
@@ -120,6 +122,8 @@ def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]):
     pre.has_grammar = False
     pre.multimodal_inputs = [None] * len(reqs)
     pre.decoding_reqs = None
+    if hasattr(pre, "engram_history"):
+        pre.engram_history = None
     if getattr(batch, "global_num_tokens", None) is not None:
         pre.global_num_tokens = [pre.extend_num_tokens]
         pre.global_num_tokens_for_logprob = [len(lens)]
@@ -137,8 +141,14 @@ def run_prepass(worker, batch) -> int:
 
     runner = worker.model_runner
     pre = build_prepass_batch(batch, runner, rows)
-    fb = ForwardBatch.init_new(pre, runner, capture_hidden_mode=CaptureHiddenMode.NULL)
+    fb = ForwardBatch.init_new(
+        pre, runner, capture_hidden_mode=CaptureHiddenMode.NULL, return_hidden_states_before_norm=False
+    )
     runner.forward(fb)
     for req in {id(r): r for r in pre.reqs}.values():
-        req.td_row_plan.pending = False
+        plan = req.td_row_plan
+        plan.pending = False
+        if not req.retracted_stain:
+            # SGLang counted the whole composed region as cached; the recomputed rows were not.
+            req.cached_tokens -= plan.compute_tokens
     return pre.extend_num_tokens

@@ -15,6 +15,7 @@ key                 type            meaning
 ``td_seg_ends``     list[int]       ``input_ids[starts[i]:ends[i]]``; the three lists have the same length
 ``td_out_seg``      str             id under which this request's generated output is registered (optional)
 ``td_ns``           str             namespace mixed into the content hash (optional, default ``""``)
+``td_recompute``    str             recompute policy for this request (optional; see tokendance_sgl.selection)
 ==================  ==============  ===========================================================================
 
 Rules checked by :func:`parse_segment_table` (each violation raises :class:`SegmentTableError` naming the key):
@@ -59,7 +60,7 @@ __all__ = [
     "DEFAULT_MIN_SEGMENT_LEN",
 ]
 
-TD_KEYS = ("td_round", "td_agent", "td_seg_ids", "td_seg_starts", "td_seg_ends", "td_out_seg", "td_ns")
+TD_KEYS = ("td_round", "td_agent", "td_seg_ids", "td_seg_starts", "td_seg_ends", "td_out_seg", "td_ns", "td_recompute")
 _SPAN_KEYS = ("td_seg_ids", "td_seg_starts", "td_seg_ends")
 DEFAULT_MIN_SEGMENT_LEN = 16
 
