@@ -184,8 +184,10 @@ class TreeConfig:
         return cfg
 
 
-_COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "composed_private_slots", "master_copies",
-             "rotated_tokens", "load_back_fallbacks")
+# Cumulative: composed rows; segment tokens read from masters / recomputed in context; text between segments computed
+# by the pre-pass; private slots of composed regions; master copies made (and their tokens); load-backs refused.
+_COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens", "composed_private_slots",
+             "master_copies", "rotated_tokens", "load_back_fallbacks")
 
 
 class SegmentUnavailable(RuntimeError):
@@ -1068,6 +1070,7 @@ class CollectiveTree(RadixCache):
         c["rows_composed"] += 1
         c["reused_tokens"] += lay.stats["reused"]
         c["recomputed_tokens"] += lay.stats["recomputed"]
+        c["prepass_text_tokens"] += lay.stats["text"]
         c["composed_private_slots"] += lay.stats["private_slots"]
         return lay.end - lay.start, node
 

@@ -114,12 +114,14 @@ def build_row(tree: "CollectiveTree", req: Any, lay: RowLayout) -> Optional[tupl
     cannot provide the slots (nothing is left allocated or locked)."""
     policy = lay.policy
     pinned = []
+    recomputed = 0  # segment tokens computed in this context (the rest of the pre-pass is text between segments)
     try:
         if not policy.reuses_masters:
             pieces = [NewRun(lay.end - lay.start)]
             compute = [(lay.start, lay.end)]
             gap = gap_start = 0
             exact_len = None
+            recomputed = sum(b - a for a, b, _ in lay.spans)
         else:
             s0 = lay.region_start
             base = _choose_base(tree, lay.base_key, s0)
@@ -136,6 +138,7 @@ def build_row(tree: "CollectiveTree", req: Any, lay: RowLayout) -> Optional[tupl
                 rc = policy.offsets(b - a)
                 pieces.append(MasterRun(seg, seg.master[: b - a], recompute=rc))
                 compute.extend((a + int(o), a + int(o) + 1) for o in rc)
+                recomputed += len(rc)
                 pos = b
             exact_len = s0  # rows from here on read approximate KV (or run at shifted positions)
         built = tree.compose_row(req, lay.start, pieces, agent=lay.agent)
@@ -148,6 +151,6 @@ def build_row(tree: "CollectiveTree", req: Any, lay: RowLayout) -> Optional[tupl
     row_plan = RowPlan(compute_spans=spans, gap_start=gap_start, gap=gap, exact_len=exact_len)
     n = lay.end - lay.start
     computed = row_plan.compute_tokens
-    lay.stats = {"host_tokens": n, "recomputed": computed, "reused": n - computed,
-                 "private_slots": built.private_tokens, "copied": built.copies}
+    lay.stats = {"host_tokens": n, "reused": n - computed, "recomputed": recomputed, "text": computed - recomputed,
+                 "private_slots": built.private_tokens}
     return built.slots, row_plan

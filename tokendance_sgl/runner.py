@@ -279,6 +279,7 @@ def run_workload(
     flush_first: bool = False,
     progress: bool | Callable[[str], None] = True,
     keep_prompts: bool = True,
+    payload_hook: Callable[[AgentRequest, dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Run every round of ``workload`` against the server at ``base_url``.
 
@@ -286,7 +287,8 @@ def run_workload(
     round starts only when the last response of this one arrived.  ``max_new_tokens`` overrides the workload's
     default; ``extra_sampling`` is merged into every request's ``sampling_params`` (e.g. ``{"ignore_eos": True}``).
     ``flush_first`` empties the server's cache before round 0.  ``progress``: True prints a line per round to
-    stderr, a callable receives the lines, False is silent.  Raises :class:`ServerError` on any HTTP error (with
+    stderr, a callable receives the lines, False is silent.  ``payload_hook(request, payload)`` may edit each
+    ``/generate`` body in place before it is sent (e.g. add ``custom_params`` keys or logprob options).  Raises :class:`ServerError` on any HTTP error (with
     the body) or a response without ``output_ids``.
     """
     log: Callable[[str], None]
@@ -330,6 +332,8 @@ def run_workload(
                 p = q.payload(**overrides)
                 if return_logprob:
                     p["return_logprob"] = True
+                if payload_hook is not None:
+                    payload_hook(q, p)
                 payloads.append(p)
             t0 = time.perf_counter()
             futures = [pool.submit(_post_generate, base_url, p, timeout) for p in payloads]
