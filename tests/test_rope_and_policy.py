@@ -1,0 +1,120 @@
+"""RoPE variants the tokendance backend accepts or refuses, and recompute-policy parsing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokendance_sgl import kernels as K
+from tokendance_sgl.rope import UnsupportedRope, check_hf_config, spec_from_module
+from tokendance_sgl.selection import RecomputePolicy, parse_policy
+
+
+def _rope(scaling=None, neox=True):
+    from sglang.srt.layers.rotary_embedding import get_rope
+
+    return get_rope(64, 64, 4096, 10000, is_neox_style=neox, rope_scaling=scaling, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [None, {"rope_type": "linear", "factor": 2.0},
+     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 1024}],
+)
+def test_position_linear_rope_spec_rerotates_exactly(scaling):
+    """For every accepted variant: K made by SGLang at p, re-rotated with the spec's inv_freq by p' - p, equals K at
+    p'."""
+    rope = _rope(scaling)
+    spec = spec_from_module(rope)
+    g = torch.Generator().manual_seed(3)
+    n = 24
+    k = torch.randn(n, 2 * 64, generator=g)
+    q = torch.randn(n, 2 * 64, generator=g)
+    p, p2 = torch.randint(0, 1500, (n,), generator=g), torch.randint(0, 1500, (n,), generator=g)
+    _, k1 = rope.forward_native(p, q.clone(), k.clone())
+    _, k2 = rope.forward_native(p2, q.clone(), k.clone())
+    pool = k1.view(n, 2, 64).clone()
+    K.rerotate_k_ref([pool], torch.arange(n), p2 - p, **spec.kernel_kwargs())
+    torch.testing.assert_close(pool, k2.view(n, 2, 64), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "scaling,what",
+    [({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}, "YaRN"),
+     ({"rope_type": "dynamic", "factor": 2.0}, "DynamicNTK")],
+)
+def test_non_linear_rope_modules_are_refused(scaling, what):
+    with pytest.raises(UnsupportedRope, match="cannot be re-rotated exactly"):
+        spec_from_module(_rope(scaling))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+     {"rope_scaling": {"type": "default", "mrope_section": [16, 24, 24]}},
+     {"text_config": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}}],
+)
+def test_hf_configs_with_inexact_rope_are_refused(config):
+    with pytest.raises(UnsupportedRope):
+        check_hf_config(config, "m")
+
+
+@pytest.mark.parametrize("config", [{}, {"rope_scaling": None}, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                                    {"rope_scaling": {"type": "linear", "factor": 2.0}}])
+def test_hf_configs_with_linear_rope_pass(config):
+    check_hf_config(config, "m")
+
+
+def test_server_refuses_a_yarn_model_at_start(model_path, tmp_path):
+    """The main process refuses before loading anything: a copy of the default model's config with YaRN scaling."""
+    model = tmp_path / "yarn-model"
+    model.mkdir()
+    for f in Path(model_path).iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, model / f.name)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
+    (model / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--kv-backend", "tokendance",
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "cannot be re-rotated exactly" in proc.stderr and "yarn" in proc.stderr
+
+
+def test_bad_td_recompute_flag_is_refused_at_start():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", "x", "--kv-backend", "tokendance",
+         "--td-recompute", "sink:-1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0 and "--td-recompute" in proc.stderr and "unknown recompute policy" in proc.stderr
+
+
+def test_policy_parsing_and_offsets():
+    assert parse_policy("full") == RecomputePolicy("full")
+    assert parse_policy(" NONE ") == RecomputePolicy("none")
+    assert parse_policy("sink:4") == RecomputePolicy("sink", 4)
+    assert str(parse_policy("sink:4")) == "sink:4"
+    assert parse_policy("sink:4").offsets(3).tolist() == [0, 1, 2]
+    assert parse_policy("sink:2").offsets(10).tolist() == [0, 1]
+    assert parse_policy("none").offsets(10).tolist() == []
+    assert parse_policy("full").offsets(3).tolist() == [0, 1, 2]
+    assert not parse_policy("full").reuses_masters and parse_policy("none").reuses_masters
+    for bad in ("sink", "sink:x", "sink:-1", "half", ""):
+        with pytest.raises(ValueError, match="unknown recompute policy"):
+            parse_policy(bad)
+    with pytest.raises(ValueError, match="not implemented yet"):
+        parse_policy("deviation:0.15")
