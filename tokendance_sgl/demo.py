@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import requests
+
 from tokendance_sgl.patches.kv_backend import IMPLEMENTED
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,9 +65,18 @@ def _cmd_demo(args) -> int:
         with launch(args.model, kv_backend=backend) as server:
             print(f"    server ready in {time.monotonic() - t0:.0f}s at {server.base_url}", flush=True)
             result = run_workload(server.base_url, _workload(args), max_new_tokens=args.max_new_tokens)
+            stats = requests.get(server.base_url + "/tokendance/stats", timeout=120).json()
         print(format_table(result))
         summaries[backend] = result.summary()
         summaries[backend]["shared_tokens_in_cached_prefix"] = shared_tokens_in_cached_prefix(result)
+        if "reused_tokens" in stats:
+            summaries[backend]["tokendance"] = {k: stats[k] for k in _TD_STATS}
+            print(
+                f"tokendance ({stats['recompute_policy']}): {stats['reused_tokens']} shared-block tokens read from "
+                f"shared masters, {stats['recomputed_tokens']} recomputed in context, {stats['prepass_text_tokens']} "
+                f"text tokens between segments computed, {stats['master_copies']} re-rotated master copies "
+                f"({stats['rotated_tokens']} tokens)"
+            )
         if args.json:
             path = Path(args.json)
             path.with_name(f"{path.stem}_{backend}{path.suffix}").write_text(json.dumps(result.to_json(), indent=1))
@@ -85,6 +96,10 @@ def _cmd_demo(args) -> int:
             "the shared block."
         )
     return 0
+
+
+_TD_STATS = ("recompute_policy", "rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens",
+             "master_copies", "rotated_tokens", "load_back_fallbacks")
 
 
 def shared_tokens_in_cached_prefix(result) -> int:
