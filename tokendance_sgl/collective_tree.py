@@ -66,9 +66,12 @@ mismatch is never reused: by default the span is recomputed with a warning (stat
 prompt"). A known id whose segment was evicted, is still pending, or lives in another namespace is not an error
 either: the span is simply recomputed (``kv_len == 0`` in the plan).
 
-In this issue :meth:`match_prefix` returns only the radix prefix (as stock) and records on the request, as
-``req.td_plan`` (:class:`SegmentPlan`), which registered segments its prompt contains (from the table, or by
-rolling-hash detection when the request has no ``td_seg_*`` spans). A malformed table never raises inside the
+:meth:`match_prefix` returns the radix prefix (as stock) and records on the request, as ``req.td_plan``
+(:class:`SegmentPlan`), which registered segments its prompt contains (from the table, or by rolling-hash detection
+when the request has no ``td_seg_*`` spans). With reuse on, the rows up to the end of the last resident segment are
+offered as SGLang's "host hit" and :meth:`init_load_back` composes them from masters (:mod:`tokendance_sgl.reuse`):
+re-rotated copies of a segment at another anchor are segment nodes of their own (key ``"<key>@<anchor>"``,
+``copy_of`` set), strong and evicted like any segment. A malformed table never raises inside the
 scheduler: the plan carries the error and the request proceeds without segments. :meth:`validate_request` gives
 the same error for a request-receipt hook that fails the request with HTTP 400.
 """
@@ -76,12 +79,12 @@ the same error for a request-receipt hook that fails the request with HTTP 400.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 import json
 import logging
 import os
 import time
 from array import array
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -1328,6 +1331,10 @@ def build_collective_tree(ctx: Any) -> CollectiveTree:
     if getattr(ctx, "disable_radix_cache", False):
         params.disable = True
     tree = CollectiveTree(params, TreeConfig.from_env(overrides))
+    if tree.config.reuse and tree.page_size > 1:
+        logger.warning("tokendance: segment reuse needs --page-size 1 for now; with page size %d segments are tracked "
+                       "but every prompt is computed", tree.page_size)
+        tree.config.reuse = False
     runner = getattr(getattr(ctx, "tp_worker", None), "model_runner", None)
     if tree.config.reuse and runner is not None:
         from tokendance_sgl.rope import spec_from_model
