@@ -165,3 +165,31 @@ def test_bad_recompute_policy_is_refused_with_400(server_factory, exact_run):
     assert r.status_code == 400 and "recompute policy" in r.text
     ok = requests.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}}, timeout=600)
     assert ok.status_code == 200
+
+
+def test_shared_region_is_held_once_per_base_not_once_per_agent(server_factory, radix_server, model_path):
+    """8 agents, 2 rounds, same workload on radix and tokendance, measured at idle after the round: radix keeps
+    every agent's copy of the shared block (8 x S slots in its tree); tokendance keeps the masters (one re-rotated
+    copy per segment and base) and nothing per agent (diff slots are freed with the rows)."""
+    n = 8
+    used = {}
+    for backend, url in (("radix", radix_server.base_url), ("tokendance", server_factory("tokendance").base_url)):
+        flush_cache(url)
+        w = Workload("ga", n, 2, seed=1, tokenizer=model_path, private_tokens=(60, 90), task_tokens=(20, 30))
+        res = run_workload(url, w, max_new_tokens=16, progress=False)
+        s = _stats(url)
+        assert s["available_size"] + s["evictable_size"] + s["protected_size"] == s["max_total_num_tokens"]
+        used[backend] = (s["max_total_num_tokens"] - s["available_size"], s, res)
+    r_used, _, r_res = used["radix"]
+    t_used, ts, t_res = used["tokendance"]
+    # Every agent of a round sees the same block (order "same"); round-0 outputs normally agree across the two
+    # servers, and any difference in length is allowed for below.
+    S_r, S_t = (res.rounds[1].agents[0].shared_tokens for res in (r_res, t_res))
+    assert S_r > 0 and all(a.shared_tokens == S_t for a in t_res.rounds[1].agents)
+    S = min(S_r, S_t)
+    copies = ts["master_copy_slots"]
+    assert copies <= 3 * S_t, ts  # at most a few canonical bases per round
+    assert ts["diff_slots"] == 0 and ts["rows"] == 0
+    slack = 16 * n + n * abs(S_r - S_t)
+    assert t_used <= r_used - n * S + copies + slack, (r_used, t_used, S, copies)
+    assert r_used - t_used >= n * S // 2

@@ -1271,6 +1271,7 @@ class CollectiveTree(RadixCache):
             "rows": len(self.diff.rows),
             "recompute_policy": str(self.policy),
             "master_copies_resident": sum(s.copy_of is not None for s in segs),
+            "master_copy_slots": int(sum(s.kv_len for s in segs if s.copy_of is not None and s.holding)),
             "master_slots": int(sum(s.kv_len for s in segs if s.holding)),
             "diff_slots": int(sum(r.private_tokens for r in self.diff.rows.values())),
             "rounds_seen": self.current_round + 1 if self._ids or self._pending_ids else 0,

@@ -15,6 +15,7 @@ CPU_ENGINE_DEFAULTS = {
     "dtype": "float32",
     "max_total_tokens": 16384,
     "disable_overlap_schedule": True,
+    "sleep_on_idle": True,
 }
 
 

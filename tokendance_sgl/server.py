@@ -27,6 +27,8 @@ CPU_DEFAULTS: dict[str, str | None] = {
     "--dtype": "float32",
     "--max-total-tokens": "16384",
     "--disable-overlap-schedule": None,
+    # An idle scheduler otherwise polls its sockets in a busy loop: several servers on a 2-core host starve each other.
+    "--sleep-on-idle": None,
 }
 
 
