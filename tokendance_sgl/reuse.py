@@ -96,8 +96,7 @@ def plan_layout(tree: "CollectiveTree", req: Any, prefix_len: int, limit: int) -
 
 def _choose_base(tree: "CollectiveTree", key: Hashable, s0: int) -> int:
     bases = tree.round_bases.setdefault(key, [])
-    if key in tree.round_bases:
-        tree.round_bases.move_to_end(key)
+    tree.round_bases.move_to_end(key)
     fit = [b for b in bases if s0 <= b <= s0 + tree.config.max_gap]
     if fit:
         return min(fit)
