@@ -8,8 +8,8 @@ Targets:
     ``_tokendance`` (it travels to the scheduler process with the pickled ServerArgs) and in ``TOKENDANCE_*``
     environment variables (inherited by the spawned processes).
 
-``radix`` is stock SGLang prefix caching and leaves SGLang untouched.  A backend that is not built yet fails at
-start-up with a clear message; there is never a silent fallback.
+``radix`` is stock SGLang prefix caching and leaves SGLang untouched; ``tokendance`` is the collective tree
+(``--radix-cache-backend tokendance``) and ``pic`` the per-request baseline (``--radix-cache-backend tokendance-pic``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,7 @@ from dataclasses import asdict, dataclass
 KV_BACKENDS = ("radix", "pic", "tokendance")
 # The backends whose implementation has landed, with the --radix-cache-backend name each maps onto
 # (None = SGLang's default cache).
-IMPLEMENTED = {"radix": None, "tokendance": "tokendance"}
-NOT_YET = {
-    "pic": "the per-request PIC baseline is not implemented yet (it arrives with the KV Collector work)",
-}
+IMPLEMENTED = {"radix": None, "pic": "tokendance-pic", "tokendance": "tokendance"}
 
 ENV_BACKEND = "TOKENDANCE_KV_BACKEND"
 
@@ -66,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="POLICY",
         help="Which tokens of a reused segment are recomputed in the new context: 'full' (all of them at their true "
-        "positions: exact), 'none', or 'sink:K' (the first K tokens of every segment; default sink:4). Also "
-        "TOKENDANCE_RECOMPUTE, or per request custom_params['td_recompute'].",
+        "positions: exact), 'none', 'sink:K' (the first K tokens of every segment; default sink:4), "
+        "'deviation:R[:LAYER]' (the fraction R deviating most at the check layer, default layer 1) or "
+        "'sink:K+deviation:R'. Also TOKENDANCE_RECOMPUTE, or per request custom_params['td_recompute'].",
     )
 
 
@@ -78,7 +76,7 @@ def parse_settings(argv: list[str]) -> tuple[TokenDanceSettings | None, list[str
     ns, rest = parser.parse_known_args(argv)
     if ns.td_kv_backend is None:
         if ns.td_recompute is not None:
-            raise KVBackendError("--td-recompute needs --kv-backend tokendance")
+            raise KVBackendError("--td-recompute needs --kv-backend tokendance (or pic)")
         return None, rest
     return TokenDanceSettings(kv_backend=ns.td_kv_backend, recompute=ns.td_recompute), rest
 
@@ -88,8 +86,6 @@ def resolve_backend(settings: TokenDanceSettings, *, radix_cache_backend: str | 
     name = settings.kv_backend
     if name not in KV_BACKENDS:
         raise KVBackendError(f"--kv-backend must be one of {', '.join(KV_BACKENDS)}, not {name!r}")
-    if name in NOT_YET and name not in IMPLEMENTED:
-        raise KVBackendError(f"--kv-backend {name}: {NOT_YET[name]}. Use --kv-backend radix.")
     target = IMPLEMENTED[name]
     if radix_cache_backend not in (None, target):
         raise KVBackendError(
@@ -166,12 +162,20 @@ def _build_tokendance_cache(ctx):
     return build_collective_tree(ctx)
 
 
+def _build_pic_cache(ctx):
+    from tokendance_sgl.collective_tree import build_collective_tree
+    from tokendance_sgl.pic import PicCache
+
+    return build_collective_tree(ctx, PicCache)
+
+
 def register_cache_backends() -> None:
-    """Target: ``sglang.srt.mem_cache.registry`` (``--radix-cache-backend tokendance``)."""
+    """Target: ``sglang.srt.mem_cache.registry`` (``--radix-cache-backend tokendance`` and ``tokendance-pic``)."""
     from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
 
-    if get_radix_cache_factory("tokendance") is None:
-        register_radix_cache_backend("tokendance", _build_tokendance_cache)
+    for name, factory in (("tokendance", _build_tokendance_cache), ("tokendance-pic", _build_pic_cache)):
+        if get_radix_cache_factory(name) is None:
+            register_radix_cache_backend(name, factory)
 
 
 def register_hooks() -> None:

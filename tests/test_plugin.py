@@ -23,7 +23,7 @@ def test_plugin_is_discovered_through_its_entry_point():
     assert "tokendance" in found and found["tokendance"][1] == "tokendance-sgl"
 
 
-def test_register_is_idempotent_and_hooks_apply():
+def _apply_hooks():
     from sglang.srt.plugins import load_plugins
     from sglang.srt.plugins.hook_registry import HookRegistry
 
@@ -33,6 +33,11 @@ def test_register_is_idempotent_and_hooks_apply():
     register()
     register()
     HookRegistry.apply_hooks()
+    return HookRegistry
+
+
+def test_register_is_idempotent_and_hooks_apply():
+    HookRegistry = _apply_hooks()
     assert "sglang.srt.server_args.prepare_server_args" in HookRegistry._patched
     assert "sglang.srt.server_args.ServerArgs.add_cli_args" in HookRegistry._patched
     from sglang.srt import server_args as sa
@@ -54,11 +59,13 @@ def test_help_shows_kv_backend():
     assert "--kv-backend {radix,pic,tokendance}" in out.stdout
 
 
-@pytest.mark.parametrize("backend", ["pic"])
-def test_unimplemented_backend_fails_at_start_with_clear_message(backend):
-    out = _launch_server("--model-path", "unused", "--kv-backend", backend)
-    assert out.returncode != 0
-    assert f"--kv-backend {backend}" in out.stderr and "not implemented yet" in out.stderr
+def test_pic_maps_onto_its_cache_backend():
+    _apply_hooks()
+    from sglang.srt import server_args as sa
+
+    args = sa.prepare_server_args(["--model-path", "m", "--kv-backend", "pic", "--td-recompute", "deviation:0.15"])
+    assert args.radix_cache_backend == "tokendance-pic"
+    assert args._tokendance == {"kv_backend": "pic", "recompute": "deviation:0.15"}
 
 
 def test_conflicting_cache_flags_are_refused():
@@ -112,12 +119,12 @@ def test_plugin_loaded_engine_answers_paris(model_path):
     assert out["td"] == {"kv_backend": "radix"}
 
 
-def test_engine_refuses_unimplemented_backend_before_starting(model_path):
+def test_engine_refuses_unknown_backend_before_starting(model_path):
     from tokendance_sgl.engine import Engine
     from tokendance_sgl.patches.kv_backend import KVBackendError
 
-    with pytest.raises(KVBackendError, match="pic"):
-        Engine(model_path=model_path, kv_backend="pic")
+    with pytest.raises(KVBackendError, match="must be one of radix, pic, tokendance"):
+        Engine(model_path=model_path, kv_backend="lmcache")
 
 
 @pytest.mark.engine

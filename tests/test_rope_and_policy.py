@@ -106,15 +106,46 @@ def test_bad_td_recompute_flag_is_refused_at_start():
 def test_policy_parsing_and_offsets():
     assert parse_policy("full") == RecomputePolicy("full")
     assert parse_policy(" NONE ") == RecomputePolicy("none")
-    assert parse_policy("sink:4") == RecomputePolicy("sink", 4)
+    assert parse_policy("sink:4") == RecomputePolicy("select", 4)
     assert str(parse_policy("sink:4")) == "sink:4"
     assert parse_policy("sink:4").offsets(3).tolist() == [0, 1, 2]
     assert parse_policy("sink:2").offsets(10).tolist() == [0, 1]
     assert parse_policy("none").offsets(10).tolist() == []
     assert parse_policy("full").offsets(3).tolist() == [0, 1, 2]
     assert not parse_policy("full").reuses_masters and parse_policy("none").reuses_masters
-    for bad in ("sink", "sink:x", "sink:-1", "half", ""):
+    assert not parse_policy("sink:4").needs_scores
+    for bad in ("sink", "sink:x", "sink:-1", "half", "", "deviation:0", "deviation:1.5", "deviation:x",
+                "deviation:0.1:-1", "sink:1+sink:2", "sink:2+half"):
         with pytest.raises(ValueError, match="unknown recompute policy"):
             parse_policy(bad)
-    with pytest.raises(ValueError, match="not implemented yet"):
-        parse_policy("deviation:0.15")
+
+
+def test_deviation_policies_choose_the_most_deviating_tokens():
+    p = parse_policy("deviation:0.25")
+    assert p == RecomputePolicy("select", 0, 0.25, 1) and p.needs_scores and str(p) == "deviation:0.25"
+    assert parse_policy("deviation:0.2:3").layer == 3 and str(parse_policy("deviation:0.2:3")) == "deviation:0.2:3"
+    scores = torch.tensor([0.1, 5.0, 0.2, 3.0, 0.0, 4.0, 0.3, 0.4])
+    assert p.budget(8) == 2 and p.choose(8, scores).tolist() == [1, 5]
+    combo = parse_policy("sink:2+deviation:0.25")
+    assert str(combo) == "sink:2+deviation:0.25" and combo.budget(8) == 4
+    # the sink tokens are chosen anyway; the deviation part picks the top of the rest
+    assert combo.choose(8, scores).tolist() == [0, 1, 3, 5]
+    assert combo.offsets(8).tolist() == [0, 1]
+    assert parse_policy("deviation:1").choose(5, torch.arange(5.0)).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="needs 8 deviation scores"):
+        p.choose(8, None)
+
+
+def test_deviation_scores_and_page_rounding():
+    from tokendance_sgl.selection import deviation_scores, round_to_pages
+
+    k = torch.ones(4, 2, 8)
+    v = torch.ones(4, 2, 8)
+    k2, v2 = k.clone(), v.clone()
+    k2[2] += 1.0
+    v2[0] += 0.5
+    s = deviation_scores(k2, v2, k, v)
+    assert s[1] == 0 and s[3] == 0 and s[2] > s[0] > 0
+    # offsets 1 and 6 of a run starting at row 14, pages of 4 rows: rows 15 (page 3) and 20 (page 5)
+    assert round_to_pages([1, 6], 14, 10, 4).tolist() == [0, 1, 6, 7, 8, 9]
+    assert round_to_pages([1, 6], 14, 10, 1).tolist() == [1, 6]

@@ -84,7 +84,6 @@ import logging
 import os
 import time
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -105,6 +104,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun
 from tokendance_sgl.reuse import build_row, plan_layout
 from tokendance_sgl.rope import RopeSpec
@@ -189,8 +189,15 @@ class TreeConfig:
 
 # Cumulative: composed rows; segment tokens read from masters / recomputed in context; text between segments computed
 # by the pre-pass; private slots of composed regions; master copies made (and their tokens); load-backs refused.
+# Collective steps run (rounds planned together), re-rotation kernel calls they made; probe forwards for deviation
+# selection (tokens, tokens x layers), selections measured, selections reused from the round (no probe), positions
+# turned private after a selection.
 _COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens", "composed_private_slots",
-             "master_copies", "rotated_tokens", "load_back_fallbacks")
+             "master_copies", "rotated_tokens", "load_back_fallbacks", "collect_steps", "collect_copy_calls",
+             "probe_tokens", "probe_token_layers", "selections", "selections_shared", "privatized_tokens")
+
+
+_PREFILL_KEYS = ("extend_tokens", "prepass_tokens", "probe_tokens", "computed_tokens", "token_layers")
 
 
 class SegmentUnavailable(RuntimeError):
@@ -218,6 +225,7 @@ class SegmentNode:
     last_access_time: float = field(default_factory=time.monotonic)
     creation_time: float = field(default_factory=time.monotonic)
     copy_of: Optional[str] = None  # a re-rotated copy of segment `copy_of` at another anchor (key "<copy_of>@<anchor>")
+    rows_served: int = 0  # request rows that have referenced the master (the agents sharing it)
 
     @property
     def kv_len(self) -> int:
@@ -406,10 +414,13 @@ class CollectiveTree(RadixCache):
         self._seg_epoch = 0
         self._ledger: Optional[_PageLedger] = None
         self.policy = parse_policy(self.config.recompute)
-        self.round_bases: OrderedDict = OrderedDict()  # (round, ns) or segment keys -> canonical bases in use
+        self.collector = KVCollector(self)
         self.rope: Optional[RopeSpec] = None  # set by build_collective_tree from the loaded model
+        self.num_layers = 0  # set by build_collective_tree (prefill work per layer)
         self.counters = {k: 0 for k in _COUNTERS}
         self.cum_bytes_by_agent: dict = {}
+        self.prefill_by_round: dict = {}  # round -> tokens computed (extend, pre-pass, probe) and token-layers
+        self.kv_by_round: dict = {}  # round -> [rows released, token-equivalents they held]
         super().__init__(params)  # calls reset()
         self.diff = DiffAllocator(
             self.token_to_kv_pool_allocator,
@@ -431,7 +442,7 @@ class CollectiveTree(RadixCache):
         self._n_holding = 0
         self._detector = SegmentDetector(min_len=self.config.min_segment_len)
         self._seg_epoch += 1
-        self.round_bases.clear()
+        self.collector.reset()
         if hasattr(self, "diff"):
             self.diff.clear()
 
@@ -887,6 +898,7 @@ class CollectiveTree(RadixCache):
             for s in pinned:
                 if id(s) in used:
                     s.row_refs += 1
+                    s.rows_served += 1
                 else:
                     self.unlock_segment(s)
         return built
@@ -906,6 +918,7 @@ class CollectiveTree(RadixCache):
         req.td_host_slots = None
         req.td_row_plan = None
         rec = self.diff.record(id(req.kv)) if self.diff.rows else None
+        self._note_row_kv(req, rec)
         if rec is not None:
             self._refresh_private_tokens()
             toks = self.diff.row_kv_tokens().get(id(req.kv), 0.0)
@@ -915,6 +928,33 @@ class CollectiveTree(RadixCache):
             self.diff.pop_row(id(req.kv))
             for seg in rec.segs(locked_only=True):
                 self._release_row_ref(seg)
+
+    def _note_row_kv(self, req: Any, rec: Any) -> None:
+        """KV per agent (DESIGN.md 6): the slots the released row held for its prompt and output, master slots
+        divided among the rows that shared them, accumulated per round."""
+        plan = getattr(req, "td_plan", None)
+        rnd = plan.round if plan is not None and plan.round is not None else -1  # -1: requests without a round
+        total = int(getattr(req.kv, "kv_allocated_len", 0) or 0)
+        if total <= 0:
+            return
+        toks = float(total)
+        if rec is not None:
+            for r in rec.refs:
+                if r.locked:
+                    toks -= len(r) * (1.0 - 1.0 / max(1, r.seg.rows_served))
+        acc = self.kv_by_round.setdefault(int(rnd), [0, 0.0])
+        acc[0] += 1
+        acc[1] += toks
+
+    def note_prefill(self, rnd: Optional[int], *, extend: int = 0, prepass: int = 0, probe: int = 0,
+                     probe_token_layers: int = 0) -> None:
+        """Prefill work of one forward for a round's requests (tokens and tokens x layers)."""
+        d = self.prefill_by_round.setdefault(-1 if rnd is None else int(rnd), dict.fromkeys(_PREFILL_KEYS, 0))
+        d["extend_tokens"] += extend
+        d["prepass_tokens"] += prepass
+        d["probe_tokens"] += probe
+        d["computed_tokens"] += extend + prepass
+        d["token_layers"] += (extend + prepass) * self.num_layers + probe_token_layers
 
     def row_master_positions(self, req: Any) -> np.ndarray:
         rec = self.diff.record(id(req.kv))
@@ -1061,7 +1101,7 @@ class CollectiveTree(RadixCache):
         if lay is None or lay.start != req.prefix_len or lay.end - lay.start != params.host_hit_length:
             return 0, node
         try:
-            out = build_row(self, req, lay)
+            out = self.build_row(req, lay)
         except Exception:
             logger.exception("tokendance: composing the row of request %s failed; prefilling it normally", req.rid)
             out = None
@@ -1077,6 +1117,10 @@ class CollectiveTree(RadixCache):
         c["composed_private_slots"] += lay.stats["private_slots"]
         return lay.end - lay.start, node
 
+    def build_row(self, req: Any, lay: Any):
+        """Composes ``req``'s reused region (:func:`tokendance_sgl.reuse.build_row`; the ``pic`` backend overrides)."""
+        return build_row(self, req, lay)
+
     def load_back_is_cache_owned(self) -> bool:
         return False  # the composed region is the request's (minus its master references, see free_kv_row)
 
@@ -1089,52 +1133,93 @@ class CollectiveTree(RadixCache):
         return torch.cat([path.to(device=extra.device, dtype=torch.int64), extra.to(torch.int64)])
 
     def master_at(self, seg: Optional[SegmentNode], anchor: int, pinned: list) -> Optional[SegmentNode]:
-        """``seg``'s master K rotated for row position ``anchor``: the segment itself, or its copy at that anchor,
-        made now (one batched copy + re-rotation) if needed. The returned node (and the source of a new copy) is
-        locked and appended to ``pinned``; the caller unlocks them. None when no KV or no room."""
-        if seg is None or not self.has_kv(seg):
-            return None
-        if seg.copy_of is None and seg.anchor == anchor:
-            self.lock_segment(seg)
-            pinned.append(seg)
-            return seg
-        key = f"{seg.copy_of or seg.key}@{anchor}"
-        copy_node = self._segments.get(key)
-        if copy_node is not None and self.has_kv(copy_node) and copy_node.kv_len >= seg.kv_len:
-            copy_node.round = max(copy_node.round, self.current_round)
-            self.lock_segment(copy_node)
-            pinned.append(copy_node)
-            return copy_node
+        """``seg``'s master K rotated for row position ``anchor`` (see :meth:`master_copies`)."""
+        return self.master_copies([(seg, anchor)], pinned)[0]
+
+    def master_copies(self, wants: Sequence[tuple[Optional[SegmentNode], int]], pinned: list) -> list:
+        """For every ``(segment, anchor)``: the segment's master K rotated for row position ``anchor`` -- the segment
+        itself, or its copy at that anchor (key ``"<key>@<anchor>"``). The copies that do not exist yet are made
+        together: one allocation and ONE batched copy + re-rotation call for all of them. Returned nodes (and the
+        sources of new copies) are locked and appended to ``pinned``; the caller unlocks them. An entry is None when
+        the segment has no KV or the pool has no room."""
+        out: list = [None] * len(wants)
+        todo: dict[str, tuple[SegmentNode, int, list]] = {}
+        for i, (seg, anchor) in enumerate(wants):
+            if seg is None or not self.has_kv(seg):
+                continue
+            if seg.copy_of is None and seg.anchor == anchor:
+                self.lock_segment(seg)
+                pinned.append(seg)
+                out[i] = seg
+                continue
+            key = f"{seg.copy_of or seg.key}@{anchor}"
+            node = self._segments.get(key)
+            if node is not None and self.has_kv(node) and node.kv_len >= seg.kv_len:
+                node.round = max(node.round, self.current_round)
+                self.lock_segment(node)
+                pinned.append(node)
+                out[i] = node
+            elif key in todo:
+                todo[key][2].append(i)
+            else:
+                todo[key] = (seg, int(anchor), [i])
+        if not todo:
+            return out
         if self.rope is None:
             raise RuntimeError("re-rotation needs the model's RoPE spec (CollectiveTree.rope is not set)")
-        self.lock_segment(seg)  # allocation below may evict
-        pinned.append(seg)
-        n = seg.kv_len
-        slots = self._alloc_slots(n)
+        for seg, _, _ in todo.values():
+            self.lock_segment(seg)  # allocation below may evict
+            pinned.append(seg)
+        sizes = [seg.kv_len for seg, _, _ in todo.values()]
+        slots = self._alloc_slots(sum(sizes))
         if slots is None:
-            return None
+            return out
         slots = slots.to(torch.int64)
         from tokendance_sgl.kernels import copy_rerotate_k
 
         kv = self.token_to_kv_pool_allocator.get_kvcache()
-        delta = torch.full((n,), anchor - seg.anchor, dtype=torch.int64, device=slots.device)
-        copy_rerotate_k(kv.k_buffer, kv.v_buffer, seg.master, slots, delta, **self.rope.kernel_kwargs())
-        if copy_node is not None and copy_node.lock_ref == 0:
-            self._drop_segment(copy_node)
-        node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=int(anchor),
-                           round=self.current_round, agent=seg.agent, strong=True, master=slots.clone(),
-                           pages=self._slot_pages(slots), copy_of=seg.copy_of or seg.key)
-        node.used_round = self.current_round
-        self._ledger.hold_seg(node.pages)
-        node.holding = True
-        self._n_holding += 1
-        self._segments[key] = node
-        self._seg_epoch += 1
-        self.counters["master_copies"] += 1
-        self.counters["rotated_tokens"] += n
-        self.lock_segment(node)
-        pinned.append(node)
-        return node
+        src = torch.cat([seg.master for seg, _, _ in todo.values()])
+        delta = torch.cat([torch.full((n,), anchor - seg.anchor, dtype=torch.int64)
+                           for n, (seg, anchor, _) in zip(sizes, todo.values())]).to(slots.device)
+        copy_rerotate_k(kv.k_buffer, kv.v_buffer, src, slots, delta, **self.rope.kernel_kwargs())
+        for (key, (seg, anchor, idx)), part in zip(todo.items(), torch.split(slots, sizes)):
+            stale = self._segments.get(key)
+            if stale is not None and stale.lock_ref == 0:
+                self._drop_segment(stale)
+            node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=anchor, round=self.current_round,
+                               agent=seg.agent, strong=True, master=part.clone(), pages=self._slot_pages(part),
+                               copy_of=seg.copy_of or seg.key)
+            node.used_round = self.current_round
+            self._ledger.hold_seg(node.pages)
+            node.holding = True
+            self._n_holding += 1
+            self._segments[key] = node
+            self._seg_epoch += 1
+            self.counters["master_copies"] += 1
+            self.counters["rotated_tokens"] += len(part)
+            self.lock_segment(node)
+            pinned.append(node)
+            for i in idx:
+                out[i] = node
+        return out
+
+    def privatize(self, req: Any, positions: np.ndarray) -> bool:
+        """Gives row positions of ``req`` that read a master private diff slots (written into its ``req_to_token``
+        row; their KV is then recomputed). False (nothing changed) when the pool has no room."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size == 0:
+            return True
+        fresh = self._alloc_slots(int(positions.size))
+        if fresh is None:
+            return False
+        kv = req.kv
+        released = self.diff.privatize(id(kv), positions, fresh)
+        row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
+        row[torch.from_numpy(positions).to(row.device)] = fresh.to(row.dtype)
+        for seg in released:
+            self._release_row_ref(seg)
+        self.counters["privatized_tokens"] += int(positions.size)
+        return True
 
     def validate_request(self, req: Any) -> Optional[str]:
         """The error message that should fail ``req`` with HTTP 400 (malformed table, unknown segment id, content
@@ -1276,6 +1361,11 @@ class CollectiveTree(RadixCache):
             "diff_slots": int(sum(r.private_tokens for r in self.diff.rows.values())),
             "rounds_seen": self.current_round + 1 if self._ids or self._pending_ids else 0,
             **self.counters,
+            "prefill_by_round": {str(k): dict(v) for k, v in sorted(self.prefill_by_round.items())},
+            "kv_per_agent_by_round": {
+                str(k): {"rows": n, "tokens": round(t / n, 2), "bytes": round(t / n * self.diff.bytes_per_token)}
+                for k, (n, t) in sorted(self.kv_by_round.items()) if n
+            },
         }
 
     def check_invariants(self) -> None:
@@ -1318,12 +1408,13 @@ class CollectiveTree(RadixCache):
         assert not (prot & ~held).any()
 
 
-def build_collective_tree(ctx: Any) -> CollectiveTree:
-    """Factory for ``register_radix_cache_backend("tokendance", build_collective_tree)``."""
+def build_collective_tree(ctx: Any, cls: type = CollectiveTree) -> CollectiveTree:
+    """Factory for ``register_radix_cache_backend("tokendance", build_collective_tree)`` (``cls``: the cache class,
+    :class:`~tokendance_sgl.pic.PicCache` for ``pic``)."""
     if getattr(ctx, "is_hybrid_swa", False) or getattr(ctx, "is_hybrid_ssm", False):
-        raise NotImplementedError("the tokendance backend supports full-attention models only (no SWA / mamba)")
+        raise NotImplementedError("the tokendance and pic backends support full-attention models only (no SWA / mamba)")
     if getattr(ctx, "enable_hierarchical_cache", False):
-        raise NotImplementedError("the tokendance backend does not support --enable-hierarchical-cache")
+        raise NotImplementedError("the tokendance and pic backends do not support --enable-hierarchical-cache")
     overrides = {}
     td = getattr(getattr(ctx, "server_args", None), "_tokendance", None)
     if isinstance(td, dict):
@@ -1331,7 +1422,7 @@ def build_collective_tree(ctx: Any) -> CollectiveTree:
     params = ctx.params
     if getattr(ctx, "disable_radix_cache", False):
         params.disable = True
-    tree = CollectiveTree(params, TreeConfig.from_env(overrides))
+    tree = cls(params, TreeConfig.from_env(overrides))
     if tree.config.reuse and tree.page_size > 1:
         logger.warning("tokendance: segment reuse needs --page-size 1 for now; with page size %d segments are tracked "
                        "but every prompt is computed", tree.page_size)
@@ -1341,4 +1432,6 @@ def build_collective_tree(ctx: Any) -> CollectiveTree:
         from tokendance_sgl.rope import spec_from_model
 
         tree.rope = spec_from_model(runner.model, getattr(ctx.server_args, "model_path", "this model"))
+    if runner is not None:
+        tree.num_layers = int(getattr(runner.model_config, "num_hidden_layers", 0) or 0)
     return tree

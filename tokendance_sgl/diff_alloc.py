@@ -245,6 +245,38 @@ class DiffAllocator:
         after = {_seg_id(s) for s in rec.segs(locked_only=True)}
         return [s for k, s in before.items() if k not in after]
 
+    def privatize(self, key: Hashable, positions: Sequence[int], fresh: torch.Tensor) -> list:
+        """Row positions that read a master become the row's own: ``fresh`` (one new slot per position, same order)
+        replaces the master slot there; the caller writes it into the row. ``page_size == 1`` only. Returns the
+        locked segments the row no longer references at all."""
+        if self.page_size != 1:
+            raise NotImplementedError("privatize after composition needs page_size 1")
+        pos = np.unique(np.asarray(positions, dtype=np.int64))
+        if pos.size != len(positions) or int(fresh.numel()) != pos.size:
+            raise ValueError("privatize needs distinct positions and one fresh slot per position")
+        rec = self.rows.get(key)
+        if rec is None:
+            raise ValueError(f"row {key!r} has no master references")
+        before = {_seg_id(s): s for s in rec.segs(locked_only=True)}
+        kept: list[MasterRef] = []
+        hit = 0
+        for r in rec.refs:
+            inside = pos[(pos >= r.start) & (pos < r.end)]
+            hit += inside.size
+            if inside.size == 0:
+                kept.append(r)
+                continue
+            cuts = np.concatenate([[r.start - 1], inside, [r.end]])
+            for a, b in zip((cuts[:-1] + 1).tolist(), cuts[1:].tolist()):
+                if b > a:
+                    kept.append(MasterRef(a, b, r.seg, r.slots[a - r.start : b - r.start], r.locked))
+        if hit != pos.size:
+            raise ValueError(f"privatize: {pos.size - hit} of the positions are not master references of row {key!r}")
+        rec.refs = kept
+        rec.private_tokens += int(pos.size)
+        after = {_seg_id(s) for s in rec.segs(locked_only=True)}
+        return [s for k, s in before.items() if k not in after]
+
     # ------------------------------------------------------------------ ownership queries
 
     def master_page_set(self, rec: RowRecord) -> np.ndarray:

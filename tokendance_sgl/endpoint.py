@@ -311,8 +311,9 @@ class TokenDanceEndpoint(RuntimeEndpoint):
     """A ``RuntimeEndpoint`` that sends ``input_ids`` and the TokenDance segment table (see the module docstring).
 
     ``tokenizer``: a tokenizer object, or a path / hub name (default: the server's ``tokenizer_path``).
-    ``namespace``: sent as ``td_ns`` (content-hash namespace). ``min_known_chars``: generated outputs at least this
-    long are searched for in later appended text and sent with their exact ids."""
+    ``namespace``: sent as ``td_ns`` (content-hash namespace). ``recompute``: sent as ``td_recompute`` (the
+    tokendance server's recompute policy for these requests, e.g. ``"full"``). ``min_known_chars``: generated
+    outputs at least this long are searched for in later appended text and sent with their exact ids."""
 
     td_wants_fork_events = True
 
@@ -325,6 +326,7 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         tokenizer: Any = None,
         *,
         namespace: Optional[str] = None,
+        recompute: Optional[str] = None,
         min_known_chars: int = DEFAULT_MIN_KNOWN_CHARS,
     ):
         super().__init__(base_url.rstrip("/"), api_key=api_key, verify=verify, chat_template_name=chat_template_name)
@@ -336,6 +338,7 @@ class TokenDanceEndpoint(RuntimeEndpoint):
             if isinstance(hf_template, str) and "<|im_start|>" in hf_template:
                 self.chat_template = get_chat_template("chatml")
         self.namespace = namespace
+        self.recompute = recompute
         self.min_known_chars = int(min_known_chars)
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads at once
         self._special_ids = frozenset(int(x) for x in (getattr(self.tokenizer, "all_special_ids", None) or []))
@@ -433,6 +436,8 @@ class TokenDanceEndpoint(RuntimeEndpoint):
             cp["td_out_seg"] = out_seg
         if self.namespace:
             cp["td_ns"] = self.namespace
+        if self.recompute:
+            cp["td_recompute"] = self.recompute
         return cp
 
     def _gen_data(self, s: StreamExecutor, sampling_params: SglSamplingParams, m: _Mirror, out_seg):
@@ -605,6 +610,18 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         return decision
 
     # ---------------------------------------------------------------- extras
+
+    def token_ids(self, state: Any) -> list:
+        """The token ids this endpoint sends for a state's current text (a ``ProgramState`` or ``StreamExecutor``)."""
+        exe = getattr(state, "stream_executor", state)
+        exe.sync()
+        return list(self.sync(exe).ids)
+
+    def segments(self, state: Any) -> list:
+        """``(seg_id, start, end)`` of every segment span in :meth:`token_ids`."""
+        exe = getattr(state, "stream_executor", state)
+        exe.sync()
+        return list(self.sync(exe).segs)
 
     def stats(self) -> dict:
         """``GET /tokendance/stats`` of the server."""

@@ -19,11 +19,24 @@ canonical position ids in every agent's row, and the rest continues from the can
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from copy import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Hashable, Optional
 
+import numpy as np
 import torch
+
+
+@dataclass(eq=False)
+class SelectItem:
+    """A reused segment run (rows ``[start, start + n)``) whose recompute positions depend on measured deviation."""
+
+    start: int
+    n: int
+    policy: Any  # tokendance_sgl.selection.RecomputePolicy
+    sel_key: Optional[Hashable]  # shared choice of the round (tokendance); None: chosen for this request (pic)
+    static: np.ndarray  # offsets already recomputed (the sink part)
 
 
 @dataclass
@@ -33,6 +46,9 @@ class RowPlan:
     gap: int = 0
     exact_len: Optional[int] = None  # rows [0, exact_len) hold exact KV (None: the whole row); the radix takes no more
     pending: bool = True  # compute_spans not run yet
+    select: list = field(default_factory=list)  # SelectItems still to resolve before the pre-pass
+    probe_start: int = 0  # first row a selection probe computes (the end of the radix prefix)
+    private_copies: bool = False  # every composed row is private (pic): a selection needs no new slots
 
     def __post_init__(self) -> None:
         prev = -1
@@ -130,25 +146,109 @@ def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]):
     return pre
 
 
-def run_prepass(worker, batch) -> int:
-    """Computes every pending span of the batch's requests in one forward.  Returns the number of tokens."""
-    if batch is None or not batch.forward_mode.is_extend():
-        return 0
-    rows = _pending_rows(batch)
-    if not rows:
-        return 0
+def _forward(runner, pre) -> None:
     from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
 
-    runner = worker.model_runner
-    pre = build_prepass_batch(batch, runner, rows)
     fb = ForwardBatch.init_new(
         pre, runner, capture_hidden_mode=CaptureHiddenMode.NULL, return_hidden_states_before_norm=False
     )
     runner.forward(fb)
-    for req in {id(r): r for r in pre.reqs}.values():
-        plan = req.td_row_plan
-        plan.pending = False
-        if not req.retracted_stain:
-            # SGLang counted the whole composed region as cached; the recomputed rows were not.
-            req.cached_tokens -= plan.compute_tokens
-    return pre.extend_num_tokens
+
+
+class _ProbeDone(Exception):
+    pass
+
+
+def _decoder_layers(model) -> list:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise RuntimeError(f"cannot find the decoder layers of {type(model).__name__} for a selection probe")
+    return layers
+
+
+@contextmanager
+def _stop_after_layer(model, layer: int):
+    """Stops a forward once decoder layer ``layer`` has run (its K/V are in the pool)."""
+    layers = _decoder_layers(model)
+    if layer + 1 >= len(layers):
+        yield
+        return
+
+    def _stop(*_args, **_kwargs):
+        raise _ProbeDone
+
+    handle = layers[layer + 1].register_forward_pre_hook(_stop)
+    try:
+        yield
+    except _ProbeDone:
+        pass
+    finally:
+        handle.remove()
+
+
+def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int, tree) -> Optional[list[tuple]]:
+    """Computes the check layer's K/V of rows ``[s, e)`` of request ``batch.reqs[i]`` for every ``(i, s, e)`` of
+    ``rows``, in its real context, in ONE forward through layers ``0..layer`` (attending to the request's row before
+    ``s``; the rows themselves go to scratch slots, so the row's slots -- shared masters included -- are untouched).
+    Returns per row ``(k_new, v_new, k_old, v_old)`` (``[e - s, heads, head_dim]``; ``old`` = what the row holds
+    now), or None when the pool has no room for the scratch slots."""
+    runner = worker.model_runner
+    rtt = runner.req_to_token_pool.req_to_token
+    n = sum(e - s for _, s, e in rows)
+    scratch = tree._alloc_slots(n)
+    if scratch is None:
+        return None
+    scratch = scratch.to(torch.int64)
+    saved = []
+    try:
+        off = 0
+        for i, s, e in rows:
+            idx = int(batch.req_pool_indices_cpu[i])
+            saved.append((idx, s, e, rtt[idx, s:e].clone()))
+            rtt[idx, s:e] = scratch[off : off + e - s].to(rtt.dtype)
+            off += e - s
+        with _stop_after_layer(runner.model, layer):
+            _forward(runner, build_prepass_batch(batch, runner, rows))
+        kv = tree.token_to_kv_pool_allocator.get_kvcache()
+        kb, vb = kv.get_key_buffer(layer), kv.get_value_buffer(layer)
+        old = torch.cat([sl for *_, sl in saved]).to(torch.int64)
+        sizes = [e - s for _, s, e in rows]
+        parts = [torch.split(x, sizes) for x in (kb[scratch], vb[scratch], kb[old], vb[old])]
+        return list(zip(*parts))
+    finally:
+        for idx, s, e, sl in saved:
+            rtt[idx, s:e] = sl
+        tree.token_to_kv_pool_allocator.free(scratch)
+
+
+def run_prepass(worker, batch) -> int:
+    """Resolves pending selections (:meth:`tokendance_sgl.collector.KVCollector.select`), then computes every pending
+    span of the batch's requests in one forward, and accounts the round's prefill work. Returns the pre-pass tokens."""
+    if batch is None or not batch.forward_mode.is_extend() or not batch.reqs:
+        return 0
+    tree = getattr(batch, "tree_cache", None)
+    collector = getattr(tree, "collector", None)
+    if collector is None:
+        return 0
+    probe = collector.select(worker, batch)
+    rows = _pending_rows(batch)
+    prepass: dict[int, int] = {}
+    if rows:
+        runner = worker.model_runner
+        pre = build_prepass_batch(batch, runner, rows)
+        _forward(runner, pre)
+        for i, s, e in rows:
+            prepass[i] = prepass.get(i, 0) + e - s
+        for req in {id(r): r for r in pre.reqs}.values():
+            plan = req.td_row_plan
+            plan.pending = False
+            if not req.retracted_stain:
+                # SGLang counted the whole composed region as cached; the recomputed rows were not.
+                req.cached_tokens -= plan.compute_tokens
+    for i, req in enumerate(batch.reqs):
+        plan = getattr(req, "td_plan", None)
+        tokens, token_layers = probe.get(i, (0, 0))
+        tree.note_prefill(plan.round if plan is not None else None, extend=int(batch.extend_lens[i]),
+                          prepass=prepass.get(i, 0), probe=tokens, probe_token_layers=token_layers)
+    return sum(prepass.values())

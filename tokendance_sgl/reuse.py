@@ -6,17 +6,17 @@ The cache calls two functions, in SGLang's load-back protocol:
   ``[r, end)`` the request can take as "cached" -- the span from the radix prefix to the end of the last resident
   segment of its plan. ``end - r`` is reported as ``MatchResult.host_hit_length``, so SGLang's ``PrefillAdder``
   budgets those tokens before anything is allocated.
-* :func:`build_row` (from ``init_load_back``, after the budget check): chooses the round's canonical base, finds or
-  makes each segment's master at its canonical position (one re-rotated copy per segment and base, shared by every
-  agent using that base), and composes the row through the diff allocator: master slots where the KV is reused,
+* :func:`build_row` (from ``init_load_back``, after the budget check): takes the round's canonical base from the
+  :class:`~tokendance_sgl.collector.KVCollector`, finds (or makes) each segment's master at its canonical position
+  (one re-rotated copy per segment and base, shared by every agent using that base; normally made already by the
+  collective step), and composes the row through the diff allocator: master slots where the KV is reused,
   private diff slots for the recomputed tokens, private slots for the text between segments. It leaves a
-  :class:`~tokendance_sgl.recompute.RowPlan` on the request: which rows the pre-pass computes, and the position gap.
+  :class:`~tokendance_sgl.recompute.RowPlan` on the request: which rows the pre-pass computes, the position gap,
+  and the ``deviation`` selections still to resolve (once per master and round, before the pre-pass).
 
 Aligned layout: in a round the shared region (from the first segment on) gets the same position ids in every agent's
-row. The canonical base ``B`` of a round is chosen from the first agent's region start ``s0`` rounded up to
-``base_align``; a later agent uses the smallest base ``B >= s0`` with ``B - s0 <= max_gap``, or opens a new one (and
-gets its own master copies). Rows ``>= s0`` run at position ``row + (B - s0)``, in the pre-pass, the extend and
-decode. Policy ``full`` uses no master and no gap: every row of ``[r, end)`` is recomputed at its true position
+row: the canonical base ``B >= s0`` (chosen per round from the agents present, see :mod:`tokendance_sgl.collector`).
+Rows ``>= s0`` run at position ``row + (B - s0)``, in the pre-pass, the extend and decode. Policy ``full`` uses no master and no gap: every row of ``[r, end)`` is recomputed at its true position
 (exact prefill through the same machinery).
 """
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Optional
 import torch
 
 from tokendance_sgl.diff_alloc import MasterRun, NewRun, coalesce
-from tokendance_sgl.recompute import RowPlan
+from tokendance_sgl.recompute import RowPlan, SelectItem
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
 
 if TYPE_CHECKING:
@@ -94,25 +94,12 @@ def plan_layout(tree: "CollectiveTree", req: Any, prefix_len: int, limit: int) -
     return RowLayout(prefix_len, end, request_policy(tree, req), spans, base_key, plan.agent)
 
 
-def _choose_base(tree: "CollectiveTree", key: Hashable, s0: int) -> int:
-    bases = tree.round_bases.setdefault(key, [])
-    tree.round_bases.move_to_end(key)
-    fit = [b for b in bases if s0 <= b <= s0 + tree.config.max_gap]
-    if fit:
-        return min(fit)
-    align = max(1, tree.config.base_align)
-    base = -(-s0 // align) * align
-    bases.append(base)
-    while len(tree.round_bases) > 256:
-        tree.round_bases.popitem(last=False)
-    return base
-
-
 def build_row(tree: "CollectiveTree", req: Any, lay: RowLayout) -> Optional[tuple[torch.Tensor, RowPlan]]:
     """Composes ``req``'s rows ``[lay.start, lay.end)``; returns their slots and the row plan, or None when the pool
     cannot provide the slots (nothing is left allocated or locked)."""
     policy = lay.policy
     pinned = []
+    select: list[SelectItem] = []
     recomputed = 0  # segment tokens computed in this context (the rest of the pre-pass is text between segments)
     try:
         if not policy.reuses_masters:
@@ -123,20 +110,22 @@ def build_row(tree: "CollectiveTree", req: Any, lay: RowLayout) -> Optional[tupl
             recomputed = sum(b - a for a, b, _ in lay.spans)
         else:
             s0 = lay.region_start
-            base = _choose_base(tree, lay.base_key, s0)
+            base = tree.collector.base_for(lay.base_key, s0)
             gap, gap_start = base - s0, s0
             pieces, compute = [], []
             pos = lay.start
-            for a, b, ps_ in lay.spans:
+            masters = tree.master_copies([(tree.segment(ps_.key), a + gap) for a, _, ps_ in lay.spans], pinned)
+            for (a, b, ps_), seg in zip(lay.spans, masters):
+                if seg is None:
+                    return None
                 if a > pos:
                     pieces.append(NewRun(a - pos))
                     compute.append((pos, a))
-                seg = tree.master_at(tree.segment(ps_.key), a + gap, pinned)
-                if seg is None:
-                    return None
                 rc = policy.offsets(b - a)
                 pieces.append(MasterRun(seg, seg.master[: b - a], recompute=rc))
                 compute.extend((a + int(o), a + int(o) + 1) for o in rc)
+                if policy.needs_scores:  # the round's shared choice for this master (KVCollector.select)
+                    select.append(SelectItem(a, b - a, policy, (lay.base_key, seg.key, str(policy)), rc))
                 recomputed += len(rc)
                 pos = b
             exact_len = s0  # rows from here on read approximate KV (or run at shifted positions)
@@ -147,7 +136,8 @@ def build_row(tree: "CollectiveTree", req: Any, lay: RowLayout) -> Optional[tupl
         for seg in pinned:
             tree.unlock_segment(seg)
     spans = coalesce(compute)
-    row_plan = RowPlan(compute_spans=spans, gap_start=gap_start, gap=gap, exact_len=exact_len)
+    row_plan = RowPlan(compute_spans=spans, gap_start=gap_start, gap=gap, exact_len=exact_len, select=select,
+                       probe_start=lay.start)
     n = lay.end - lay.start
     computed = row_plan.compute_tokens
     lay.stats = {"host_tokens": n, "reused": n - computed, "recomputed": recomputed, "text": computed - recomputed,

@@ -9,56 +9,136 @@ Policies (``--td-recompute POLICY``, ``TOKENDANCE_RECOMPUTE``, or per request ``
   prefill computed through the reuse machinery (the reference the others are measured against).
 * ``none``   -- recompute nothing: every segment token reads the master.
 * ``sink:k`` -- recompute the first ``k`` tokens of every segment (the spurious "attention sink" at each block start).
+* ``deviation:r[:L]`` -- CacheBlend-style selection: compute the check layer ``L`` (default 1) K/V of the segment's
+  tokens in a real context, compare them with the reused K/V, and recompute the ``ceil(r * n)`` tokens that deviate
+  most. ``tokendance`` does this once per segment and round on one pilot agent and uses the same positions for every
+  agent (the collective step); ``pic`` does it for every request in its own context.
+* combinations joined by ``+``: ``sink:4+deviation:0.15`` recomputes the sink tokens and the top 15 % of the rest.
 
-Selection by K/V deviation (``deviation:r``) is planned with the KV collector; it is refused here until it lands.
+With ``page_size > 1`` the chosen offsets are widened to whole pages of the row (:func:`round_to_pages`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+import torch
 
-__all__ = ["RecomputePolicy", "DEFAULT_POLICY", "parse_policy"]
+__all__ = ["RecomputePolicy", "DEFAULT_POLICY", "DEFAULT_CHECK_LAYER", "parse_policy", "deviation_scores",
+           "round_to_pages"]
 
 DEFAULT_POLICY = "sink:4"
+DEFAULT_CHECK_LAYER = 1
+
+_FORMS = "full, none, sink:K, deviation:R[:LAYER] (0 < R <= 1), or sink:K+deviation:R"
 
 
 @dataclass(frozen=True)
 class RecomputePolicy:
-    kind: str  # "full" | "none" | "sink"
-    k: int = 0
+    kind: str  # "full" | "none" | "select"
+    k: int = 0  # sink tokens per segment
+    ratio: float = 0.0  # deviation fraction of the remaining tokens
+    layer: int = DEFAULT_CHECK_LAYER  # check layer of the deviation
 
     @property
     def reuses_masters(self) -> bool:
         return self.kind != "full"
 
+    @property
+    def needs_scores(self) -> bool:
+        """True when the choice depends on measured K/V deviation (a probe forward is needed)."""
+        return self.kind == "select" and self.ratio > 0
+
     def offsets(self, n: int) -> np.ndarray:
-        """Offsets (0-based, sorted) of the recomputed tokens among a segment's ``n`` reused tokens."""
+        """The offsets (0-based, sorted) chosen without measuring anything: every one for ``full``, the sink tokens
+        otherwise (the deviation part is added by :meth:`choose`)."""
         if self.kind == "full":
             return np.arange(n, dtype=np.int64)
-        if self.kind == "sink":
-            return np.arange(min(self.k, n), dtype=np.int64)
-        return np.empty(0, dtype=np.int64)
+        return np.arange(min(self.k, n), dtype=np.int64)
+
+    def budget(self, n: int) -> int:
+        """Tokens recomputed among a segment's ``n`` reused tokens."""
+        if self.kind == "full":
+            return n
+        k = min(self.k, n)
+        return k + (min(n - k, math.ceil(self.ratio * n - 1e-9)) if self.ratio > 0 else 0)
+
+    def choose(self, n: int, scores: Optional[torch.Tensor | np.ndarray] = None) -> np.ndarray:
+        """The sorted offsets to recompute among ``n`` tokens; ``scores`` (one per token, higher = deviates more) is
+        required when :attr:`needs_scores`."""
+        base = self.offsets(n)
+        if not self.needs_scores:
+            return base
+        if scores is None or len(scores) != n:
+            raise ValueError(f"policy {self} needs {n} deviation scores, got {None if scores is None else len(scores)}")
+        s = torch.as_tensor(scores, dtype=torch.float32).clone()
+        s[torch.as_tensor(base, dtype=torch.long)] = -math.inf  # the sink tokens are chosen already
+        extra = self.budget(n) - base.size
+        top = torch.topk(s, extra).indices.numpy() if extra > 0 else np.empty(0, np.int64)
+        return np.unique(np.concatenate([base, top.astype(np.int64)]))
 
     def __str__(self) -> str:
-        return f"sink:{self.k}" if self.kind == "sink" else self.kind
+        if self.kind != "select":
+            return self.kind
+        parts = []
+        if self.k:
+            parts.append(f"sink:{self.k}")
+        if self.ratio > 0:
+            parts.append(f"deviation:{self.ratio:g}" + (f":{self.layer}" if self.layer != DEFAULT_CHECK_LAYER else ""))
+        return "+".join(parts) or "sink:0"
+
+
+def _bad(spec, why: str = "") -> ValueError:
+    return ValueError(f"unknown recompute policy {spec!r}{': ' + why if why else ''}; use {_FORMS}")
 
 
 def parse_policy(spec) -> RecomputePolicy:
-    """``"full" | "none" | "sink:K"`` -> :class:`RecomputePolicy` (ValueError with the accepted forms otherwise)."""
+    """A policy string (see the module docstring) -> :class:`RecomputePolicy`; ValueError naming the accepted forms."""
     if isinstance(spec, RecomputePolicy):
         return spec
     s = str(spec).strip().lower()
     if s in ("full", "none"):
         return RecomputePolicy(s)
-    if s.startswith("sink:"):
+    k, ratio, layer = None, None, DEFAULT_CHECK_LAYER
+    for part in s.split("+"):
+        name, _, arg = part.strip().partition(":")
         try:
-            k = int(s.split(":", 1)[1])
-        except ValueError:
-            k = -1
-        if k >= 0:
-            return RecomputePolicy("sink", k)
-    if s.startswith("deviation"):
-        raise ValueError(f"recompute policy {spec!r}: deviation-based selection is not implemented yet")
-    raise ValueError(f"unknown recompute policy {spec!r}; use full, none or sink:K (K >= 0)")
+            if name == "sink" and k is None:
+                k = int(arg)
+                if k < 0:
+                    raise _bad(spec, "K must be >= 0")
+            elif name == "deviation" and ratio is None:
+                r, _, lay = arg.partition(":")
+                ratio = float(r)
+                layer = int(lay) if lay else DEFAULT_CHECK_LAYER
+                if not (0 < ratio <= 1) or layer < 0:
+                    raise _bad(spec, "R must lie in (0, 1] and LAYER be >= 0")
+            else:
+                raise _bad(spec)
+        except ValueError as e:
+            raise e if "unknown recompute policy" in str(e) else _bad(spec) from None
+    return RecomputePolicy("select", k or 0, ratio or 0.0, layer)
+
+
+def deviation_scores(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor) -> torch.Tensor:
+    """Per token: squared L2 distance between the K/V computed in context and the reused K/V, summed over heads
+    (tensors ``[n, heads, head_dim]`` or ``[n, dim]``), relative to the reused K/V's own squared norm."""
+    n = k_new.shape[0]
+    dk = (k_new.float() - k_old.float()).reshape(n, -1).pow(2).sum(-1)
+    dv = (v_new.float() - v_old.float()).reshape(n, -1).pow(2).sum(-1)
+    norm = k_old.float().reshape(n, -1).pow(2).sum(-1) + v_old.float().reshape(n, -1).pow(2).sum(-1)
+    return (dk + dv) / norm.clamp_min(1e-12)
+
+
+def round_to_pages(offsets: np.ndarray, row_start: int, n: int, page_size: int) -> np.ndarray:
+    """Widens offsets (within a run of ``n`` tokens starting at row position ``row_start``) to every offset of the
+    run that shares a row page with a chosen one."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if page_size <= 1 or offsets.size == 0:
+        return offsets
+    pages = np.unique((row_start + offsets) // page_size)
+    all_off = np.arange(n, dtype=np.int64)
+    return all_off[np.isin((row_start + all_off) // page_size, pages)]

@@ -55,6 +55,7 @@ class ProgramResult:
     blocks: list
     total_s: float
     texts: list = field(default_factory=list, repr=False)  # every agent's full final text
+    token_ids: Optional[list] = field(default=None, repr=False)  # every agent's final token ids (TokenDanceEndpoint)
 
     def outputs(self, round_: int, var: str) -> list:
         """``var`` of every agent in a round, in agent order."""
@@ -93,6 +94,7 @@ class ProgramResult:
         }
         if include_texts:
             d["texts"] = self.texts
+            d["token_ids"] = self.token_ids
         return d
 
 

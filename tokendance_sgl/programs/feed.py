@@ -101,7 +101,10 @@ def feed_program(s, people, rounds, max_tokens, news, react):
         per_round.append(round_meta(r, latency, rows))
         blocks.append(str(feed))
     texts = [c.text() for c in crowd]
-    return {"transcript": transcript, "rounds": per_round, "blocks": blocks, "texts": texts, "names": handles}
+    backend = s.stream_executor.backend
+    ids = [backend.token_ids(x) for x in crowd] if hasattr(backend, "token_ids") else None
+    return {"transcript": transcript, "rounds": per_round, "blocks": blocks, "texts": texts, "token_ids": ids,
+            "names": handles}
 
 
 def run_feed(
@@ -132,7 +135,7 @@ def run_feed(
         settings={"max_new_tokens": max_new_tokens, "seed": seed, "temperature": temperature, "news": news,
                   "react": react},
         names=out["names"], transcript=out["transcript"], rounds=out["rounds"], blocks=out["blocks"],
-        total_s=time.perf_counter() - t0, texts=out["texts"],
+        total_s=time.perf_counter() - t0, texts=out["texts"], token_ids=out["token_ids"],
     )
 
 

@@ -107,7 +107,10 @@ def village_program(s, people, rounds, max_tokens, event):
         per_round.append(round_meta(r, latency, rows))
         blocks.append(str(block))
     texts = [f.text() for f in folk]
-    return {"transcript": transcript, "rounds": per_round, "blocks": blocks, "texts": texts, "names": names}
+    backend = s.stream_executor.backend
+    ids = [backend.token_ids(x) for x in folk] if hasattr(backend, "token_ids") else None
+    return {"transcript": transcript, "rounds": per_round, "blocks": blocks, "texts": texts, "token_ids": ids,
+            "names": names}
 
 
 def run_village(
@@ -136,7 +139,7 @@ def run_village(
         n_agents=agents, n_rounds=rounds,
         settings={"max_new_tokens": max_new_tokens, "seed": seed, "temperature": temperature, "event": event},
         names=out["names"], transcript=out["transcript"], rounds=out["rounds"], blocks=out["blocks"],
-        total_s=time.perf_counter() - t0, texts=out["texts"],
+        total_s=time.perf_counter() - t0, texts=out["texts"], token_ids=out["token_ids"],
     )
 
 

@@ -1,0 +1,95 @@
+"""``--kv-backend pic``: per-request position-independent reuse, the CacheBlend/EPIC-style baseline.
+
+Every request is served on its own, the way a per-request PIC system does it:
+
+* each registered segment found in its prompt is **copied into the request's private slots** with its K
+  re-rotated to the request's **true positions** (one batched copy + re-rotation call per request);
+* the recompute positions are chosen **for this request alone**: ``sink:k`` statically, ``deviation:r`` by a probe
+  of the check layer in this request's own context (all pic requests of a batch share one probe forward, but each
+  pays for its own probe tokens);
+* the chosen positions and the text between segments are recomputed by the same batched pre-pass as tokendance.
+
+So pic keeps a dense private copy of every shared block per agent (about N x S slots for N agents and a block of S
+tokens) and pays the selection once per agent, where tokendance keeps one master per segment and round plus small
+per-agent diffs and pays the selection once per segment. Everything else (segment tables, registration of outputs,
+the radix prefix, eviction, stats) is the collective tree's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from tokendance_sgl.collective_tree import CollectiveTree
+from tokendance_sgl.collector import KVCollector
+from tokendance_sgl.diff_alloc import NewRun, coalesce
+from tokendance_sgl.recompute import RowPlan, SelectItem
+from tokendance_sgl.reuse import RowLayout, build_row
+
+__all__ = ["PicCache", "build_pic_row"]
+
+
+class _PerRequest(KVCollector):
+    """No collective step: no canonical bases, no shared copies; selections are per request."""
+
+    def collect(self, waiting) -> int:
+        return 0
+
+
+class PicCache(CollectiveTree):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.collector = _PerRequest(self)
+
+    def build_row(self, req: Any, lay: RowLayout):
+        return build_pic_row(self, req, lay)
+
+
+def build_pic_row(tree: CollectiveTree, req: Any, lay: RowLayout) -> Optional[tuple[torch.Tensor, RowPlan]]:
+    """Rows ``[lay.start, lay.end)`` of ``req`` as private slots holding the segments' KV re-rotated to their true
+    positions; returns the slots and the row plan, or None when the pool has no room."""
+    policy = lay.policy
+    if not policy.reuses_masters:
+        return build_row(tree, req, lay)  # `full`: exact prefill, as in tokendance
+    segs = [tree.segment(ps_.key) for _, _, ps_ in lay.spans]
+    pinned = []
+    try:
+        for seg in segs:  # the allocation below may evict
+            tree.lock_segment(seg)
+            pinned.append(seg)
+        built = tree.compose_row(req, lay.start, [NewRun(lay.end - lay.start)], agent=lay.agent)
+        if built is None:
+            return None
+        slots = built.slots
+        src, dst, delta, compute, select = [], [], [], [], []
+        pos, recomputed = lay.start, 0
+        for (a, b, _), seg in zip(lay.spans, segs):
+            if a > pos:
+                compute.append((pos, a))
+            src.append(seg.master[: b - a])
+            dst.append(slots[a - lay.start : b - lay.start])
+            delta.append(torch.full((b - a,), a - seg.anchor, dtype=torch.int64))
+            rc = policy.offsets(b - a)
+            compute.extend((a + int(o), a + int(o) + 1) for o in rc)
+            if policy.needs_scores:
+                select.append(SelectItem(a, b - a, policy, None, rc))
+            recomputed += len(rc)
+            pos = b
+        from tokendance_sgl.kernels import copy_rerotate_k
+
+        kv = tree.token_to_kv_pool_allocator.get_kvcache()
+        dst_t = torch.cat(dst).to(torch.int64)
+        copy_rerotate_k(kv.k_buffer, kv.v_buffer, torch.cat(src), dst_t, torch.cat(delta).to(dst_t.device),
+                        **tree.rope.kernel_kwargs())
+        tree.counters["rotated_tokens"] += int(dst_t.numel())
+    finally:
+        for seg in pinned:
+            tree.unlock_segment(seg)
+    plan = RowPlan(compute_spans=coalesce(compute), exact_len=lay.region_start, select=select, probe_start=lay.start,
+                   private_copies=True)
+    n = lay.end - lay.start
+    computed = plan.compute_tokens
+    lay.stats = {"host_tokens": n, "reused": n - computed, "recomputed": recomputed, "text": computed - recomputed,
+                 "private_slots": built.private_tokens}
+    return slots, plan
