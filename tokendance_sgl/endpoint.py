@@ -414,6 +414,10 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         for e in dst:
             e._td_mirror = m.copy()
 
+    def end_program(self, s):
+        for exe in s if isinstance(s, (list, tuple)) else [s]:
+            exe._td_ended = True  # gather() refuses states that were ended (joined)
+
     # ---------------------------------------------------------------- requests
 
     def _seg_id(self, s: StreamExecutor) -> str:

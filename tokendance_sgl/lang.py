@@ -209,7 +209,7 @@ def gather(
         exe.sync()
         if exe.error_ is not None:
             raise GatherError(f"gather(): {who} failed: {exe.error_!r}") from exe.error_
-        if exe.is_finished or (exe.use_thread and not exe.worker.is_alive()):
+        if getattr(exe, "_td_ended", False) or exe.is_finished or (exe.use_thread and not exe.worker.is_alive()):
             raise GatherError(f"gather(): {who} has ended (joined, or its program returned); gather before join()")
         if role is not None and append and exe.cur_role is not None:
             raise GatherError(f"gather(): {who} is inside an open {exe.cur_role!r} message; close it first or "
