@@ -21,6 +21,8 @@ ROUTE = "/tokendance/stats"
 
 
 def scheduler_stats(scheduler) -> dict:
+    from tokendance_sgl.collective_tree import CollectiveTree, pool_bytes_per_token
+
     tree = scheduler.tree_cache
     allocator = scheduler.token_to_kv_pool_allocator
     total = int(scheduler.max_total_num_tokens)
@@ -33,8 +35,8 @@ def scheduler_stats(scheduler) -> dict:
         "evictable_size": int(tree.evictable_size()),
         "protected_size": int(tree.protected_size()),
         "used_slots": total - available,
+        "kv_bytes_per_token": pool_bytes_per_token(allocator),
     }
-    from tokendance_sgl.collective_tree import CollectiveTree
 
     if isinstance(tree, CollectiveTree):
         stats.update(tree.stats())

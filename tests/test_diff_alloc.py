@@ -190,3 +190,25 @@ def test_kv_bytes_by_agent_divides_master_bytes():
 
 def test_coalesce():
     assert coalesce([(5, 8), (0, 2), (2, 4), (7, 9), (10, 10)]) == [(0, 4), (5, 9)]
+
+
+def test_privatize_turns_master_positions_into_owned_slots():
+    alloc = make_alloc(1)
+    d = DiffAllocator(alloc)
+    m1, m2 = alloc.alloc(6), alloc.alloc(4)
+    d.build_row("row", 10, [MasterRun("A", m1), NewRun(2), MasterRun("B", m2)])
+    fresh = alloc.alloc(3)
+    # positions 10 and 13 of A's run [10, 16) and the first of B's run [18, 22)
+    released = d.privatize("row", [10, 13, 18], fresh)
+    rec = d.record("row")
+    assert [(r.start, r.end, r.seg) for r in rec.refs] == [(11, 13, "A"), (14, 16, "A"), (19, 22, "B")]
+    assert rec.refs[1].slots.tolist() == m1[4:6].tolist() and rec.refs[2].slots.tolist() == m2[1:].tolist()
+    assert released == [] and rec.private_tokens == 2 + 3
+    # the row's owned mask now includes the privatized positions
+    assert d.owned_mask("row", 10, 12).tolist() == [True, False]
+    # privatizing every remaining position of B releases it
+    assert d.privatize("row", [19, 20, 21], alloc.alloc(3)) == ["B"]
+    with pytest.raises(ValueError, match="not master references"):
+        d.privatize("row", [16], alloc.alloc(1))
+    with pytest.raises(ValueError, match="distinct"):
+        d.privatize("row", [11, 11], alloc.alloc(2))

@@ -26,6 +26,11 @@ FIDELITY_POLICIES = ("none", "sink:2", "sink:8")
 # positions): none 0.850 / 0.108, sink:2 0.869 / 0.108, sink:8 0.881 / 0.059 (greedy agreement of the first 32
 # tokens 0.27 / 0.33 / 0.37). Wrong rotations or stale masters fall far below these.
 THRESHOLDS = {"none": (0.75, 0.2), "sink:2": (0.75, 0.2), "sink:8": (0.78, 0.12)}
+# Same recompute budget on tokendance (collective choice, aligned positions) and pic (per-request choice, true
+# positions).
+BUDGET_POLICIES = ("sink:4", "deviation:0.15", "sink:2+deviation:0.1")
+TOP1_MARGIN, KL_MARGIN = 0.0, 0.0
+_COUNTER_KEYS = ("rows_composed", "reused_tokens", "recomputed_tokens", "master_copies", "probe_tokens")
 
 
 def _task_start(q) -> int:
@@ -89,12 +94,33 @@ def td_replay(server_factory, exact_run):
     out: dict = {"stats0": _stats(url)}
     rounds = exact_run.rounds
     out["r0"] = _post_round(url, [_payload(a) for a in rounds[0].agents])
-    for pol in FIDELITY_POLICIES:
+    for pol in FIDELITY_POLICIES + BUDGET_POLICIES:
+        before = _stats(url)
         out[pol] = _post_round(url, [_payload(a, policy=pol, keep_out_seg=False) for a in rounds[1].agents])
+        out["stats", pol] = _delta(before, _stats(url))
     out["stats_probe"] = _stats(url)
     out["full"] = [out["r0"]] + [
         _post_round(url, [_payload(a, policy="full") for a in rounds[r].agents]) for r in range(1, N_ROUNDS)
     ]
+    out["stats_end"] = _stats(url)
+    return out
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before.get(k, 0) for k, v in after.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+@pytest.fixture(scope="module")
+def pic_replay(server_factory, exact_run):
+    """The same round-1 probes on ``--kv-backend pic`` (per-request private copies at true positions)."""
+    url = server_factory("pic").base_url
+    flush_cache(url)
+    rounds = exact_run.rounds
+    out: dict = {"r0": _post_round(url, [_payload(a) for a in rounds[0].agents])}
+    for pol in BUDGET_POLICIES:
+        before = _stats(url)
+        out[pol] = _post_round(url, [_payload(a, policy=pol, keep_out_seg=False) for a in rounds[1].agents])
+        out["stats", pol] = _delta(before, _stats(url))
     out["stats_end"] = _stats(url)
     return out
 
@@ -124,7 +150,7 @@ def test_full_recompute_equals_exact_prefill(exact_run, td_replay):
 def test_reuse_counts_cached_tokens_and_reports_stats(exact_run, td_replay):
     shared = sum(e - s for a in exact_run.rounds[1].agents for _, s, e in a.segments)
     s = td_replay["stats_probe"]
-    assert s["rows_composed"] == N_AGENTS * len(FIDELITY_POLICIES)
+    assert s["rows_composed"] == N_AGENTS * len(FIDELITY_POLICIES + BUDGET_POLICIES)
     none_reused = 0
     for a, body in zip(exact_run.rounds[1].agents, td_replay["none"]):
         seg_tokens = sum(e - s_ for _, s_, e in a.segments)
@@ -167,20 +193,28 @@ def test_bad_recompute_policy_is_refused_with_400(server_factory, exact_run):
     assert ok.status_code == 200
 
 
+def _memory_run(url, model_path, n):
+    """(used slots at idle, stats with the counters of this run only, result)."""
+    flush_cache(url)
+    before = _stats(url)
+    w = Workload("ga", n, 2, seed=1, tokenizer=model_path, private_tokens=(60, 90), task_tokens=(20, 30))
+    res = run_workload(url, w, max_new_tokens=16, progress=False)
+    s = _stats(url)
+    assert s["available_size"] + s["evictable_size"] + s["protected_size"] == s["max_total_num_tokens"]
+    if "rows_composed" in s:
+        s.update({k: v for k, v in _delta(before, s).items() if k in before and k in _COUNTER_KEYS})
+    return s["max_total_num_tokens"] - s["available_size"], s, res
+
+
 def test_shared_region_is_held_once_per_base_not_once_per_agent(server_factory, radix_server, model_path):
     """8 agents, 2 rounds, same workload on radix and tokendance, measured at idle after the round: radix keeps
     every agent's copy of the shared block (8 x S slots in its tree); tokendance keeps the masters (one re-rotated
     copy per segment and base) and nothing per agent (diff slots are freed with the rows)."""
     n = 8
-    used = {}
-    for backend, url in (("radix", radix_server.base_url), ("tokendance", server_factory("tokendance").base_url)):
-        flush_cache(url)
-        w = Workload("ga", n, 2, seed=1, tokenizer=model_path, private_tokens=(60, 90), task_tokens=(20, 30))
-        res = run_workload(url, w, max_new_tokens=16, progress=False)
-        s = _stats(url)
-        assert s["available_size"] + s["evictable_size"] + s["protected_size"] == s["max_total_num_tokens"]
-        used[backend] = (s["max_total_num_tokens"] - s["available_size"], s, res)
+    used = {backend: _memory_run(url, model_path, n)
+            for backend, url in (("radix", radix_server.base_url), ("tokendance", server_factory("tokendance").base_url))}
     r_used, _, r_res = used["radix"]
+    used["pic"] = _memory_run(server_factory("pic").base_url, model_path, n)
     t_used, ts, t_res = used["tokendance"]
     # Every agent of a round sees the same block (order "same"); round-0 outputs normally agree across the two
     # servers, and any difference in length is allowed for below.
@@ -193,3 +227,45 @@ def test_shared_region_is_held_once_per_base_not_once_per_agent(server_factory, 
     slack = 16 * n + n * abs(S_r - S_t)
     assert t_used <= r_used - n * S + copies + slack, (r_used, t_used, S, copies)
     assert r_used - t_used >= n * S // 2
+    # While a round runs (KV per agent at release, masters divided among the rows sharing them): pic holds a dense
+    # private copy of the shared block per agent (about N x S), tokendance the masters plus per-agent diffs
+    # (S + N x recomputed per agent).
+    _, ps, p_res = used["pic"]
+    S_p = p_res.rounds[1].agents[0].shared_tokens
+    pic_total = n * ps["kv_per_agent_by_round"]["1"]["tokens"]
+    td_total = n * ts["kv_per_agent_by_round"]["1"]["tokens"]
+    r_td = ts["recomputed_tokens"] / n  # per agent, round 1 (round 0 reuses nothing)
+    assert ps["rows_composed"] == n and ps["master_copies"] == 0 and ps["recomputed_tokens"] == ts["recomputed_tokens"]
+    assert pic_total - td_total >= 0.9 * (n * S_p - S_p - n * r_td) - slack, (pic_total, td_total, S_p, r_td)
+
+
+def test_tokendance_fidelity_is_at_least_pics_at_the_same_budget(exact_run, td_replay, pic_replay, record_property):
+    refs = [{"output_ids": a.output_ids, "meta_info": a.meta_info} for a in exact_run.rounds[1].agents]
+    report = {}
+    for pol in BUDGET_POLICIES:
+        td = compare_responses(refs, td_replay[pol], n=MAX_NEW).as_dict()
+        pic = compare_responses(refs, pic_replay[pol], n=MAX_NEW).as_dict()
+        tds, pics = td_replay["stats", pol], pic_replay["stats", pol]
+        report[pol] = {"tokendance": td, "pic": pic,
+                       "recomputed": {"tokendance": tds["recomputed_tokens"], "pic": pics["recomputed_tokens"]},
+                       "probe_tokens": {"tokendance": tds["probe_tokens"], "pic": pics["probe_tokens"]}}
+    print("\nsame budget, tokendance vs pic (round 1, 4 agents):", json.dumps(report, indent=1))
+    record_property("budget_fidelity", json.dumps(report))
+    for pol, r in report.items():
+        assert r["recomputed"]["tokendance"] == r["recomputed"]["pic"], (pol, r)  # the same budget
+        assert r["tokendance"]["top1"] >= r["pic"]["top1"] - TOP1_MARGIN, (pol, r)
+        assert r["tokendance"]["kl"] <= r["pic"]["kl"] + KL_MARGIN, (pol, r)
+
+
+def test_the_collective_step_pays_selection_once_per_segment(exact_run, td_replay, pic_replay):
+    """deviation: tokendance probes one pilot per round (one choice per segment, shared by the other agents); pic
+    probes every agent. Both recompute the same number of tokens."""
+    n_seg = len(exact_run.rounds[1].agents[0].segments)
+    td, pic = td_replay["stats", "deviation:0.15"], pic_replay["stats", "deviation:0.15"]
+    assert td["selections"] == n_seg and td["selections_shared"] == (N_AGENTS - 1) * n_seg, td
+    assert pic["selections"] == N_AGENTS * n_seg and pic["selections_shared"] == 0, pic
+    assert pic["probe_tokens"] >= (N_AGENTS - 1) * td["probe_tokens"] > 0
+    assert td["collect_copy_calls"] <= 1 and pic["master_copies"] == 0
+    end = pic_replay["stats_end"]
+    assert end["rows"] == 0 and end["available_size"] + end["evictable_size"] + end["protected_size"] == end[
+        "max_total_num_tokens"]

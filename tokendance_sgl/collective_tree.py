@@ -382,6 +382,17 @@ class _PageLedger:
         return int(((self.r[pages] == 0) & (self.s[pages] == 1) & (self.sl[pages] == 0)).sum())
 
 
+def pool_bytes_per_token(allocator: Any) -> float:
+    """K+V bytes of one token over all layers: the KV pool's size divided by its slots (0.0 if unknown)."""
+    try:
+        kv = allocator.get_kvcache()
+        k, v = kv.get_kv_size_bytes()
+        rows = int(kv.size) + int(getattr(kv, "page_size", 1))
+        return float(k + v) / rows if rows > 0 else 0.0
+    except Exception:
+        return 0.0
+
+
 def _is_prefix(part: Sequence[int], whole: array) -> bool:
     n = len(part)
     if not isinstance(part, array):
@@ -443,6 +454,9 @@ class CollectiveTree(RadixCache):
         self._detector = SegmentDetector(min_len=self.config.min_segment_len)
         self._seg_epoch += 1
         self.collector.reset()
+        if hasattr(self, "kv_by_round"):  # per-round statistics restart with the cache (a flush starts a new run)
+            self.kv_by_round.clear()
+            self.prefill_by_round.clear()
         if hasattr(self, "diff"):
             self.diff.clear()
 
@@ -500,13 +514,7 @@ class CollectiveTree(RadixCache):
         return alloc.alloc(n)
 
     def _pool_bytes_per_token(self) -> float:
-        try:
-            kv = self.token_to_kv_pool_allocator.get_kvcache()
-            k, v = kv.get_kv_size_bytes()
-            rows = int(kv.size) + int(getattr(kv, "page_size", 1))
-            return float(k + v) / rows if rows > 0 else 0.0
-        except Exception:
-            return 0.0
+        return pool_bytes_per_token(self.token_to_kv_pool_allocator)
 
     def _pool_copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         kv = self.token_to_kv_pool_allocator.get_kvcache() if self.token_to_kv_pool_allocator is not None else None

@@ -78,7 +78,7 @@ class KVCollector:
                 continue
             limit = s + cfg.max_gap
             reach = [x for x in starts if s <= x and align_up(x, cfg.base_align) <= limit]
-            bases.append(align_up(max(reach, default=s), cfg.base_align))
+            bases.append(align_up(max(reach), cfg.base_align) if reach else s)  # unaligned if no aligned one fits
         return bases
 
     def base_for(self, key: Hashable, s0: int) -> int:

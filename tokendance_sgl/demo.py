@@ -1,8 +1,9 @@
 """`tokendance-sgl demo`, `run-workload` and `bench`.
 
-The demo starts one SGLang server per KV backend on the default model, drives the same seeded
-GenerativeAgents-like All-Gather workload through each (4 agents x 3 rounds) and prints the per-round table and
-a summary side by side.
+The demo starts one SGLang server per KV backend (radix, pic, tokendance) on the default model, drives the same seeded
+GenerativeAgents-like All-Gather workload through each (4 agents x 3 rounds) and prints, round by round and side by
+side: prefill tokens computed, selection-probe tokens, KV per agent, round latency, and fidelity against exact prefill
+of the same prompts (a fourth server: radix with the prefix cache disabled).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import requests
 from tokendance_sgl.patches.kv_backend import IMPLEMENTED
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO_POLICY = "sink:2+deviation:0.1"
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -51,6 +53,46 @@ def _cmd_run_workload(args) -> int:
     return 0
 
 
+TOP_K = 20  # top logprobs compared against exact prefill
+
+
+def _logprob_hook(q, payload) -> None:
+    """Score the task tokens (teacher-forced fidelity) of every request."""
+    payload.update(return_logprob=True, logprob_start_len=len(q.input_ids) - q.task_tokens, top_logprobs_num=TOP_K)
+
+
+def score_against_exact(exact_url: str, result, max_new_tokens: int) -> list[dict]:
+    """Per round: the same prompts prefilled exactly (no prefix cache, true positions) on ``exact_url``; fidelity of
+    ``result``'s responses against them (:func:`tokendance_sgl.fidelity.compare_responses`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokendance_sgl.fidelity import compare_responses
+    from tokendance_sgl.runner import _post_generate
+
+    out = []
+    for r in result.rounds:
+        payloads = [{"input_ids": list(a.input_ids),
+                     "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0},
+                     "return_logprob": True, "logprob_start_len": a.meta_info.get("_logprob_start", 0),
+                     "top_logprobs_num": TOP_K} for a in r.agents]
+        with ThreadPoolExecutor(len(payloads)) as pool:
+            refs = [b for b, _ in pool.map(lambda p: _post_generate(exact_url, p, 1800.0), payloads)]
+        gots = [{"output_ids": a.output_ids, "meta_info": a.meta_info} for a in r.agents]
+        out.append(compare_responses(refs, gots, n=max_new_tokens).as_dict())
+    return out
+
+
+def kv_per_agent(result, stats: dict) -> list[float]:
+    """KV bytes per agent and round (DESIGN.md 6). tokendance / pic: the rows' slots at release, masters divided
+    among the rows sharing them (``/tokendance/stats``); radix: every slot of a row is the agent's own (prompt +
+    output)."""
+    per_tok = stats.get("kv_bytes_per_token", 0.0)
+    by_round = stats.get("kv_per_agent_by_round")
+    if by_round is not None:
+        return [by_round.get(str(r.round), {}).get("bytes", 0.0) for r in result.rounds]
+    return [(r.prompt_tokens + r.generated_tokens) / max(1, r.n_agents) * per_tok for r in result.rounds]
+
+
 def _cmd_demo(args) -> int:
     from tokendance_sgl.model import prepare_model
     from tokendance_sgl.runner import format_table, run_workload
@@ -58,48 +100,71 @@ def _cmd_demo(args) -> int:
 
     args.model = args.model or prepare_model()
     backends = args.backends or list(IMPLEMENTED)
-    summaries = {}
-    for backend in backends:
-        print(f"\n=== kv-backend {backend}: starting the SGLang server on {args.model} ...", flush=True)
-        t0 = time.monotonic()
-        with launch(args.model, kv_backend=backend) as server:
-            print(f"    server ready in {time.monotonic() - t0:.0f}s at {server.base_url}", flush=True)
-            result = run_workload(server.base_url, _workload(args), max_new_tokens=args.max_new_tokens)
-            stats = requests.get(server.base_url + "/tokendance/stats", timeout=120).json()
-        print(format_table(result))
-        summaries[backend] = result.summary()
-        summaries[backend]["shared_tokens_in_cached_prefix"] = shared_tokens_in_cached_prefix(result)
-        if "reused_tokens" in stats:
-            summaries[backend]["tokendance"] = {k: stats[k] for k in _TD_STATS}
-            print(
-                f"tokendance ({stats['recompute_policy']}): {stats['reused_tokens']} shared-block tokens read from "
-                f"shared masters, {stats['recomputed_tokens']} recomputed in context, {stats['prepass_text_tokens']} "
-                f"text tokens between segments computed, {stats['master_copies']} re-rotated master copies "
-                f"({stats['rotated_tokens']} tokens)"
-            )
-        if args.json:
-            path = Path(args.json)
-            path.with_name(f"{path.stem}_{backend}{path.suffix}").write_text(json.dumps(result.to_json(), indent=1))
+    policy = ["--td-recompute", args.recompute]
+    runs: dict = {}
+    print(f"=== exact reference (radix, prefix cache disabled): starting on {args.model} ...", flush=True)
+    with launch(args.model, kv_backend="radix", extra_args=["--disable-radix-cache"]) as exact:
+        for backend in backends:
+            print(f"\n=== kv-backend {backend}" + (f" ({args.recompute})" if backend != "radix" else "")
+                  + ": starting the SGLang server ...", flush=True)
+            t0 = time.monotonic()
+            with launch(args.model, kv_backend=backend, extra_args=policy if backend != "radix" else []) as server:
+                print(f"    server ready in {time.monotonic() - t0:.0f}s at {server.base_url}", flush=True)
+                starts: dict = {}
 
-    print("\n=== summary (same seeded workload on every backend)")
-    cols = ["prompt_tokens", "shared_tokens", "cached_tokens", "uncached_tokens", "cache_hit_rate", "round_latency_mean_s"]
-    print(f"{'backend':<12}" + "".join(f"{c:>22}" for c in cols))
-    for backend, s in summaries.items():
-        cells = "".join(f"{s[c]:>22.3f}" if isinstance(s[c], float) else f"{s[c]:>22}" for c in cols)
-        print(f"{backend:<12}{cells}")
-    radix = summaries.get("radix")
-    if radix:
-        print(
-            f"\nradix: {radix['shared_tokens']} prompt tokens sat in the agents' shared All-Gather blocks and "
-            f"{radix['shared_tokens_in_cached_prefix']} of them fell inside a cached prefix: the {radix['cached_tokens']} "
-            "cached tokens are each agent's own private prefix, so every agent recomputed and stored its own copy of "
-            "the shared block."
-        )
+                def hook(q, p):
+                    _logprob_hook(q, p)
+                    starts[(q.round, q.agent)] = p["logprob_start_len"]
+
+                result = run_workload(server.base_url, _workload(args), max_new_tokens=args.max_new_tokens,
+                                      payload_hook=hook)
+                stats = requests.get(server.base_url + "/tokendance/stats", timeout=120).json()
+            for r in result.rounds:
+                for a in r.agents:
+                    a.meta_info["_logprob_start"] = starts[(r.round, a.agent)]
+            print(format_table(result))
+            fid = score_against_exact(exact.base_url, result, args.max_new_tokens)
+            runs[backend] = {"result": result, "stats": stats, "fidelity": fid, "kv": kv_per_agent(result, stats)}
+            if args.json:
+                path = Path(args.json)
+                path.with_name(f"{path.stem}_{backend}{path.suffix}").write_text(json.dumps(
+                    {**result.to_json(), "stats": stats, "fidelity": fid}, indent=1))
+    print(side_by_side(runs, args))
     return 0
 
 
-_TD_STATS = ("recompute_policy", "rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens",
-             "master_copies", "rotated_tokens", "load_back_fallbacks")
+def side_by_side(runs: dict, args) -> str:
+    """The per-round comparison table and a short summary."""
+    head = (f"{'round':>5} {'backend':>10} {'prefill tok':>11} {'probe tok':>9} {'KV/agent MB':>11} {'latency s':>9} "
+            f"{'top-1':>6} {'KL':>7} {'greedy':>6}")
+    lines = ["", f"=== side by side: {args.agents} agents x {args.rounds} rounds, {args.max_new_tokens} new tokens, "
+             f"policy {args.recompute} (pic, tokendance); fidelity against exact prefill of the same prompts", head,
+             "-" * len(head)]
+    n_rounds = min(len(v["result"].rounds) for v in runs.values())
+    for i in range(n_rounds):
+        for backend, v in runs.items():
+            r = v["result"].rounds[i]
+            pf = v["stats"].get("prefill_by_round", {}).get(str(r.round), {})
+            f = v["fidelity"][i]
+            lines.append(f"{r.round:>5} {backend:>10} {r.uncached_tokens:>11} {pf.get('probe_tokens', 0):>9} "
+                         f"{v['kv'][i] / 2**20:>11.2f} {r.latency_s:>9.2f} {f['top1']:>6.3f} {f['kl']:>7.4f} "
+                         f"{f['greedy']:>6.2f}")
+    lines.append("")
+    base = runs.get("radix")
+    for backend, v in runs.items():
+        s = v["stats"]
+        later = v["kv"][1:] or v["kv"]
+        kv = sum(later) / len(later)
+        msg = f"{backend:>10}: KV per agent (rounds >= 1) {kv / 2**20:.2f} MB"
+        if base is not None and backend != "radix":
+            bkv = sum(base["kv"][1:] or base["kv"]) / len(base["kv"][1:] or base["kv"])
+            msg += f" ({bkv / kv:.2f}x less than radix)"
+        if "reused_tokens" in s:
+            msg += (f"; {s['reused_tokens']} shared-block tokens read from masters, {s['recomputed_tokens']} "
+                    f"recomputed, selection probes {s['probe_tokens']} tokens ({s['selections']} measured, "
+                    f"{s['selections_shared']} reused from the round), {s['master_copies']} re-rotated master copies")
+        lines.append(msg)
+    return "\n".join(lines)
 
 
 def shared_tokens_in_cached_prefix(result) -> int:
@@ -132,6 +197,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="run the All-Gather workload on each KV backend and compare")
     _common(p)
     p.add_argument("--backends", nargs="*", choices=["radix", "pic", "tokendance"], default=None)
+    p.add_argument("--recompute", default=DEMO_POLICY, help=f"recompute policy of pic and tokendance ({DEMO_POLICY})")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("run-workload", help="drive a workload against a running server")
