@@ -490,6 +490,17 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         if kind == "gen" and len(comp) >= self.min_known_chars and any(p.seg_id for p in pieces):
             ctx.add_known(comp, pieces)
 
+    def _note(self, s: StreamExecutor, kind: str, rnd: int, obj: Any) -> None:
+        """Keeps prompt/cached/completion tokens of every request sent for a state (see :meth:`requests`)."""
+        reqs = getattr(s, "_td_requests", None)
+        if reqs is None:
+            reqs = s._td_requests = []
+        for o in obj if isinstance(obj, list) else [obj]:
+            meta = (o or {}).get("meta_info") or {}
+            reqs.append({"kind": kind, "round": rnd, "prompt_tokens": int(meta.get("prompt_tokens") or 0),
+                         "cached_tokens": int(meta.get("cached_tokens") or 0),
+                         "completion_tokens": int(meta.get("completion_tokens") or 0)})
+
     def _post(self, data: dict, stream: bool = False):
         res = http_request(self.base_url + "/generate", json=data, stream=stream, api_key=self.api_key,
                            verify=self.verify)
@@ -503,7 +514,9 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         m = self.sync(s)
         n = int(getattr(sampling_params, "n", 1) or 1)
         seg_id = self._seg_id(s) if n == 1 else None
+        rnd = _context(s).round
         obj = self._post(self._gen_data(s, sampling_params, m, seg_id)).json()
+        self._note(s, "gen", rnd, obj)
         if isinstance(obj, list):  # n > 1: SGLang answers one result per sample; the state continues with the first
             comps = [o["text"] for o in obj]
             first = obj[0]
@@ -522,6 +535,7 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         self._handle_dtype_to_regex(sampling_params)
         m = self.sync(s)
         seg_id = self._seg_id(s)
+        rnd = _context(s).round
         data = self._gen_data(s, sampling_params, m, seg_id)
         data["stream"] = True
         res = self._post(data, stream=True)
@@ -547,6 +561,7 @@ class TokenDanceEndpoint(RuntimeEndpoint):
                 chunks.append(chunk_text)
                 yield chunk_text, meta_info
         comp = "".join(chunks)
+        self._note(s, "gen", rnd, {"meta_info": meta_info})
         self._record(s, m, "gen", comp, self.output_pieces(comp, out_ids, seg_id), seg_id, meta_info)
 
     def commit_lazy_operations(self, s: StreamExecutor):
@@ -555,8 +570,9 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         m = self.sync(s)
         if not m.ids:
             return
-        self._post({"input_ids": list(m.ids),
-                    "sampling_params": {"max_new_tokens": 0, "custom_params": self.custom_params(s, m)}})
+        cp = self.custom_params(s, m)
+        res = self._post({"input_ids": list(m.ids), "sampling_params": {"max_new_tokens": 0, "custom_params": cp}})
+        self._note(s, "commit", cp["td_round"], res.json())
 
     def select(
         self,
@@ -577,8 +593,9 @@ class TokenDanceEndpoint(RuntimeEndpoint):
                 raise ValueError(f"select: choice {c!r} has no tokens")
 
         # Cache the common prefix, as RuntimeEndpoint does.
-        self._generate_http_request(s, {"input_ids": prompt,
-                                        "sampling_params": {"max_new_tokens": 0, "custom_params": cp}})
+        obj = self._generate_http_request(s, {"input_ids": prompt,
+                                              "sampling_params": {"max_new_tokens": 0, "custom_params": cp}})
+        self._note(s, "select-prefix", cp["td_round"], obj)
         # Logprobs of each choice's tokens after the prompt (the choice is tokenized on its own: no token healing).
         data = {
             "input_ids": [prompt + ids for ids in choice_ids],
@@ -588,6 +605,7 @@ class TokenDanceEndpoint(RuntimeEndpoint):
             "logprob_start_len": max(len(prompt) - 1, 0),
         }
         obj = self._generate_http_request(s, data)
+        self._note(s, "select-choice", cp["td_round"], obj)
         input_token_logprobs = [r["meta_info"]["input_token_logprobs"][-len(ids):] for r, ids in zip(obj, choice_ids)]
         output_token_logprobs = [r["meta_info"]["output_token_logprobs"] for r in obj]
         normalized_prompt_logprobs = [compute_normalized_prompt_logprobs(x) for x in input_token_logprobs]
@@ -620,6 +638,12 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         exe = getattr(state, "stream_executor", state)
         exe.sync()
         return list(self.sync(exe).ids)
+
+    def request_log(self, state: Any) -> list:
+        """Every request sent for a state so far: ``kind`` (gen, select-prefix, select-choice, commit), ``round``,
+        ``prompt_tokens``, ``cached_tokens``, ``completion_tokens``."""
+        exe = getattr(state, "stream_executor", state)
+        return list(getattr(exe, "_td_requests", None) or [])
 
     def segments(self, state: Any) -> list:
         """``(seg_id, start, end)`` of every segment span in :meth:`token_ids`."""

@@ -39,9 +39,9 @@ class ProgramResult:
 
     ``transcript``: one dict per (round, agent): ``round``, ``agent``, ``name``, the generated variables (and
     ``reaction`` in the feed), ``meta`` (per generated variable: prompt/cached/completion tokens, finish reason).
-    ``rounds``: one dict per round: ``round``, ``latency_s`` (start of the round to the gather that closes it),
-    ``requests``, ``prompt_tokens``, ``cached_tokens``, ``completion_tokens`` (summed over the round's ``gen``
-    requests; ``select`` requests are not counted). ``blocks``: the gathered block text of every round."""
+    ``rounds``: one dict per round (:func:`round_meta`): ``round``, ``latency_s`` (start of the round to the gather
+    that closes it), ``requests``, ``prompt_tokens``, ``cached_tokens``, ``completion_tokens``,
+    ``cached_tokens_per_agent``, ``first_cached_tokens``. ``blocks``: the gathered block text of every round."""
 
     program: str
     base_url: str
@@ -98,17 +98,32 @@ class ProgramResult:
         return d
 
 
-def round_meta(round_: int, latency_s: float, rows: list) -> dict:
-    metas = [m for row in rows for m in row["meta"].values()]
+def round_meta(round_: int, latency_s: float, rows: list, states: Optional[list] = None) -> dict:
+    """Per-round numbers. With a TokenDanceEndpoint (``states`` given, one per agent) every request of the round
+    counts (``select`` and prefill requests too); otherwise the round's ``gen`` requests (their ``meta_info``).
+    ``first_cached_tokens``: cached tokens of each agent's first request of the round (the one that meets the new
+    gathered block first), summed."""
+    per_agent = None
+    if states:
+        backend = states[0].stream_executor.backend
+        if hasattr(backend, "request_log"):
+            per_agent = [[q for q in backend.request_log(st) if q["round"] == round_] for st in states]
+    if per_agent is None:
+        per_agent = [list(row["meta"].values()) for row in rows]
+
+    def total(key, reqs):
+        return sum(int(q.get(key) or 0) for q in reqs)
+
+    flat = [q for reqs in per_agent for q in reqs]
     return {
         "round": round_,
         "latency_s": latency_s,
-        "requests": len(metas),
-        "prompt_tokens": sum(int(m.get("prompt_tokens") or 0) for m in metas),
-        "cached_tokens": sum(int(m.get("cached_tokens") or 0) for m in metas),
-        "completion_tokens": sum(int(m.get("completion_tokens") or 0) for m in metas),
-        "cached_tokens_per_agent": [sum(int(m.get("cached_tokens") or 0) for m in row["meta"].values())
-                                    for row in rows],
+        "requests": len(flat),
+        "prompt_tokens": total("prompt_tokens", flat),
+        "cached_tokens": total("cached_tokens", flat),
+        "completion_tokens": total("completion_tokens", flat),
+        "cached_tokens_per_agent": [total("cached_tokens", reqs) for reqs in per_agent],
+        "first_cached_tokens": sum(int(reqs[0].get("cached_tokens") or 0) for reqs in per_agent if reqs),
     }
 
 
@@ -120,9 +135,10 @@ def format_report(result: ProgramResult, *, show_transcript: bool = True, vars_:
             for t in sorted((t for t in result.transcript if t["round"] == r), key=lambda t: t["agent"]):
                 parts = [f"{v}: {t[v]!r}" for v in vars_ if v in t]
                 lines.append(f"  {t['name']}: " + "  ".join(parts))
-    headers = ["round", "latency_s", "requests", "prompt_tok", "cached_tok", "generated"]
+    headers = ["round", "latency_s", "requests", "prompt_tok", "cached_tok", "cached_first", "generated"]
     rows = [[str(r["round"]), f"{r['latency_s']:.2f}", str(r["requests"]), str(r["prompt_tokens"]),
-             str(r["cached_tokens"]), str(r["completion_tokens"])] for r in result.rounds]
+             str(r["cached_tokens"]), str(r["first_cached_tokens"]), str(r["completion_tokens"])]
+            for r in result.rounds]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines.append("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
     lines.append("  ".join("-" * w for w in widths))

@@ -69,7 +69,7 @@ def residents(n: int, seed: int = 0) -> list:
 
 
 @sgl.function
-def feed_program(s, people, rounds, max_tokens, news, react):
+def feed_program(s, people, rounds, max_tokens, news, react, reactions):
     handles = [p.handle for p in people]
     s += sgl.system(FEED_RULES)
     crowd = s.fork(len(people))
@@ -82,7 +82,7 @@ def feed_program(s, people, rounds, max_tokens, news, react):
         else:
             if react:
                 crowd += sgl.user(feed + "How do you react to your feed?") + sgl.assistant(
-                    sgl.select("reaction", REACTIONS))
+                    sgl.select("reaction", reactions))
                 crowd += sgl.user("Write your next post.")
             else:
                 crowd += sgl.user(feed + "Write your next post.")
@@ -98,7 +98,7 @@ def feed_program(s, people, rounds, max_tokens, news, react):
                 row["reaction"] = c["reaction"]
             rows.append(row)
         transcript += rows
-        per_round.append(round_meta(r, latency, rows))
+        per_round.append(round_meta(r, latency, rows, list(crowd)))
         blocks.append(str(feed))
     texts = [c.text() for c in crowd]
     backend = s.stream_executor.backend
@@ -117,6 +117,7 @@ def run_feed(
     temperature: float = 0.0,
     plain: bool = False,
     react: bool = True,
+    reactions: Optional[list] = None,
     news: Optional[str] = None,
 ) -> ProgramResult:
     """Runs the feed against a server URL (or a backend object); returns transcript and per-round meta."""
@@ -124,8 +125,9 @@ def run_feed(
     people = residents(agents, seed)
     news = news or AS_NEWS[seed % len(AS_NEWS)]
     t0 = time.perf_counter()
+    reactions = list(reactions or REACTIONS)
     state = feed_program.run(people=people, rounds=rounds, max_tokens=max_new_tokens, news=news, react=react,
-                             temperature=temperature, backend=backend)
+                             reactions=reactions, temperature=temperature, backend=backend)
     if state.error() is not None:
         raise state.error()
     out = state.ret_value
@@ -133,7 +135,7 @@ def run_feed(
         program="feed", base_url=getattr(backend, "base_url", ""), backend=type(backend).__name__,
         n_agents=agents, n_rounds=rounds,
         settings={"max_new_tokens": max_new_tokens, "seed": seed, "temperature": temperature, "news": news,
-                  "react": react},
+                  "react": react, "reactions": reactions if react else []},
         names=out["names"], transcript=out["transcript"], rounds=out["rounds"], blocks=out["blocks"],
         total_s=time.perf_counter() - t0, texts=out["texts"], token_ids=out["token_ids"],
     )

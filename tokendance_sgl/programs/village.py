@@ -104,7 +104,7 @@ def village_program(s, people, rounds, max_tokens, event):
                  "meta": {"plan": short_meta(f.get_meta_info("plan")), "act": short_meta(f.get_meta_info("act"))}}
                 for i, f in enumerate(folk)]
         transcript += rows
-        per_round.append(round_meta(r, latency, rows))
+        per_round.append(round_meta(r, latency, rows, list(folk)))
         blocks.append(str(block))
     texts = [f.text() for f in folk]
     backend = s.stream_executor.backend
