@@ -1,0 +1,191 @@
+"""Prefill time per round against the number of agents, for radix, pic and tokendance, as ratios from one run.
+
+    python benchmarks/prefill.py [--quick] [--backends radix pic tokendance] [--agents 4 10] [--rounds 2]
+
+For every backend (one server each, started once) and every N: flush the cache, run rounds 0 .. R-2 of the seeded
+GenerativeAgents-like workload normally (their real outputs are registered in the cache), then time round R-1 with
+``max_new_tokens=1`` for every request: its round latency (release -> last response) is the time to prefill the
+round's N prompts and sample one token.  Recorded per timed round: that latency, the CPU seconds of the server's
+processes during it (less sensitive to other load on a shared host), the prefill work every backend reports
+(uncached tokens = meta_info prompt_tokens - cached_tokens, summed over the round), and ``prefill_by_round`` from
+``/tokendance/stats`` where the backend reports it.  The ratios pic / tokendance and radix / tokendance are taken per
+N.  On CPU these are ratios, not absolute speeds.
+
+Writes benchmarks/results/prefill[_quick].json and .png.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+NAME = "prefill"
+
+
+def parse_args(argv=None):
+    p = C.base_parser(__doc__)
+    p.add_argument("--agents", type=int, nargs="+", default=None, help="N values (default 2 4 6 8 10 12 16; "
+                                                                       "--quick: 4 10)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per run; the last one is timed (default 3; "
+                                                             "--quick: 2)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens of the untimed rounds (default 32; "
+                                                                     "--quick: 16)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per (backend, N); the median is reported "
+                                                              "(default 2; --quick: 1)")
+    a = p.parse_args(argv)
+    a.agents = a.agents or ([4, 10] if a.quick else [2, 4, 6, 8, 10, 12, 16])
+    a.rounds = a.rounds or (2 if a.quick else 3)
+    a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 32)
+    a.repeats = a.repeats or (1 if a.quick else 2)
+    if a.rounds < 2:
+        p.error("--rounds must be >= 2 (the timed round needs a previous round's outputs)")
+    return a
+
+
+def measure(args, srv, n: int, log) -> dict:
+    w = C.make_workload(args, n, args.rounds, args.max_new_tokens)
+    run = C.run_rounds(srv, w, max_new_tokens=args.max_new_tokens, last_round={"max_new_tokens": 1})
+    last = run["rounds"][-1]
+    prev_stats = run["rounds"][-2]["stats_after"]
+    pbr_after = C.prefill_by_round(last["stats_after"], args.rounds - 1)
+    pbr_before = C.prefill_by_round(prev_stats, args.rounds - 1) or {}
+    pbr = None
+    if pbr_after:  # counters may be cumulative over runs: take this run's increment
+        pbr = {k: v - pbr_before.get(k, 0) if isinstance(v, (int, float)) else v for k, v in pbr_after.items()}
+    rec = {
+        "n_agents": n,
+        "latency_s": last["latency_s"],
+        "server_cpu_s": last["server_cpu_s"],
+        "prompt_tokens": last["prompt_tokens"],
+        "cached_tokens": last["cached_tokens"],
+        "uncached_tokens": last["uncached_tokens"],
+        "shared_tokens": last["shared_tokens"],
+        "prefill_by_round": pbr,
+        "scheduler": last["scheduler"],
+        "untimed_round_latency_s": [r["latency_s"] for r in run["rounds"][:-1]],
+        "loadavg_1min_after": __import__("os").getloadavg()[0],
+    }
+    log(f"  {srv.backend} N={n}: timed round {args.rounds - 1}: {rec['latency_s']:.2f}s wall, "
+        f"{rec['server_cpu_s']:.1f} server CPU s, prompt {rec['prompt_tokens']} tok, uncached {rec['uncached_tokens']}"
+        + (f", computed {pbr.get('computed_tokens')}" if pbr else ""))
+    return rec
+
+
+def aggregate(reps: list[dict]) -> dict:
+    out = dict(reps[0])
+    for k in ("latency_s", "server_cpu_s"):
+        out[k] = C.median([r[k] for r in reps])
+        out[k + "_all"] = [r[k] for r in reps]
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    log = C.Log(NAME)
+    env = C.environment()
+    backends, skipped = C.resolve_backends(args.backends, log)
+    C.model_path(args)
+    log(f"backends {backends}, N {args.agents}, {args.rounds} rounds (round {args.rounds - 1} timed with "
+        f"max_new_tokens=1), {args.repeats} repeat(s), workload sizes {C.workload_sizes(args) or 'default'}")
+    results: dict[str, dict] = {}
+    servers: dict[str, float] = {}
+    for backend in backends:
+        with C.server(args, backend, log) as srv:
+            servers[backend] = srv.info
+            per_n = {}
+            for n in C.progress(args.agents, desc=f"prefill {backend}"):
+                per_n[str(n)] = aggregate([measure(args, srv, n, log) for _ in range(args.repeats)])
+            results[backend] = per_n
+
+    ratios = {}
+    for n in map(str, args.agents):
+        td = results.get("tokendance", {}).get(n)
+        row = {}
+        for base in ("pic", "radix"):
+            b = results.get(base, {}).get(n)
+            if td and b:
+                row[f"{base}_over_tokendance"] = {
+                    "latency": C.ratio(b["latency_s"], td["latency_s"]),
+                    "server_cpu": C.ratio(b["server_cpu_s"], td["server_cpu_s"]),
+                    "uncached_tokens": C.ratio(b["uncached_tokens"], td["uncached_tokens"]),
+                }
+                if b.get("prefill_by_round") and td.get("prefill_by_round"):
+                    row[f"{base}_over_tokendance"]["computed_tokens"] = C.ratio(
+                        b["prefill_by_round"].get("computed_tokens"), td["prefill_by_round"].get("computed_tokens"))
+        ratios[n] = row
+
+    data = {
+        "benchmark": NAME,
+        "quick": args.quick,
+        "settings": {
+            "backends": backends, "skipped_backends": skipped, "agents": args.agents, "rounds": args.rounds,
+            "timed_round": args.rounds - 1, "max_new_tokens_untimed": args.max_new_tokens, "repeats": args.repeats,
+            "style": args.style, "seed": args.seed, "workload_sizes": C.workload_sizes(args) or "workload defaults",
+            "model": args.model, "server_args": args.server_arg,
+            "timing": "round latency of the last round with max_new_tokens=1 for every request (prefill + one "
+                      "sampled token), earlier rounds run normally; median over repeats; server_cpu_s = CPU seconds "
+                      "of the server's processes during that round",
+            "prefill_work": "uncached_tokens = sum over the round of meta_info prompt_tokens - cached_tokens; "
+                            "prefill_by_round from /tokendance/stats where reported",
+        },
+        "servers": servers,
+        "results": results,
+        "ratios": ratios,
+        "environment": {**env, "loadavg_at_end": list(__import__("os").getloadavg())},
+    }
+    paths = [C.write_json(NAME, args.quick, data, args.out_dir)]
+    if not args.no_plot:
+        paths.append(plot(data, args))
+
+    print(f"\n=== prefill time per round (round {args.rounds - 1}, max_new_tokens=1), {args.style}, "
+          f"{'quick' if args.quick else 'full'} size")
+    head = f"{'N':>4} " + "".join(f"{b + ' s':>14}{b + ' uncached':>18}" for b in backends)
+    head += "".join(f"{k:>22}" for k in ("pic/td latency", "radix/td latency", "pic/td uncached", "radix/td uncached"))
+    print(head)
+    for n in map(str, args.agents):
+        line = f"{n:>4} "
+        for b in backends:
+            r = results[b][n]
+            line += f"{r['latency_s']:>14.2f}{r['uncached_tokens']:>18}"
+        rr = ratios[n]
+        for base, k in (("pic", "latency"), ("radix", "latency"), ("pic", "uncached_tokens"),
+                        ("radix", "uncached_tokens")):
+            line += f"{C.fmt(rr.get(f'{base}_over_tokendance', {}).get(k)):>22}"
+        print(line)
+    if skipped:
+        print(f"skipped: {skipped}")
+    C.finish(log, NAME, paths)
+    return 0
+
+
+def plot(data: dict, args) -> Path:
+    plt = C.pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ns = args.agents
+    for b, per_n in data["results"].items():
+        ax1.plot(ns, [per_n[str(n)]["latency_s"] for n in ns], marker="o", label=f"{b} (wall)")
+        ax1.plot(ns, [per_n[str(n)]["server_cpu_s"] for n in ns], marker="x", ls=":", label=f"{b} (server CPU s)")
+    ax1.set_xlabel("agents N")
+    ax1.set_ylabel("seconds")
+    ax1.set_title(f"prefill of round {args.rounds - 1} (max_new_tokens=1)")
+    ax1.legend(fontsize=8)
+    for base, style in (("pic", "-"), ("radix", "--")):
+        for key, marker in (("latency", "o"), ("uncached_tokens", "s")):
+            ys = [data["ratios"][str(n)].get(f"{base}_over_tokendance", {}).get(key) for n in ns]
+            if any(y is not None for y in ys):
+                ax2.plot(ns, [y if y is not None else float("nan") for y in ys], ls=style, marker=marker,
+                         label=f"{base} / tokendance, {key.replace('_', ' ')}")
+    ax2.axhline(1.0, color="grey", lw=0.8)
+    ax2.set_xlabel("agents N")
+    ax2.set_ylabel("ratio (>1: tokendance better)")
+    ax2.set_title("side-by-side ratios, same run")
+    ax2.legend(fontsize=8)
+    return C.save_figure(fig, NAME, args.quick, args.out_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

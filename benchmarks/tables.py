@@ -1,0 +1,302 @@
+"""Write the results tables from the benchmark JSON (no hand-typed figures).
+
+    python benchmarks/tables.py [--quick] [--mode auto|full|quick] [--target benchmarks/results/RESULTS.md]
+
+Reads benchmarks/results/{concurrency,storage,prefill,fidelity}[_quick].json and writes a Markdown block between
+the markers below into ``--target`` (replacing an earlier block, appending one if the file has none, creating the
+file if missing); the README includes that block.  ``--mode auto`` (the default) takes, per benchmark, the newer
+of the full-size and the quick JSON.  It is named to sort after the measuring scripts, so ``tokendance-sgl bench``
+runs it last; ``--quick`` is accepted and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BEGIN = "<!-- BEGIN tokendance-sgl benchmark results (written by benchmarks/tables.py from the JSON; do not edit) -->"
+END = "<!-- END tokendance-sgl benchmark results -->"
+BENCHMARKS = ("concurrency", "storage", "prefill", "fidelity")
+TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill": 1.9}
+MiB = 2**20
+STORAGE_MEASURES = ("held_kv_per_agent_bytes", "row_kv_per_agent_bytes", "pool_kv_per_agent_bytes")
+
+
+def load(name: str, mode: str, results: Path = RESULTS) -> dict | None:
+    cands = []
+    for quick in (False, True):
+        if (mode == "full" and quick) or (mode == "quick" and not quick):
+            continue
+        p = results / f"{name}{'_quick' if quick else ''}.json"
+        if p.is_file():
+            try:
+                d = json.loads(p.read_text())
+            except ValueError:
+                continue
+            d["_path"] = p.name
+            cands.append(d)
+    if not cands:
+        return None
+    return max(cands, key=lambda d: d.get("environment", {}).get("created", ""))
+
+
+def f(x, nd=2, suffix="") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}{suffix}"
+    return f"{x}{suffix}"
+
+
+def xr(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def provenance(d: dict) -> str:
+    e = d.get("environment", {})
+    s = d.get("settings", {})
+    load = e.get("loadavg_at_start")
+    sizes = s.get("workload_sizes")
+    skipped = s.get("skipped_backends") or {}
+    pol = {b: i.get("recompute_policy") for b, i in (d.get("servers") or {}).items()
+           if isinstance(i, dict) and i.get("recompute_policy")}
+    policies = ("server recompute policy " + ", ".join(f"{b} `{p}`" for b, p in pol.items())) if pol else None
+    parts = [
+        f"`{d['_path']}`",
+        "quick size" if d.get("quick") else "full size",
+        f"{e.get('device', '?')}, {e.get('cpu_count', '?')} cores",
+        f"load average {load[0]:.1f} at start" if load else None,
+        f"commit {str(e.get('git_commit'))[:10]}{' (+local changes)' if e.get('git_dirty_tracked_files') else ''}",
+        f"{e.get('created', '?')}",
+        f"workload {s.get('style')} seed {s.get('seed')}, sizes {sizes}" if sizes else None,
+        policies,
+        f"not run: {', '.join(skipped)}" if skipped else None,
+    ]
+    return "; ".join(p for p in parts if p)
+
+
+def pick_n(keys: list[int], want: int) -> int | None:
+    if not keys:
+        return None
+    return want if want in keys else min(keys, key=lambda k: (abs(k - want), -k))
+
+
+# ----------------------------------------------------------------------------------------------------------- parts
+
+
+def headline(data: dict) -> list[str]:
+    rows = []
+    c = data.get("concurrency")
+    if c:
+        res, st = c["results"], c["settings"]
+
+        def mx(b):
+            r = res.get(b)
+            return None if r is None else f"{r['max_agents_under_slo']}{'+' if r['censored'] else ''}"
+
+        rows.append([
+            f"agents under the SLO (pool {st['pool_tokens']} tokens, SLO {st['slo_multiple']:g}x single-agent round "
+            f"latency = {f(st['slo_s'])} s)", mx("radix") or "-", mx("pic") or "-", mx("tokendance") or "-",
+            xr(c["ratios"].get("tokendance_over_radix")), xr(c["ratios"].get("tokendance_over_pic")),
+            f">= {TARGETS['concurrency']}x radix"])
+    s = data.get("storage")
+    if s:
+        grid = [tuple(g) for g in s["settings"]["grid"]]
+        L0 = max((L for _, L in grid), key=lambda L: sum(1 for _, l2 in grid if l2 == L))
+        n = pick_n(sorted(n for n, L in grid if L == L0), 16)
+        if n is not None:
+            key = f"{n}x{L0}"
+            for m, label in (("held_kv_per_agent_bytes", "held at the peak of the round / N"),
+                             ("row_kv_per_agent_bytes", "row, masters shared among their users"),
+                             ("pool_kv_per_agent_bytes", "pool used at the end of the round / N")):
+                vals = {b: s["results"].get(b, {}).get(key, {}).get(m) for b in ("radix", "pic", "tokendance")}
+                if all(v is None for v in vals.values()):
+                    continue
+                comp = s["compression"].get(key, {})
+                rows.append([
+                    f"KV per agent, MiB ({label}), N = {n}, outputs of {L0} tokens",
+                    *(f(v / MiB if v is not None else None) for v in vals.values()),
+                    xr(comp.get("radix_over_tokendance", {}).get(m)),
+                    xr(comp.get("pic_over_tokendance", {}).get(m)),
+                    f">= {TARGETS['storage']}x less than radix at N = 16" if m.startswith("held") else "",
+                ])
+    p = data.get("prefill")
+    if p:
+        ns = sorted(int(k) for k in next(iter(p["results"].values()), {}))
+        n = pick_n(ns, 10)
+        if n is not None:
+            vals = {b: p["results"].get(b, {}).get(str(n), {}) for b in ("radix", "pic", "tokendance")}
+            rr = p["ratios"].get(str(n), {})
+            rows.append([
+                f"prefill time of round {p['settings']['timed_round']}, s (wall), N = {n}",
+                *(f(v.get("latency_s")) for v in vals.values()),
+                xr(rr.get("radix_over_tokendance", {}).get("latency")),
+                xr(rr.get("pic_over_tokendance", {}).get("latency")),
+                f">= {TARGETS['prefill']}x faster than pic at N = 10",
+            ])
+            rows.append([
+                f"prefill work: uncached prompt tokens of the round, N = {n}",
+                *(f(v.get("uncached_tokens")) for v in vals.values()),
+                xr(rr.get("radix_over_tokendance", {}).get("uncached_tokens")),
+                xr(rr.get("pic_over_tokendance", {}).get("uncached_tokens")), "",
+            ])
+    fi = data.get("fidelity")
+    if fi:
+        for pol in fi["settings"]["policies"]:
+            cells = {}
+            for b in ("pic", "tokendance"):
+                x = fi["results"].get(b, {}).get("policies", {}).get(pol)
+                if x and "top1" in x:
+                    cells[b] = f"{x['top1']:.3f} / {x['kl']:.3f} ({f(x['recompute_fraction'], 2)})"
+                elif x:
+                    cells[b] = "refused"
+            if not cells:
+                continue
+            cmp_ = fi["comparison"].get(pol)
+            rows.append([
+                f"fidelity `{pol}`: top-1 / KL vs exact (fraction recomputed)", "1.000 / 0 (exact)",
+                cells.get("pic", "-"), cells.get("tokendance", "-"), "",
+                "-" if cmp_ is None else ("as good or better" if cmp_["tokendance_at_least_as_good"] else "worse"),
+                "tokendance >= pic at the same budget",
+            ])
+    if not rows:
+        return ["No benchmark results yet: run `make bench` (or the scripts in benchmarks/)."]
+    return table(["measure", "radix", "pic", "tokendance", "tokendance vs radix", "tokendance vs pic", "paper target"],
+                 rows)
+
+
+def details(data: dict) -> list[str]:
+    out: list[str] = []
+    c = data.get("concurrency")
+    if c:
+        st = c["settings"]
+        out += ["", f"**Agents under the SLO** ({provenance(c)}). Pool {st['pool_tokens']} KV tokens per server; SLO = "
+                    f"{st['slo_multiple']:g} x the single-agent round latency on {st['slo_reference_backend']} "
+                    f"= {f(st['slo_s'])} s, applied to {st['slo_rounds']}; {st['rounds']} rounds of "
+                    f"{st['max_new_tokens']} new tokens. Worst round latency (s) per N, `!` = missed:", ""]
+        ns = sorted({s["n_agents"] for r in c["results"].values() for s in r["sweep"]})
+        rows = []
+        for b, r in c["results"].items():
+            by = {s["n_agents"]: s for s in r["sweep"]}
+            rows.append([b, f(r["single_agent_round_latency_s"])] + [
+                (f"{by[n]['measured_round_latency_max_s']:.1f}{'' if by[n]['meets_slo'] else '!'} "
+                 f"({by[n]['peak_used_slots']})") if n in by else "" for n in ns])
+        out += table(["backend", "1 agent"] + [f"N={n} (peak slots)" for n in ns], rows)
+    s = data.get("storage")
+    if s:
+        st = s["settings"]
+        out += ["", f"**KV per agent** ({provenance(s)}). {st['kv_bytes_per_token']['bytes']} bytes of K+V per token; "
+                    f"round {st['measured_after_round']} measured (its requests generate "
+                    f"{st['last_round_max_new_tokens']} tokens); "
+                    f"pool {st['pool_tokens']} tokens. MiB per agent: held at the peak of the round / row (DESIGN.md "
+                    f"6) / pool used at the end of the round:", ""]
+        bs = list(s["results"])
+        rows = []
+        for n, L in st["grid"]:
+            key = f"{n}x{L}"
+            comp = s["compression"].get(key, {})
+            row = [str(n), str(L)]
+            for b in bs:
+                r = s["results"][b][key]
+                row.append(" / ".join(f(r.get(m) / MiB if r.get(m) is not None else None) for m in STORAGE_MEASURES))
+            for base in ("radix", "pic"):
+                cc = comp.get(f"{base}_over_tokendance")
+                row.append("-" if not cc else " / ".join(xr(cc.get(m)) for m in STORAGE_MEASURES))
+            rows.append(row)
+        out += table(["N", "output tokens", *bs, "radix / tokendance", "pic / tokendance"], rows)
+    p = data.get("prefill")
+    if p:
+        st = p["settings"]
+        out += ["", f"**Prefill time per round** ({provenance(p)}). Round {st['timed_round']} timed with "
+                    f"max_new_tokens=1 after {st['timed_round']} normal round(s) of {st['max_new_tokens_untimed']} new "
+                    f"tokens; median of {st['repeats']}. Wall s / server CPU s / uncached tokens:", ""]
+        bs = list(p["results"])
+        rows = []
+        for n in map(str, st["agents"]):
+            row = [n]
+            for b in bs:
+                r = p["results"][b][n]
+                row.append(f"{r['latency_s']:.2f} / {r['server_cpu_s']:.1f} / {r['uncached_tokens']}")
+            rr = p["ratios"].get(n, {})
+            for base in ("pic", "radix"):
+                cc = rr.get(f"{base}_over_tokendance")
+                row.append("-" if not cc else f"{xr(cc['latency'])} / {xr(cc['server_cpu'])} / {xr(cc['uncached_tokens'])}")
+            rows.append(row)
+        out += table(["N", *bs, "pic / tokendance", "radix / tokendance"], rows)
+    fi = data.get("fidelity")
+    if fi:
+        st = fi["settings"]
+        out += ["", f"**Fidelity against exact prefill** ({provenance(fi)}). {st['agents']} agents, round "
+                    f"{st['probed_round']}, segments up to {st['segment_tokens_max']} tokens; teacher-forced over the "
+                    f"task tokens (KL over the exact run's top-{st['top_k']}), greedy over the first "
+                    f"{st['probe_tokens']} tokens:", ""]
+        rows = []
+        for b, r in fi["results"].items():
+            for pol, x in r["policies"].items():
+                if "top1" not in x:
+                    rows.append([b, f"`{pol}`", "refused", "", "", "", ""])
+                    continue
+                rows.append([b, f"`{pol}`", f(x["recompute_fraction"], 3), f"{x['top1']:.3f}", f"{x['kl']:.4f}",
+                             f"{x['greedy']:.2f}", str(x["uncached_tokens"])])
+        out += table(["backend", "policy", "fraction recomputed", "top-1", "KL", "greedy", "uncached tokens"], rows)
+    return out
+
+
+def render(data: dict) -> str:
+    lines = [BEGIN, "", "Measured side by side in one run per benchmark on the same machine; on CPU only the ratios "
+                        "mean something, not the absolute times. Ratio columns: agents = tokendance / baseline; KV, "
+                        "time and tokens = baseline / tokendance; above 1 means tokendance is better.", ""]
+    lines += headline(data)
+    lines += details(data)
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_block(target: Path, block: str) -> None:
+    text = target.read_text() if target.is_file() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block.rstrip("\n") + tail
+    elif text:
+        text = text.rstrip("\n") + "\n\n" + block
+    else:
+        text = "# tokendance-sgl benchmark results\n\n" + block
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="accepted for `tokendance-sgl bench`; no effect")
+    ap.add_argument("--mode", choices=("auto", "full", "quick"), default="auto")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON are (default %(default)s)")
+    ap.add_argument("--target", type=Path, default=None, help="file to write the block into (default "
+                                                                  "<results-dir>/RESULTS.md)")
+    ap.add_argument("--print", action="store_true", help="also print the block")
+    args = ap.parse_args(argv)
+    args.target = args.target or args.results_dir / "RESULTS.md"
+    data = {name: d for name in BENCHMARKS if (d := load(name, args.mode, args.results_dir)) is not None}
+    block = render(data)
+    write_block(args.target, block)
+    print("\n".join(headline(data)))
+    if args.print:
+        print(block)
+    print(f"[tables] wrote the results block ({', '.join(d['_path'] for d in data.values()) or 'no JSON yet'}) "
+          f"into {args.target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
