@@ -207,6 +207,12 @@ def resolve_backends(requested: list[str], log: Callable[[str], None]) -> tuple[
     return run, skipped
 
 
+def backend_failed(backend: str, exc: BaseException, skipped: dict, log: Callable[[str], None]) -> None:
+    """Record a backend whose run failed (server start or a request): the script goes on with the others."""
+    skipped[backend] = f"failed: {type(exc).__name__}: {exc}"[:2000]
+    log(f"{backend} FAILED, continuing without it: {type(exc).__name__}: {str(exc)[:400]}")
+
+
 def model_path(args) -> str:
     if not args.model:
         from tokendance_sgl.model import prepare_model

@@ -105,37 +105,42 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     servers = {}
     for backend in order:
-        with C.server(args, backend, log, extra=["--max-total-tokens", str(args.pool)]) as srv:
-            servers[backend] = srv.info
-            singles = [run_once(args, srv, 1) for _ in range(args.single_repeats)]
-            single_lat = statistics.median(s["measured_round_latency_max_s"] for s in singles)
-            single_cpu = statistics.median(s["measured_round_cpu_max_s"] for s in singles)
-            if backend == ref:
-                slo, slo_cpu = args.slo_multiple * single_lat, args.slo_multiple * single_cpu
-                log(f"single agent on {backend}: round latency {single_lat:.2f}s -> SLO {slo:.2f}s "
-                    f"(server CPU {single_cpu:.2f}s -> CPU bound {slo_cpu:.2f}s)")
-            else:
-                log(f"single agent on {backend}: round latency {single_lat:.2f}s (SLO stays {slo:.2f}s)")
-            sweep, fails = [], 0
-            for n in C.progress(args.agents, desc=f"concurrency {backend}"):
-                rec = run_once(args, srv, n)
-                rec["meets_slo"] = rec["measured_round_latency_max_s"] <= slo
-                sweep.append(rec)
-                log(f"  {backend} N={n}: rounds {[round(x, 2) for x in rec['round_latency_s']]} s (SLO {slo:.2f}s: "
-                    f"{'met' if rec['meets_slo'] else 'MISSED'}), peak used {rec['peak_used_slots']}/{args.pool} "
-                    f"slots, longest queue {max(rec['max_queue_req'])}")
-                fails = 0 if rec["meets_slo"] else fails + 1
-                if fails >= args.patience:
-                    break
-            max_n, censored = largest_passing(sweep, "measured_round_latency_max_s", slo)
-            max_n_cpu, censored_cpu = largest_passing(sweep, "measured_round_cpu_max_s", slo_cpu)
-            results[backend] = {
-                "single_agent": singles, "single_agent_round_latency_s": single_lat,
-                "single_agent_round_cpu_s": single_cpu, "sweep": sweep,
-                "max_agents_under_slo": max_n, "censored": censored,
-                "max_agents_under_cpu_bound": max_n_cpu, "censored_cpu": censored_cpu or not sweep[-1]["meets_slo"],
-            }
-            log(f"{backend}: largest N under the SLO = {max_n}{' (never failed: at least)' if censored else ''}")
+        try:
+            with C.server(args, backend, log, extra=["--max-total-tokens", str(args.pool)]) as srv:
+                servers[backend] = srv.info
+                singles = [run_once(args, srv, 1) for _ in range(args.single_repeats)]
+                single_lat = statistics.median(s["measured_round_latency_max_s"] for s in singles)
+                single_cpu = statistics.median(s["measured_round_cpu_max_s"] for s in singles)
+                if slo is None:  # the reference (radix), or the first backend that ran if it failed
+                    ref = backend
+                    slo, slo_cpu = args.slo_multiple * single_lat, args.slo_multiple * single_cpu
+                    log(f"single agent on {backend}: round latency {single_lat:.2f}s -> SLO {slo:.2f}s "
+                        f"(server CPU {single_cpu:.2f}s -> CPU bound {slo_cpu:.2f}s)")
+                else:
+                    log(f"single agent on {backend}: round latency {single_lat:.2f}s (SLO stays {slo:.2f}s)")
+                sweep, fails = [], 0
+                for n in C.progress(args.agents, desc=f"concurrency {backend}"):
+                    rec = run_once(args, srv, n)
+                    rec["meets_slo"] = rec["measured_round_latency_max_s"] <= slo
+                    sweep.append(rec)
+                    log(f"  {backend} N={n}: rounds {[round(x, 2) for x in rec['round_latency_s']]} s (SLO {slo:.2f}s: "
+                        f"{'met' if rec['meets_slo'] else 'MISSED'}), peak used {rec['peak_used_slots']}/{args.pool} "
+                        f"slots, longest queue {max(rec['max_queue_req'])}")
+                    fails = 0 if rec["meets_slo"] else fails + 1
+                    if fails >= args.patience:
+                        break
+                max_n, censored = largest_passing(sweep, "measured_round_latency_max_s", slo)
+                max_n_cpu, censored_cpu = largest_passing(sweep, "measured_round_cpu_max_s", slo_cpu)
+                results[backend] = {
+                    "single_agent": singles, "single_agent_round_latency_s": single_lat,
+                    "single_agent_round_cpu_s": single_cpu, "sweep": sweep,
+                    "max_agents_under_slo": max_n, "censored": censored,
+                    "max_agents_under_cpu_bound": max_n_cpu, "censored_cpu": censored_cpu,
+                }
+                log(f"{backend}: largest N under the SLO = {max_n}{' (never failed: at least)' if censored else ''}")
+        except Exception as e:  # noqa: BLE001  (a backend that fails is reported, the others still run)
+            C.backend_failed(backend, e, skipped, log)
+            results.pop(backend, None)
 
     ratios = {}
     td = results.get("tokendance")

@@ -181,7 +181,12 @@ def main(argv=None) -> int:
         f"{args.agents} agents x {args.rounds} rounds (round {args.rounds - 1} probed), segments of "
         f"{args.max_new_tokens} tokens, workload sizes {C.workload_sizes(args) or 'default'}")
     ref = reference_run(args, log)
-    results = {b: probe_backend(args, b, ref, log) for b in backends}
+    results = {}
+    for b in backends:
+        try:
+            results[b] = probe_backend(args, b, ref, log)
+        except Exception as e:  # noqa: BLE001  (a backend that fails is reported, the others still run)
+            C.backend_failed(b, e, skipped, log)
 
     comparison = {}
     if "tokendance" in results and "pic" in results:
@@ -192,6 +197,8 @@ def main(argv=None) -> int:
                     "tokendance": {k: t[k] for k in ("top1", "kl", "greedy", "recompute_fraction")},
                     "pic": {k: p[k] for k in ("top1", "kl", "greedy", "recompute_fraction")},
                     "tokendance_at_least_as_good": t["top1"] >= p["top1"] and t["kl"] <= p["kl"],
+                    "delta_top1": t["top1"] - p["top1"],  # > 0: tokendance better
+                    "delta_kl": t["kl"] - p["kl"],  # < 0: tokendance better
                 }
 
     data = {
@@ -221,16 +228,18 @@ def main(argv=None) -> int:
 
     print(f"\n=== fidelity against exact prefill, {args.agents} agents, round {args.rounds - 1}, "
           f"{'quick' if args.quick else 'full'} size")
-    print(f"{'backend':<12}{'policy':<16}{'recomputed':>11}{'top-1':>8}{'KL':>9}{'greedy':>8}{'uncached':>10}")
+    w = max([8] + [len(p) + 2 for p in args.policies])
+    print(f"{'backend':<12}{'policy':<{w}}{'recomputed':>11}{'top-1':>8}{'KL':>9}{'greedy':>8}{'uncached':>10}")
     for b, r in results.items():
         for pol, x in r["policies"].items():
             if "error" in x:
-                print(f"{b:<12}{pol:<16}  refused: {x['error'][:60]}")
+                print(f"{b:<12}{pol:<{w}}  refused: {x['error'][:60]}")
                 continue
-            print(f"{b:<12}{pol:<16}{C.fmt(x['recompute_fraction'], 3):>11}{x['top1']:>8.3f}{x['kl']:>9.4f}"
+            print(f"{b:<12}{pol:<{w}}{C.fmt(x['recompute_fraction'], 3):>11}{x['top1']:>8.3f}{max(0.0, x['kl']):>9.4f}"
                   f"{x['greedy']:>8.2f}{x['uncached_tokens']:>10}")
     for pol, c in comparison.items():
-        print(f"{pol}: tokendance {'at least as good as' if c['tokendance_at_least_as_good'] else 'WORSE than'} pic")
+        print(f"{pol}: tokendance {'at least as good as' if c['tokendance_at_least_as_good'] else 'worse than'} pic "
+              f"(top-1 {c['delta_top1']:+.3f}, KL {c['delta_kl']:+.4f})")
     if skipped:
         print(f"skipped: {skipped}")
     C.finish(log, NAME, paths)

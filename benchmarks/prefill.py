@@ -92,14 +92,18 @@ def main(argv=None) -> int:
     log(f"backends {backends}, N {args.agents}, {args.rounds} rounds (round {args.rounds - 1} timed with "
         f"max_new_tokens=1), {args.repeats} repeat(s), workload sizes {C.workload_sizes(args) or 'default'}")
     results: dict[str, dict] = {}
-    servers: dict[str, float] = {}
+    servers: dict[str, dict] = {}
     for backend in backends:
-        with C.server(args, backend, log) as srv:
-            servers[backend] = srv.info
-            per_n = {}
-            for n in C.progress(args.agents, desc=f"prefill {backend}"):
-                per_n[str(n)] = aggregate([measure(args, srv, n, log) for _ in range(args.repeats)])
-            results[backend] = per_n
+        try:
+            with C.server(args, backend, log) as srv:
+                servers[backend] = srv.info
+                per_n = {}
+                for n in C.progress(args.agents, desc=f"prefill {backend}"):
+                    per_n[str(n)] = aggregate([measure(args, srv, n, log) for _ in range(args.repeats)])
+                results[backend] = per_n
+        except Exception as e:  # noqa: BLE001  (a backend that fails is reported, the others still run)
+            C.backend_failed(backend, e, skipped, log)
+            results.pop(backend, None)
 
     ratios = {}
     for n in map(str, args.agents):
@@ -143,12 +147,12 @@ def main(argv=None) -> int:
 
     print(f"\n=== prefill time per round (round {args.rounds - 1}, max_new_tokens=1), {args.style}, "
           f"{'quick' if args.quick else 'full'} size")
-    head = f"{'N':>4} " + "".join(f"{b + ' s':>14}{b + ' uncached':>18}" for b in backends)
+    head = f"{'N':>4} " + "".join(f"{b + ' s':>14}{b + ' uncached':>18}" for b in results)
     head += "".join(f"{k:>22}" for k in ("pic/td latency", "radix/td latency", "pic/td uncached", "radix/td uncached"))
     print(head)
     for n in map(str, args.agents):
         line = f"{n:>4} "
-        for b in backends:
+        for b in results:
             r = results[b][n]
             line += f"{r['latency_s']:>14.2f}{r['uncached_tokens']:>18}"
         rr = ratios[n]

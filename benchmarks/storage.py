@@ -153,12 +153,16 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     servers = {}
     for backend in backends:
-        with C.server(args, backend, log, extra=["--max-total-tokens", str(args.pool)]) as srv:
-            servers[backend] = srv.info
-            results[backend] = {
-                f"{n}x{L}": measure(args, srv, n, L, bpt["bytes"], log)
-                for n, L in C.progress(settings_grid, desc=f"storage {backend}")
-            }
+        try:
+            with C.server(args, backend, log, extra=["--max-total-tokens", str(args.pool)]) as srv:
+                servers[backend] = srv.info
+                results[backend] = {
+                    f"{n}x{L}": measure(args, srv, n, L, bpt["bytes"], log)
+                    for n, L in C.progress(settings_grid, desc=f"storage {backend}")
+                }
+        except Exception as e:  # noqa: BLE001  (a backend that fails is reported, the others still run)
+            C.backend_failed(backend, e, skipped, log)
+            results.pop(backend, None)
 
     compression = {}
     for key in (f"{n}x{L}" for n, L in settings_grid):
@@ -203,13 +207,13 @@ def main(argv=None) -> int:
 
     print(f"\n=== KV per agent (MiB: held at the peak of the round / row (DESIGN.md 6) / pool used at the end), "
           f"{args.style}, {'quick' if args.quick else 'full'} size, round {args.rounds - 1}")
-    head = f"{'N':>4}{'L':>5}" + "".join(f"{b:>24}" for b in backends)
+    head = f"{'N':>4}{'L':>5}" + "".join(f"{b:>24}" for b in results)
     head += "".join(f"{k:>24}" for k in ("radix / tokendance", "pic / tokendance"))
     print(head)
     for n, L in settings_grid:
         key = f"{n}x{L}"
         line = f"{n:>4}{L:>5}"
-        for b in backends:
+        for b in results:
             r = results[b][key]
             line += f"{' / '.join(f'{r[m] / 2**20:.2f}' for m, _ in SHOW):>24}"
         c = compression[key]

@@ -76,7 +76,8 @@ def provenance(d: dict) -> str:
         f"`{d['_path']}`",
         "quick size" if d.get("quick") else "full size",
         f"{e.get('device', '?')}, {e.get('cpu_count', '?')} cores",
-        f"load average {load[0]:.1f} at start" if load else None,
+        (f"load average {load[0]:.1f} at start" + (f", {e['loadavg_at_end'][0]:.1f} at end" if e.get("loadavg_at_end")
+                                                     else "")) if load else None,
         f"commit {str(e.get('git_commit'))[:10]}{' (+local changes)' if e.get('git_dirty_tracked_files') else ''}",
         f"{e.get('created', '?')}",
         f"workload {s.get('style')} seed {s.get('seed')}, sizes {sizes}" if sizes else None,
@@ -158,7 +159,7 @@ def headline(data: dict) -> list[str]:
             for b in ("pic", "tokendance"):
                 x = fi["results"].get(b, {}).get("policies", {}).get(pol)
                 if x and "top1" in x:
-                    cells[b] = f"{x['top1']:.3f} / {x['kl']:.3f} ({f(x['recompute_fraction'], 2)})"
+                    cells[b] = f"{x['top1']:.3f} / {max(0.0, x['kl']):.4f} ({f(x['recompute_fraction'], 2)})"
                 elif x:
                     cells[b] = "refused"
             if not cells:
@@ -167,7 +168,9 @@ def headline(data: dict) -> list[str]:
             rows.append([
                 f"fidelity `{pol}`: top-1 / KL vs exact (fraction recomputed)", "1.000 / 0 (exact)",
                 cells.get("pic", "-"), cells.get("tokendance", "-"), "",
-                "-" if cmp_ is None else ("as good or better" if cmp_["tokendance_at_least_as_good"] else "worse"),
+                "-" if cmp_ is None else (("as good or better" if cmp_["tokendance_at_least_as_good"] else "worse")
+                                          + (f" (top-1 {cmp_['delta_top1']:+.3f}, KL {cmp_['delta_kl']:+.4f})"
+                                             if "delta_top1" in cmp_ else "")),
                 "tokendance >= pic at the same budget",
             ])
     if not rows:
@@ -247,7 +250,7 @@ def details(data: dict) -> list[str]:
                 if "top1" not in x:
                     rows.append([b, f"`{pol}`", "refused", "", "", "", ""])
                     continue
-                rows.append([b, f"`{pol}`", f(x["recompute_fraction"], 3), f"{x['top1']:.3f}", f"{x['kl']:.4f}",
+                rows.append([b, f"`{pol}`", f(x["recompute_fraction"], 3), f"{x['top1']:.3f}", f"{max(0.0, x['kl']):.4f}",
                              f"{x['greedy']:.2f}", str(x["uncached_tokens"])])
         out += table(["backend", "policy", "fraction recomputed", "top-1", "KL", "greedy", "uncached tokens"], rows)
     return out
