@@ -8,10 +8,11 @@ Two moments of a scheduling step (both driven from hooks in ``patches/``):
   group needs at those bases is made in ONE batched copy + re-rotation call (:meth:`CollectiveTree.master_copies`).
   Each request's row is then composed from those copies when SGLang admits it (``init_load_back``).
 * :meth:`KVCollector.select` -- right before the extend forward of the admitted batch. For ``deviation`` policies,
-  each segment's recompute positions are chosen ONCE per round: one pilot agent's check-layer K/V of the segment in
-  its own context is computed by one probe forward (all segments and pilots of the batch together) and compared with
-  the shared master; the top tokens become the recompute positions of every agent reading that master. The rows then
-  get private diff slots there, and the batched pre-pass recomputes every agent's chosen positions in one forward.
+  each segment's recompute positions are chosen ONCE per round: one pilot agent (the row of the batch with the
+  smallest position gap, whatever the arrival order) gets the check-layer K/V of the segment in its own context from
+  one probe forward (all segments and pilots of the batch together), compared with the shared master; the top tokens
+  become the recompute positions of every agent reading that master. The rows then get private diff slots there,
+  and the batched pre-pass recomputes every agent's chosen positions in one forward.
 
 Late arrivals (a later scheduling step of the same round) find the round's bases, copies and choices and reuse them.
 ``pic`` (:mod:`tokendance_sgl.pic`) skips the collective step: every request is its own pilot.
@@ -141,7 +142,14 @@ class KVCollector:
         if not todo:
             return {}
         chosen: dict[int, np.ndarray] = {}
+        # The pilot of a shared choice does not depend on arrival order: the agent of the batch whose row sits
+        # closest to the canonical positions (smallest gap), then the shortest prompt, then its first tokens.
         pilot_of: dict = {}
+        for i, req, plan, it in todo:
+            if it.sel_key is not None and it.sel_key not in self.choices:
+                rank = (plan.gap, len(req.origin_input_ids), tuple(req.origin_input_ids[:64]), i)
+                if it.sel_key not in pilot_of or rank < pilot_of[it.sel_key][0]:
+                    pilot_of[it.sel_key] = (rank, i)
         pilots: dict = defaultdict(list)  # (layer, batch index) -> items measured in that request's context
         for i, _req, _plan, it in todo:
             if it.sel_key is not None:
@@ -150,7 +158,7 @@ class KVCollector:
                     chosen[id(it)] = got
                     tree.counters["selections_shared"] += 1
                     continue
-                if pilot_of.setdefault(it.sel_key, i) != i:
+                if pilot_of[it.sel_key][1] != i:
                     continue  # another agent of this batch is the pilot
             pilots[(it.policy.layer, i)].append(it)
         probe_tokens: dict[int, tuple[int, int]] = {}
@@ -179,7 +187,8 @@ class KVCollector:
         for i, req, plan, it in todo:
             off = chosen.get(id(it))
             if off is None and it.sel_key is not None:
-                off = self.choices.get(it.sel_key)
+                off = self.choices.get(it.sel_key)  # the pilot of this batch measured it
+                tree.counters["selections_shared"] += int(off is not None)
             extra = np.setdiff1d(off, it.static) if off is not None else np.empty(0, np.int64)
             positions = it.start + extra
             if positions.size and not plan.private_copies and not tree.privatize(req, positions):

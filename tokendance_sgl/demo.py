@@ -71,9 +71,8 @@ def score_against_exact(exact_url: str, result, max_new_tokens: int) -> list[dic
 
     out = []
     for r in result.rounds:
-        payloads = [{"input_ids": list(a.input_ids),
-                     "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0},
-                     "return_logprob": True, "logprob_start_len": a.meta_info.get("_logprob_start", 0),
+        payloads = [{"input_ids": list(a.input_ids), "sampling_params": a.meta_info["_sampling"],
+                     "return_logprob": True, "logprob_start_len": a.meta_info["_logprob_start"],
                      "top_logprobs_num": TOP_K} for a in r.agents]
         with ThreadPoolExecutor(len(payloads)) as pool:
             refs = [b for b, _ in pool.map(lambda p: _post_generate(exact_url, p, 1800.0), payloads)]
@@ -114,14 +113,15 @@ def _cmd_demo(args) -> int:
 
                 def hook(q, p):
                     _logprob_hook(q, p)
-                    starts[(q.round, q.agent)] = p["logprob_start_len"]
+                    sampling = {k: v for k, v in p["sampling_params"].items() if k != "custom_params"}
+                    starts[(q.round, q.agent)] = (p["logprob_start_len"], sampling)
 
                 result = run_workload(server.base_url, _workload(args), max_new_tokens=args.max_new_tokens,
                                       payload_hook=hook)
                 stats = requests.get(server.base_url + "/tokendance/stats", timeout=120).json()
             for r in result.rounds:
                 for a in r.agents:
-                    a.meta_info["_logprob_start"] = starts[(r.round, a.agent)]
+                    a.meta_info["_logprob_start"], a.meta_info["_sampling"] = starts[(r.round, a.agent)]
             print(format_table(result))
             fid = score_against_exact(exact.base_url, result, args.max_new_tokens)
             runs[backend] = {"result": result, "stats": stats, "fidelity": fid, "kv": kv_per_agent(result, stats)}
