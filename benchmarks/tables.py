@@ -1,10 +1,10 @@
 """Write the results tables from the benchmark JSON (no hand-typed figures).
 
-    python benchmarks/tables.py [--quick] [--mode auto|full|quick] [--target benchmarks/results/RESULTS.md]
+    python benchmarks/tables.py [--quick] [--mode auto|full|quick] [--target FILE ...]
 
 Reads benchmarks/results/{concurrency,storage,prefill,fidelity}[_quick].json and writes a Markdown block between
-the markers below into ``--target`` (replacing an earlier block, appending one if the file has none, creating the
-file if missing); the README includes that block.  ``--mode auto`` (the default) takes, per benchmark, the newer
+the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
+the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto`` (the default) takes, per benchmark, the newer
 of the full-size and the quick JSON.  It is named to sort after the measuring scripts, so ``tokendance-sgl bench``
 runs it last; ``--quick`` is accepted and changes nothing.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- BEGIN tokendance-sgl benchmark results (written by benchmarks/tables.py from the JSON; do not edit) -->"
 END = "<!-- END tokendance-sgl benchmark results -->"
 BENCHMARKS = ("concurrency", "storage", "prefill", "fidelity")
@@ -285,19 +286,24 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="accepted for `tokendance-sgl bench`; no effect")
     ap.add_argument("--mode", choices=("auto", "full", "quick"), default="auto")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON are (default %(default)s)")
-    ap.add_argument("--target", type=Path, default=None, help="file to write the block into (default "
-                                                                  "<results-dir>/RESULTS.md)")
+    ap.add_argument("--target", type=Path, action="append", default=None,
+                    help="file to write the block into, repeatable (default <results-dir>/RESULTS.md and, with the "
+                         "default results dir, the README's Benchmarks section)")
     ap.add_argument("--print", action="store_true", help="also print the block")
     args = ap.parse_args(argv)
-    args.target = args.target or args.results_dir / "RESULTS.md"
+    if not args.target:
+        args.target = [args.results_dir / "RESULTS.md"]
+        if args.results_dir.resolve() == RESULTS and README.is_file():
+            args.target.append(README)
     data = {name: d for name in BENCHMARKS if (d := load(name, args.mode, args.results_dir)) is not None}
     block = render(data)
-    write_block(args.target, block)
+    for target in args.target:
+        write_block(target, block)
     print("\n".join(headline(data)))
     if args.print:
         print(block)
     print(f"[tables] wrote the results block ({', '.join(d['_path'] for d in data.values()) or 'no JSON yet'}) "
-          f"into {args.target}")
+          f"into {', '.join(map(str, args.target))}")
     return 0
 
 

@@ -6,10 +6,11 @@ have to be computed in this request's context: the positions chosen for recomput
 private diff slots) and uncached text between or around segments.  :func:`run_prepass` computes all of them, for
 every request of an extend batch, in ONE extra forward before the normal extend:
 
-* each contiguous run of rows to compute becomes one row of a replay batch (several rows may share a request);
-  its keys are the request's row ``req_to_token[idx, :end]``, causal by row, so a recomputed token attends to
-  every row before it -- master rows, private rows and the other recomputed tokens (within a layer every replay
-  row's K/V is written before any attention runs, as in SGLang's own encoder-SWA replay);
+* each request with rows to compute becomes ONE sequence of a replay batch whose queries are those rows (scattered
+  rows allowed), at their own (shifted) positions; its attention is ``selective_extend_attention`` over the
+  request's row ``req_to_token[idx, :end]``, causal by row, so a recomputed token attends to every row before it --
+  master rows, private rows and the other recomputed tokens (within a layer every query's K/V is written before the
+  attention runs);
 * writes go only to ``req_to_token[idx, start:end]``, which the plan guarantees are the request's own slots.
 
 Aligned layout: rows ``>= gap_start`` run at position ``row + gap`` (the shared region of a round gets the same
@@ -98,35 +99,49 @@ def _pending_rows(batch) -> list[tuple[int, int, int]]:
     return rows
 
 
-def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]):
-    """A copy of the extend ScheduleBatch whose rows are the spans to recompute (logits are not used)."""
+@dataclass
+class Replay:
+    """A replay batch (:func:`build_prepass_batch`) and, per query token, its request (index into ``batch.reqs``) and
+    its row."""
+
+    batch: Any
+    q_req: torch.Tensor
+    q_rows: torch.Tensor
+
+
+def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]) -> Replay:
+    """A copy of the extend ScheduleBatch with ONE sequence per request whose queries are the rows of its spans
+    ``(i, start, end)`` (scattered rows allowed); logits are not used. Each query attends to its request's row up to
+    itself (:func:`_forward` runs the attention as ``selective_extend_attention``)."""
     device = runner.device
     req_to_token = runner.req_to_token_pool.req_to_token
-    idx = [i for i, _, _ in rows]
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for i, s, e in rows:
+        spans.setdefault(i, []).append((s, e))
+    idx = list(spans)
     reqs = [batch.reqs[i] for i in idx]
-    starts = [s for _, s, _ in rows]
-    ends = [e for _, _, e in rows]
-    lens = [e - s for s, e in zip(starts, ends)]
+    q_rows = [np.concatenate([np.arange(s, e) for s, e in spans[i]]) for i in idx]
+    lens = [len(r) for r in q_rows]
+    ends = [max(e for _, e in spans[i]) for i in idx]
     pool_idx_cpu = batch.req_pool_indices_cpu[idx]
-    pool_idx = batch.req_pool_indices[idx]
 
     pre = copy(batch)
     pre.reqs = reqs
-    ids = [t for r, s, e in zip(reqs, starts, ends) for t in r.full_untruncated_fill_ids[s:e]]
-    pre.input_ids = torch.tensor(ids, dtype=torch.int64, device=device)
+    pre.input_ids = torch.tensor(
+        [r.full_untruncated_fill_ids[int(t)] for r, rr in zip(reqs, q_rows) for t in rr], dtype=torch.int64,
+        device=device)
     pre.prefill_input_ids_cpu = None
-    pre.req_pool_indices = pool_idx
+    pre.req_pool_indices = batch.req_pool_indices[idx]
     pre.req_pool_indices_cpu = pool_idx_cpu
-    pre.prefix_lens = starts
+    pre.prefix_lens = [e - n for e, n in zip(ends, lens)]  # consistent lengths; positions come from the rows
     pre.extend_lens = lens
     pre.extend_num_tokens = sum(lens)
     pre.seq_lens = torch.tensor(ends, dtype=torch.int64, device=device)
     pre.seq_lens_cpu = torch.tensor(ends, dtype=torch.int64)
     pre.seq_lens_sum = sum(ends)
     pre.orig_seq_lens = pre.seq_lens
-    pre.out_cache_loc = torch.cat(
-        [req_to_token[int(pool_idx_cpu[k]), s:e] for k, (s, e) in enumerate(zip(starts, ends))]
-    ).to(torch.int64)
+    rows_t = [torch.from_numpy(r).to(device) for r in q_rows]
+    pre.out_cache_loc = torch.cat([req_to_token[int(pool_idx_cpu[k]), r] for k, r in enumerate(rows_t)]).to(torch.int64)
     pre.return_logprob = False
     pre.top_logprobs_nums = None
     pre.token_ids_logprobs = None
@@ -143,16 +158,51 @@ def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]):
     if getattr(batch, "global_num_tokens", None) is not None:
         pre.global_num_tokens = [pre.extend_num_tokens]
         pre.global_num_tokens_for_logprob = [len(lens)]
-    return pre
+    q_req = torch.cat([torch.full((n,), k, dtype=torch.int64) for k, n in enumerate(lens)])
+    return Replay(pre, q_req.to(device), torch.cat(rows_t).to(torch.int64))
 
 
-def _forward(runner, pre) -> None:
+@contextmanager
+def _selective_attention(runner, replay: Replay):
+    """For this forward only, ``runner.attn_backend.forward_extend`` (SGLang's ``AttentionBackend.forward_extend``, as an
+    instance attribute) writes the K/V of the query rows, then attends each query over its request's rows up to its
+    own with ``kernels.selective_extend_attention`` (Triton on GPU, torch on CPU)."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    from tokendance_sgl.kernels import selective_extend_attention
+
+    backend = runner.attn_backend
+    pool = runner.token_to_kv_pool
+    rtt = runner.req_to_token_pool.req_to_token
+
+    def forward_extend(q, k, v, layer, forward_batch, save_kv_cache=True, **_kw):
+        if save_kv_cache and k is not None:
+            pool.set_kv_buffer(layer, KVWriteLoc.for_layer(forward_batch, layer), k, v)
+        o = selective_extend_attention(
+            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), pool.get_key_buffer(layer.layer_id),
+            pool.get_value_buffer(layer.layer_id), rtt, forward_batch.req_pool_indices, forward_batch.seq_lens,
+            replay.q_req, replay.q_rows, sm_scale=layer.scaling, logit_cap=float(getattr(layer, "logit_cap", 0) or 0))
+        return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    backend.forward_extend = forward_extend
+    try:
+        yield
+    finally:
+        del backend.forward_extend
+
+
+def _forward(runner, replay: Replay) -> None:
     from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
 
+    pre = replay.batch
     fb = ForwardBatch.init_new(
         pre, runner, capture_hidden_mode=CaptureHiddenMode.NULL, return_hidden_states_before_norm=False
     )
-    runner.forward(fb)
+    positions = replay.q_rows.to(fb.positions.dtype).clone()
+    shift_positions(positions, pre.reqs, list(pre.extend_lens))
+    fb.positions = positions
+    with _selective_attention(runner, replay):
+        runner.forward(fb)
 
 
 class _ProbeDone(Exception):
@@ -236,11 +286,11 @@ def run_prepass(worker, batch) -> int:
     prepass: dict[int, int] = {}
     if rows:
         runner = worker.model_runner
-        pre = build_prepass_batch(batch, runner, rows)
-        _forward(runner, pre)
+        replay = build_prepass_batch(batch, runner, rows)
+        _forward(runner, replay)
         for i, s, e in rows:
             prepass[i] = prepass.get(i, 0) + e - s
-        for req in {id(r): r for r in pre.reqs}.values():
+        for req in replay.batch.reqs:
             plan = req.td_row_plan
             plan.pending = False
             if not req.retracted_stain:

@@ -124,8 +124,9 @@ def build_row(tree: "CollectiveTree", req: Any, lay: RowLayout) -> Optional[tupl
                 rc = policy.offsets(b - a)
                 pieces.append(MasterRun(seg, seg.master[: b - a], recompute=rc))
                 compute.extend((a + int(o), a + int(o) + 1) for o in rc)
-                if policy.needs_scores:  # the round's shared choice for this master (KVCollector.select)
-                    select.append(SelectItem(a, b - a, policy, (lay.base_key, seg.key, str(policy)), rc))
+                if policy.needs_scores:  # the round's shared choice for this segment, whatever base copy a row
+                    # reads (offsets within the segment; KVCollector.select)
+                    select.append(SelectItem(a, b - a, policy, (lay.base_key, ps_.key, str(policy)), rc))
                 recomputed += len(rc)
                 pos = b
             exact_len = s0  # rows from here on read approximate KV (or run at shifted positions)

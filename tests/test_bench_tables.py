@@ -1,0 +1,58 @@
+"""The README's results table is written from the benchmark JSON (benchmarks/tables.py), never typed by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "tables.py"
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("td_bench_tables", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _prefill(created: str, pic_latency: float) -> dict:
+    row = lambda lat, unc: {"latency_s": lat, "server_cpu_s": 2 * lat, "uncached_tokens": unc}  # noqa: E731
+    return {
+        "quick": True, "environment": {"created": created, "device": "cpu", "cpu_count": 2},
+        "settings": {"timed_round": 1, "max_new_tokens_untimed": 16, "repeats": 1, "agents": [10]},
+        "results": {"radix": {"10": row(9.0, 4000)}, "pic": {"10": row(pic_latency, 1200)},
+                    "tokendance": {"10": row(3.0, 900)}},
+        "ratios": {"10": {
+            "radix_over_tokendance": {"latency": 3.0, "server_cpu": 3.0, "uncached_tokens": 4000 / 900},
+            "pic_over_tokendance": {"latency": pic_latency / 3.0, "server_cpu": pic_latency / 3.0,
+                                    "uncached_tokens": 1200 / 900}}},
+    }
+
+
+def test_block_comes_from_the_newest_json_and_replaces_the_old_block(tables, tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "prefill.json").write_text(json.dumps(_prefill("2026-01-01T00:00:00", 4.5)))
+    (res / "prefill_quick.json").write_text(json.dumps(_prefill("2026-02-01T00:00:00", 6.0)))
+    data = {"prefill": tables.load("prefill", "auto", res)}
+    assert data["prefill"]["_path"] == "prefill_quick.json"  # the newer one
+    block = tables.render(data)
+    assert block.startswith(tables.BEGIN) and block.rstrip().endswith(tables.END)
+    assert "2.00x" in block and "3.00x" in block and "| 6.00 |" in block  # pic/td and radix/td latency, pic time
+
+    target = tmp_path / "README.md"
+    target.write_text("# title\n\nbefore\n\n" + tables.render({}) + "\nafter\n")
+    assert "No benchmark results yet" in target.read_text()
+    tables.write_block(target, block)
+    tables.write_block(target, block)  # idempotent
+    text = target.read_text()
+    assert text.count(tables.BEGIN) == 1 and "No benchmark results yet" not in text
+    assert text.startswith("# title\n\nbefore\n\n") and text.endswith("\nafter\n") and "2.00x" in text
+
+    main_target = tmp_path / "out.md"
+    assert tables.main(["--results-dir", str(res), "--target", str(main_target)]) == 0
+    assert "2.00x" in main_target.read_text()
