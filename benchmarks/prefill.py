@@ -11,6 +11,11 @@ processes during it (less sensitive to other load on a shared host), the prefill
 ``/tokendance/stats`` where the backend reports it.  The ratios pic / tokendance and radix / tokendance are taken per
 N.  On CPU these are ratios, not absolute speeds.
 
+The recompute policy defaults to ``deviation:0.15`` for both reuse backends: the paper's baseline is PIC with
+CacheBlend's selection run once per request (about 15 % of a block recomputed, chosen by deviation at a check layer),
+so pic probes every agent's copy while tokendance probes one pilot per segment and round.  ``--policy sink:4``
+measures the case where selection costs nothing.
+
 Writes benchmarks/results/prefill[_quick].json and .png.
 """
 
@@ -35,12 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens of the untimed rounds (default 32; "
                                                                      "--quick: 16)")
     p.add_argument("--repeats", type=int, default=None, help="runs per (backend, N); the median is reported "
-                                                              "(default 2; --quick: 1)")
+                                                              "(default 3; --quick: 2)")
     a = p.parse_args(argv)
     a.agents = a.agents or ([4, 10] if a.quick else [2, 4, 6, 8, 10, 12, 16])
     a.rounds = a.rounds or (2 if a.quick else 3)
     a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 32)
-    a.repeats = a.repeats or (1 if a.quick else 2)
+    a.repeats = a.repeats or (2 if a.quick else 3)
+    a.policy = a.policy or "deviation:0.15"
     if a.rounds < 2:
         p.error("--rounds must be >= 2 (the timed round needs a previous round's outputs)")
     return a
@@ -118,8 +124,9 @@ def main(argv=None) -> int:
                     "uncached_tokens": C.ratio(b["uncached_tokens"], td["uncached_tokens"]),
                 }
                 if b.get("prefill_by_round") and td.get("prefill_by_round"):
-                    row[f"{base}_over_tokendance"]["computed_tokens"] = C.ratio(
-                        b["prefill_by_round"].get("computed_tokens"), td["prefill_by_round"].get("computed_tokens"))
+                    for k in ("computed_tokens", "token_layers"):  # token x layers: the probes' work counted too
+                        row[f"{base}_over_tokendance"][k] = C.ratio(b["prefill_by_round"].get(k),
+                                                                    td["prefill_by_round"].get(k))
         ratios[n] = row
 
     data = {

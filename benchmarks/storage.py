@@ -19,6 +19,9 @@ steps.  Bytes = slots x the K+V bytes of one token over all layers.  Measures, a
 * **row KV per agent** (DESIGN.md section 6): the slots a round's row held for its prompt and output, master
   slots divided among the rows that shared them.  tokendance/pic report it (``kv_per_agent_by_round``); a radix
   row holds every token of its prompt and output itself, so its value is ``prompt + generated`` tokens.
+* **shared block of the row**: the same row KV for the row's segment spans alone (the last round's outputs it
+  reads): radix and pic rows hold each of those tokens; a tokendance row holds its recomputed positions (diff slots)
+  plus its share of the masters.  This is the region the paper's diff-aware storage compresses.
 * also recorded: the round increment (growth of ``used_slots`` over the round, per agent) and the row KV beyond
   the agent's own cached prefix (``kv_bytes_by_agent_cumulative``; radix: its uncached tokens).
 
@@ -43,7 +46,7 @@ NAME = "storage"
 def parse_args(argv=None):
     p = C.base_parser(__doc__)
     p.add_argument("--agents", type=int, nargs="+", default=None,
-                   help="N values at the default output length (default 4 8 16 24; --quick: 4 8)")
+                   help="N values at the default output length (default 4 8 16 24; --quick: 4 8 16)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default output length L (default 32; --quick: 16)")
     p.add_argument("--output-lengths", type=int, nargs="+", default=None,
@@ -57,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=None, help="--max-total-tokens of every server (default 65536; "
                                                            "--quick: 32768); must hold a run without eviction")
     a = p.parse_args(argv)
-    a.agents = a.agents or ([4, 8] if a.quick else [4, 8, 16, 24])
+    a.agents = a.agents or ([4, 8, 16] if a.quick else [4, 8, 16, 24])
     a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 32)
     a.output_lengths = a.output_lengths or ([32] if a.quick else [16, 32, 64])
     a.lengths_agents = a.lengths_agents or (4 if a.quick else 16)
@@ -104,12 +107,17 @@ def measure(args, srv, n: int, L: int, bpt: int, log) -> dict:
             rec[k] = s[k]
     # DESIGN.md 6: the slots a round's row held for its prompt and output, masters divided among their sharers.
     kr = row_kv_from_stats(s, s_prev, args.rounds - 1)
+    kr_shared = row_kv_from_stats(s, s_prev, args.rounds - 1, field="shared_held_tokens")
     if kr is not None:
         rec["row_kv_per_agent_bytes"] = kr * bpt
         rec["row_kv_source"] = "kv_per_agent_by_round of /tokendance/stats (increase over the round)"
     else:
         rec["row_kv_per_agent_bytes"] = statistics.fmean(a.prompt_tokens + a.generated_tokens for a in res.agents) * bpt
         rec["row_kv_source"] = "prompt + generated tokens per agent (a radix row holds every token of its prompt)"
+    if kr is not None and kr_shared is not None:
+        rec["shared_kv_per_agent_bytes"] = kr_shared * bpt
+    else:  # a radix row holds every token of the shared block itself
+        rec["shared_kv_per_agent_bytes"] = rec["shared_tokens_per_agent"] * bpt
     cum, cum_prev = s.get("kv_bytes_by_agent_cumulative"), s_prev.get("kv_bytes_by_agent_cumulative") or {}
     if cum:
         per = [float(cum.get(str(i), 0.0)) - float(cum_prev.get(str(i), 0.0)) for i in range(n)]
@@ -123,21 +131,21 @@ def measure(args, srv, n: int, L: int, bpt: int, log) -> dict:
     return rec
 
 
-MEASURES = ("held_kv_per_agent_bytes", "row_kv_per_agent_bytes", "pool_kv_per_agent_bytes", "round_increment_per_agent_bytes",
-            "beyond_prefix_kv_per_agent_bytes")
+MEASURES = ("held_kv_per_agent_bytes", "row_kv_per_agent_bytes", "shared_kv_per_agent_bytes", "pool_kv_per_agent_bytes",
+            "round_increment_per_agent_bytes", "beyond_prefix_kv_per_agent_bytes")
 
 
-def row_kv_from_stats(s: dict, s_prev: dict, r: int) -> float | None:
-    """Mean tokens per row of round ``r`` from ``kv_per_agent_by_round`` (cumulative over runs on one server, so the
-    increase between the two reads)."""
+def row_kv_from_stats(s: dict, s_prev: dict, r: int, field: str = "tokens") -> float | None:
+    """Mean ``field`` (tokens per row, or shared-region tokens held per row) of round ``r`` from
+    ``kv_per_agent_by_round`` (cumulative over runs on one server, so the increase between the two reads)."""
     a = (s.get("kv_per_agent_by_round") or {}).get(str(r))
-    if not a or not a.get("rows"):
+    if not a or not a.get("rows") or field not in a:
         return None
-    b = (s_prev.get("kv_per_agent_by_round") or {}).get(str(r)) or {"rows": 0, "tokens": 0.0}
-    rows = a["rows"] - b["rows"]
+    b = (s_prev.get("kv_per_agent_by_round") or {}).get(str(r)) or {}
+    rows = a["rows"] - b.get("rows", 0)
     if rows <= 0:
         return None
-    return (a["tokens"] * a["rows"] - b["tokens"] * b["rows"]) / rows
+    return (a[field] * a["rows"] - b.get(field, 0.0) * b.get("rows", 0)) / rows
 
 
 def main(argv=None) -> int:
@@ -191,6 +199,10 @@ def main(argv=None) -> int:
                 "row_kv_per_agent_bytes": "DESIGN.md 6: slots a round's row held for prompt and output, masters "
                                           "divided among sharers; tokendance/pic: kv_per_agent_by_round of the last "
                                           "round; radix: (prompt + generated tokens) per agent * bytes",
+                "shared_kv_per_agent_bytes": "the row KV of the shared block alone (its segment spans): "
+                                             "tokendance/pic: shared_held_tokens of kv_per_agent_by_round (master "
+                                             "slots divided among sharers, diff slots whole); radix: the segment "
+                                             "tokens of the prompt * bytes",
                 "beyond_prefix_kv_per_agent_bytes": "tokendance/pic: kv_bytes_by_agent_cumulative increase over the "
                                                     "last round, mean over agents; radix: uncached prompt tokens * "
                                                     "bytes",
@@ -205,21 +217,22 @@ def main(argv=None) -> int:
     if not args.no_plot:
         paths.append(plot(data, args, settings_grid))
 
-    print(f"\n=== KV per agent (MiB: held at the peak of the round / row (DESIGN.md 6) / pool used at the end), "
+    print(f"\n=== KV per agent (MiB: held at the peak of the round / row (DESIGN.md 6) / shared block of the row / "
+          f"pool used at the end), "
           f"{args.style}, {'quick' if args.quick else 'full'} size, round {args.rounds - 1}")
-    head = f"{'N':>4}{'L':>5}" + "".join(f"{b:>24}" for b in results)
-    head += "".join(f"{k:>24}" for k in ("radix / tokendance", "pic / tokendance"))
+    head = f"{'N':>4}{'L':>5}" + "".join(f"{b:>30}" for b in results)
+    head += "".join(f"{k:>30}" for k in ("radix / tokendance", "pic / tokendance"))
     print(head)
     for n, L in settings_grid:
         key = f"{n}x{L}"
         line = f"{n:>4}{L:>5}"
         for b in results:
             r = results[b][key]
-            line += f"{' / '.join(f'{r[m] / 2**20:.2f}' for m, _ in SHOW):>24}"
+            line += f"{' / '.join(f'{r[m] / 2**20:.2f}' for m, _ in SHOW):>30}"
         c = compression[key]
         for base in ("radix", "pic"):
             cc = c.get(f"{base}_over_tokendance")
-            line += f"{' / '.join(C.fmt(cc[m]) for m, _ in SHOW) if cc else '-':>24}"
+            line += f"{' / '.join(C.fmt(cc[m]) for m, _ in SHOW) if cc else '-':>30}"
         print(line)
     if skipped:
         print(f"skipped: {skipped}")
@@ -228,7 +241,7 @@ def main(argv=None) -> int:
 
 
 SHOW = (("held_kv_per_agent_bytes", "held at peak"), ("row_kv_per_agent_bytes", "row"),
-        ("pool_kv_per_agent_bytes", "pool at end"))
+        ("shared_kv_per_agent_bytes", "shared block of the row"), ("pool_kv_per_agent_bytes", "pool at end"))
 
 
 def plot(data: dict, args, settings_grid) -> Path:
@@ -238,7 +251,7 @@ def plot(data: dict, args, settings_grid) -> Path:
     ns = [n for n, L in settings_grid if L == args.max_new_tokens]
     ls_ = sorted(L for n, L in settings_grid if n == args.lengths_agents)
     styles = {"held_kv_per_agent_bytes": ("o", "-"), "row_kv_per_agent_bytes": ("x", ":"),
-              "pool_kv_per_agent_bytes": ("s", "--")}
+              "shared_kv_per_agent_bytes": ("^", "-."), "pool_kv_per_agent_bytes": ("s", "--")}
     colors = {"radix": "C0", "pic": "C1", "tokendance": "C2"}
     for b, res in data["results"].items():
         for m, label in SHOW:

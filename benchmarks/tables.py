@@ -25,7 +25,8 @@ END = "<!-- END tokendance-sgl benchmark results -->"
 BENCHMARKS = ("concurrency", "storage", "prefill", "fidelity")
 TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill": 1.9}
 MiB = 2**20
-STORAGE_MEASURES = ("held_kv_per_agent_bytes", "row_kv_per_agent_bytes", "pool_kv_per_agent_bytes")
+STORAGE_MEASURES = ("held_kv_per_agent_bytes", "row_kv_per_agent_bytes", "shared_kv_per_agent_bytes",
+                    "pool_kv_per_agent_bytes")
 
 
 def load(name: str, mode: str, results: Path = RESULTS) -> dict | None:
@@ -121,6 +122,7 @@ def headline(data: dict) -> list[str]:
             key = f"{n}x{L0}"
             for m, label in (("held_kv_per_agent_bytes", "held at the peak of the round / N"),
                              ("row_kv_per_agent_bytes", "row, masters shared among their users"),
+                             ("shared_kv_per_agent_bytes", "the row's shared block alone"),
                              ("pool_kv_per_agent_bytes", "pool used at the end of the round / N")):
                 vals = {b: s["results"].get(b, {}).get(key, {}).get(m) for b in ("radix", "pic", "tokendance")}
                 if all(v is None for v in vals.values()):
@@ -204,7 +206,8 @@ def details(data: dict) -> list[str]:
                     f"round {st['measured_after_round']} measured (its requests generate "
                     f"{st['last_round_max_new_tokens']} tokens); "
                     f"pool {st['pool_tokens']} tokens. MiB per agent: held at the peak of the round / row (DESIGN.md "
-                    f"6) / pool used at the end of the round:", ""]
+                    f"6) / the row's shared block alone (its segment tokens; masters divided among their users) / "
+                    f"pool used at the end of the round:", ""]
         bs = list(s["results"])
         rows = []
         for n, L in st["grid"]:

@@ -247,6 +247,12 @@ def test_shared_region_is_held_once_per_base_not_once_per_agent(server_factory, 
     # saw 192 on pic, unexplained); its dense copies do not depend on how many segments it matched.
     assert 0 < ps["recomputed_tokens"] <= ts["recomputed_tokens"], (ps, ts)
     assert pic_total - td_total >= 0.9 * (n * S_p - S_p - n * r_td) - slack, (pic_total, td_total, S_p, r_td)
+    # The shared block alone (the rows' segment spans): a pic row holds every token of it, a tokendance row its
+    # recomputed positions plus its share of the masters it reads.
+    p1, t1 = ps["kv_per_agent_by_round"]["1"], ts["kv_per_agent_by_round"]["1"]
+    assert p1["shared_held_tokens"] == p1["shared_tokens"] and p1["shared_tokens"] >= 0.9 * S_p, p1
+    assert 0.9 * S_t <= t1["shared_tokens"] <= S_t, t1
+    assert r_td <= t1["shared_held_tokens"] <= r_td + (copies + S_t) / n + 1, (t1, r_td, copies)
 
 
 def test_tokendance_fidelity_is_at_least_pics_at_the_same_budget(exact_run, td_replay, pic_replay, record_property):

@@ -431,7 +431,8 @@ class CollectiveTree(RadixCache):
         self.counters = {k: 0 for k in _COUNTERS}
         self.cum_bytes_by_agent: dict = {}
         self.prefill_by_round: dict = {}  # round -> tokens computed (extend, pre-pass, probe) and token-layers
-        self.kv_by_round: dict = {}  # round -> [rows released, token-equivalents they held]
+        self.kv_by_round: dict = {}  # round -> [rows released, token-equivalents they held, shared-region
+        # tokens of those rows, token-equivalents held for the shared region]
         super().__init__(params)  # calls reset()
         self.diff = DiffAllocator(
             self.token_to_kv_pool_allocator,
@@ -945,14 +946,19 @@ class CollectiveTree(RadixCache):
         total = int(getattr(req.kv, "kv_allocated_len", 0) or 0)
         if total <= 0:
             return
-        toks = float(total)
+        # the shared region: the row's segment spans; every span token is a slot of the row except the master
+        # slots it reads, which count as 1/rows_served each (diff-aware storage of the shared blocks)
+        shared = float(sum(s.end - s.start for s in plan.spans)) if plan is not None else 0.0
+        saved = 0.0
         if rec is not None:
             for r in rec.refs:
                 if r.locked:
-                    toks -= len(r) * (1.0 - 1.0 / max(1, r.seg.rows_served))
-        acc = self.kv_by_round.setdefault(int(rnd), [0, 0.0])
+                    saved += len(r) * (1.0 - 1.0 / max(1, r.seg.rows_served))
+        acc = self.kv_by_round.setdefault(int(rnd), [0, 0.0, 0.0, 0.0])
         acc[0] += 1
-        acc[1] += toks
+        acc[1] += float(total) - saved
+        acc[2] += shared
+        acc[3] += shared - saved
 
     def note_prefill(self, rnd: Optional[int], *, extend: int = 0, prepass: int = 0, probe: int = 0,
                      probe_token_layers: int = 0) -> None:
@@ -1371,8 +1377,9 @@ class CollectiveTree(RadixCache):
             **self.counters,
             "prefill_by_round": {str(k): dict(v) for k, v in sorted(self.prefill_by_round.items())},
             "kv_per_agent_by_round": {
-                str(k): {"rows": n, "tokens": round(t / n, 2), "bytes": round(t / n * self.diff.bytes_per_token)}
-                for k, (n, t) in sorted(self.kv_by_round.items()) if n
+                str(k): {"rows": n, "tokens": round(t / n, 2), "bytes": round(t / n * self.diff.bytes_per_token),
+                         "shared_tokens": round(sh / n, 2), "shared_held_tokens": round(sh_held / n, 2)}
+                for k, (n, t, sh, sh_held) in sorted(self.kv_by_round.items()) if n
             },
         }
 
