@@ -50,9 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default output length L (default 32; --quick: 16)")
     p.add_argument("--output-lengths", type=int, nargs="+", default=None,
-                   help="output lengths swept at --lengths-agents (default 16 32 64; --quick: 32)")
-    p.add_argument("--lengths-agents", type=int, default=None, help="N of the output-length sweep (default 16; "
-                                                                     "--quick: 4)")
+                   help="output lengths swept at --lengths-agents (default 16 32 64; --quick: 32 64)")
+    p.add_argument("--lengths-agents", type=int, default=None, help="N of the output-length sweep (default 16)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per run; measured after the last (default 2)")
     p.add_argument("--hold-tokens", type=int, default=8,
                    help="new tokens (EOS ignored) of the measured round's requests, so that all rows are alive "
@@ -62,8 +61,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.agents = a.agents or ([4, 8, 16] if a.quick else [4, 8, 16, 24])
     a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 32)
-    a.output_lengths = a.output_lengths or ([32] if a.quick else [16, 32, 64])
-    a.lengths_agents = a.lengths_agents or (4 if a.quick else 16)
+    a.output_lengths = a.output_lengths or ([32, 64] if a.quick else [16, 32, 64])
+    a.lengths_agents = a.lengths_agents or 16
     a.pool = a.pool or (32768 if a.quick else 65536)
     if a.rounds < 2:
         p.error("--rounds must be >= 2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -125,6 +126,31 @@ def round_meta(round_: int, latency_s: float, rows: list, states: Optional[list]
         "cached_tokens_per_agent": [total("cached_tokens", reqs) for reqs in per_agent],
         "first_cached_tokens": sum(int(reqs[0].get("cached_tokens") or 0) for reqs in per_agent if reqs),
     }
+
+
+def program_output(s: Any, states: list, names: list, transcript: list, per_round: list, blocks: list) -> dict:
+    """The return value of a program function: its records plus every agent's final text (and token ids with a
+    TokenDanceEndpoint)."""
+    backend = s.stream_executor.backend
+    return {"transcript": transcript, "rounds": per_round, "blocks": blocks, "texts": [st.text() for st in states],
+            "token_ids": [backend.token_ids(st) for st in states] if hasattr(backend, "token_ids") else None,
+            "names": names}
+
+
+def run_program(name: str, function: Any, backend: Any, *, n_agents: int, n_rounds: int, settings: dict,
+                **arguments: Any) -> ProgramResult:
+    """Runs an ``@sgl.function`` program that returns :func:`program_output` on ``backend``; raises its error."""
+    t0 = time.perf_counter()
+    state = function.run(backend=backend, **arguments)
+    if state.error() is not None:
+        raise state.error()
+    out = state.ret_value
+    return ProgramResult(
+        program=name, base_url=getattr(backend, "base_url", ""), backend=type(backend).__name__,
+        n_agents=n_agents, n_rounds=n_rounds, settings=settings, names=out["names"], transcript=out["transcript"],
+        rounds=out["rounds"], blocks=out["blocks"], total_s=time.perf_counter() - t0, texts=out["texts"],
+        token_ids=out["token_ids"],
+    )
 
 
 def format_report(result: ProgramResult, *, show_transcript: bool = True, vars_: tuple = ()) -> str:

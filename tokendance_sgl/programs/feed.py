@@ -30,7 +30,15 @@ import tokendance_sgl  # noqa: F401  (CPU bootstrap before sglang)
 import sglang as sgl
 
 from tokendance_sgl.lang import gather
-from tokendance_sgl.programs.common import ProgramResult, cli, make_backend, round_meta, short_meta
+from tokendance_sgl.programs.common import (
+    ProgramResult,
+    cli,
+    make_backend,
+    program_output,
+    round_meta,
+    run_program,
+    short_meta,
+)
 from tokendance_sgl.workloads import AS_DISTRICTS, AS_FIRST, AS_INTERESTS, AS_JOBS, AS_NEWS, AS_STANCES, AS_SUFFIX
 
 REACTIONS = ["agree", "disagree", "laugh", "ignore"]
@@ -100,11 +108,7 @@ def feed_program(s, people, rounds, max_tokens, news, react, reactions):
         transcript += rows
         per_round.append(round_meta(r, latency, rows, list(crowd)))
         blocks.append(str(feed))
-    texts = [c.text() for c in crowd]
-    backend = s.stream_executor.backend
-    ids = [backend.token_ids(x) for x in crowd] if hasattr(backend, "token_ids") else None
-    return {"transcript": transcript, "rounds": per_round, "blocks": blocks, "texts": texts, "token_ids": ids,
-            "names": handles}
+    return program_output(s, list(crowd), handles, transcript, per_round, blocks)
 
 
 def run_feed(
@@ -124,20 +128,13 @@ def run_feed(
     backend = make_backend(url_or_backend, plain=plain)
     people = residents(agents, seed)
     news = news or AS_NEWS[seed % len(AS_NEWS)]
-    t0 = time.perf_counter()
     reactions = list(reactions or REACTIONS)
-    state = feed_program.run(people=people, rounds=rounds, max_tokens=max_new_tokens, news=news, react=react,
-                             reactions=reactions, temperature=temperature, backend=backend)
-    if state.error() is not None:
-        raise state.error()
-    out = state.ret_value
-    return ProgramResult(
-        program="feed", base_url=getattr(backend, "base_url", ""), backend=type(backend).__name__,
-        n_agents=agents, n_rounds=rounds,
+    return run_program(
+        "feed", feed_program, backend, n_agents=agents, n_rounds=rounds,
         settings={"max_new_tokens": max_new_tokens, "seed": seed, "temperature": temperature, "news": news,
                   "react": react, "reactions": reactions if react else []},
-        names=out["names"], transcript=out["transcript"], rounds=out["rounds"], blocks=out["blocks"],
-        total_s=time.perf_counter() - t0, texts=out["texts"], token_ids=out["token_ids"],
+        people=people, rounds=rounds, max_tokens=max_new_tokens, news=news, react=react, reactions=reactions,
+        temperature=temperature,
     )
 
 

@@ -28,7 +28,15 @@ import tokendance_sgl  # noqa: F401  (CPU bootstrap before sglang)
 import sglang as sgl
 
 from tokendance_sgl.lang import gather
-from tokendance_sgl.programs.common import ProgramResult, cli, make_backend, round_meta, short_meta
+from tokendance_sgl.programs.common import (
+    ProgramResult,
+    cli,
+    make_backend,
+    program_output,
+    round_meta,
+    run_program,
+    short_meta,
+)
 from tokendance_sgl.workloads import (
     GA_CONCERNS,
     GA_EVENTS,
@@ -106,11 +114,7 @@ def village_program(s, people, rounds, max_tokens, event):
         transcript += rows
         per_round.append(round_meta(r, latency, rows, list(folk)))
         blocks.append(str(block))
-    texts = [f.text() for f in folk]
-    backend = s.stream_executor.backend
-    ids = [backend.token_ids(x) for x in folk] if hasattr(backend, "token_ids") else None
-    return {"transcript": transcript, "rounds": per_round, "blocks": blocks, "texts": texts, "token_ids": ids,
-            "names": names}
+    return program_output(s, list(folk), names, transcript, per_round, blocks)
 
 
 def run_village(
@@ -128,18 +132,10 @@ def run_village(
     backend = make_backend(url_or_backend, plain=plain)
     people = villagers(agents, seed)
     event = event or GA_EVENTS[seed % len(GA_EVENTS)]
-    t0 = time.perf_counter()
-    state = village_program.run(people=people, rounds=rounds, max_tokens=max_new_tokens, event=event,
-                                temperature=temperature, backend=backend)
-    if state.error() is not None:
-        raise state.error()
-    out = state.ret_value
-    return ProgramResult(
-        program="village", base_url=getattr(backend, "base_url", ""), backend=type(backend).__name__,
-        n_agents=agents, n_rounds=rounds,
+    return run_program(
+        "village", village_program, backend, n_agents=agents, n_rounds=rounds,
         settings={"max_new_tokens": max_new_tokens, "seed": seed, "temperature": temperature, "event": event},
-        names=out["names"], transcript=out["transcript"], rounds=out["rounds"], blocks=out["blocks"],
-        total_s=time.perf_counter() - t0, texts=out["texts"], token_ids=out["token_ids"],
+        people=people, rounds=rounds, max_tokens=max_new_tokens, event=event, temperature=temperature,
     )
 
 
