@@ -15,6 +15,12 @@ the task positions (primary), greedy agreement of the first generated tokens and
 (secondary).  Cost: the fraction of the shared-block tokens recomputed (``/tokendance/stats`` counters
 ``recomputed_tokens`` / (``reused_tokens`` + ``recomputed_tokens``) over the probe) and the round's uncached tokens
 (meta_info prompt_tokens - cached_tokens).  A policy a backend refuses (HTTP 400) is recorded as such.
+
+tokendance aligns every agent's shared block at a canonical base (a hole of up to ``--td-max-gap`` positions, 64 by
+default, before it); pic keeps true positions.  ``--max-gaps`` adds tokendance servers with smaller gaps (0: true
+positions, one master copy per distinct start), so the position gap's share of the fidelity difference, and the
+master copies it saves (``copy_slots_made``: K/V slots re-rotated into copies for the probed round), are measured
+in the same run.
 Writes benchmarks/results/fidelity[_quick].json and .png.
 """
 
@@ -36,8 +42,10 @@ REUSE_BACKENDS = ("pic", "tokendance")
 QUICK_POLICIES = ["none", "sink:4", "sink:2+deviation:0.1", "full"]
 FULL_POLICIES = ["none", "sink:2", "sink:8", "sink:32", "deviation:0.1", "deviation:0.2", "deviation:0.4",
                  "sink:2+deviation:0.1", "full"]
-STATS_KEYS = ("reused_tokens", "recomputed_tokens", "prepass_text_tokens", "rotated_tokens", "probe_tokens",
-              "probe_token_layers", "selections", "selections_shared")
+STATS_KEYS = ("reused_tokens", "recomputed_tokens", "prepass_text_tokens", "rotated_tokens", "master_copies",
+              "probe_tokens", "probe_token_layers", "selections", "selections_shared")
+QUICK_MAX_GAPS = [0]
+FULL_MAX_GAPS = [0, 16]
 
 
 def parse_args(argv=None):
@@ -51,7 +59,11 @@ def parse_args(argv=None):
                    help="new tokens of the replayed rounds = segment length (default 32; --quick: 16)")
     p.add_argument("--probe-tokens", type=int, default=32, help="greedy tokens compared in the probed round")
     p.add_argument("--top-k", type=int, default=20, help="top logprobs per teacher-forced position")
+    p.add_argument("--max-gaps", type=int, nargs="*", default=None,
+                   help="extra tokendance servers with --td-max-gap G (the default server uses 64): the position gap "
+                        "of the aligned layout traded for master copies (default 0 16; --quick: 0)")
     a = p.parse_args(argv)
+    a.max_gaps = a.max_gaps if a.max_gaps is not None else (QUICK_MAX_GAPS if a.quick else FULL_MAX_GAPS)
     a.policies = a.policies or (QUICK_POLICIES if a.quick else FULL_POLICIES)
     a.agents = a.agents or (4 if a.quick else 8)
     a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 32)
@@ -117,12 +129,12 @@ def first_divergence(ref: list[int], got: list[int], n: int) -> int | None:
     return None if len(got) >= min(n, len(ref)) else min(len(ref), len(got))
 
 
-def probe_backend(args, backend: str, ref: dict, log) -> dict:
+def probe_backend(args, backend: str, ref: dict, log, extra: list[str] | None = None) -> dict:
     from tokendance_sgl.fidelity import compare_responses
     from tokendance_sgl.runner import ServerError
 
     out: dict = {"policies": {}}
-    with C.server(args, backend, log) as srv:
+    with C.server(args, backend, log, extra=extra) as srv:
         out["server"] = srv.info
         srv.flush()
         match = []
@@ -168,6 +180,11 @@ def probe_backend(args, backend: str, ref: dict, log) -> dict:
             log(f"  {backend} {pol}: top-1 {rec['top1']:.3f}, KL {rec['kl']:.4f}, greedy {rec['greedy']:.2f}, "
                 f"recomputed {C.fmt(rec['recompute_fraction'], 3)} of the segment tokens, uncached "
                 f"{rec['uncached_tokens']} tok")
+        # the memory side of the position gap: master copies re-rotated for the probed round (one per segment and
+        # base; later policies of the same round reuse them)
+        done = [x for x in out["policies"].values() if "stats_delta" in x]
+        for key, name in (("master_copies", "master_copies_made"), ("rotated_tokens", "copy_slots_made")):
+            out[name] = sum(x["stats_delta"].get(key, 0) for x in done) if done else None
     return out
 
 
@@ -182,24 +199,18 @@ def main(argv=None) -> int:
         f"{args.max_new_tokens} tokens, workload sizes {C.workload_sizes(args) or 'default'}")
     ref = reference_run(args, log)
     results = {}
-    for b in backends:
+    runs = [(b, b, None) for b in backends]
+    if "tokendance" in backends:
+        runs += [(f"tokendance --td-max-gap {g}", "tokendance", ["--td-max-gap", str(g)]) for g in args.max_gaps]
+    for label, b, extra in runs:
         try:
-            results[b] = probe_backend(args, b, ref, log)
+            results[label] = probe_backend(args, b, ref, log, extra)
         except Exception as e:  # noqa: BLE001  (a backend that fails is reported, the others still run)
-            C.backend_failed(b, e, skipped, log)
+            C.backend_failed(label, e, skipped, log)
 
-    comparison = {}
-    if "tokendance" in results and "pic" in results:
-        for pol in args.policies:
-            t, p = results["tokendance"]["policies"].get(pol, {}), results["pic"]["policies"].get(pol, {})
-            if "top1" in t and "top1" in p:
-                comparison[pol] = {
-                    "tokendance": {k: t[k] for k in ("top1", "kl", "greedy", "recompute_fraction")},
-                    "pic": {k: p[k] for k in ("top1", "kl", "greedy", "recompute_fraction")},
-                    "tokendance_at_least_as_good": t["top1"] >= p["top1"] and t["kl"] <= p["kl"],
-                    "delta_top1": t["top1"] - p["top1"],  # > 0: tokendance better
-                    "delta_kl": t["kl"] - p["kl"],  # < 0: tokendance better
-                }
+    comparison = against_pic(results, "tokendance", args.policies)
+    comparison_max_gap = {label: against_pic(results, label, args.policies) for label in results
+                          if label.startswith("tokendance --td-max-gap")}
 
     data = {
         "benchmark": NAME,
@@ -209,7 +220,7 @@ def main(argv=None) -> int:
             "rounds": args.rounds, "probed_round": args.rounds - 1, "segment_tokens_max": args.max_new_tokens,
             "probe_tokens": args.probe_tokens, "top_k": args.top_k, "style": args.style, "seed": args.seed,
             "workload_sizes": C.workload_sizes(args) or "workload defaults", "model": args.model,
-            "server_args": args.server_arg,
+            "server_args": args.server_arg, "max_gaps": args.max_gaps,
             "reference": "radix --disable-radix-cache (exact prefill at true positions)",
             "quality": "top1, kl: teacher-forced over each request's task tokens (KL over the reference's top-k); "
                        "greedy: fraction of the first probe_tokens generated before the first divergence",
@@ -220,6 +231,7 @@ def main(argv=None) -> int:
                       "shared_tokens_probed_round": sum(a["shared_tokens"] for a in ref["rounds"][-1])},
         "results": results,
         "comparison": comparison,
+        "comparison_max_gap": comparison_max_gap,
         "environment": {**env, "loadavg_at_end": list(os.getloadavg())},
     }
     paths = [C.write_json(NAME, args.quick, data, args.out_dir)]
@@ -229,21 +241,43 @@ def main(argv=None) -> int:
     print(f"\n=== fidelity against exact prefill, {args.agents} agents, round {args.rounds - 1}, "
           f"{'quick' if args.quick else 'full'} size")
     w = max([8] + [len(p) + 2 for p in args.policies])
-    print(f"{'backend':<12}{'policy':<{w}}{'recomputed':>11}{'top-1':>8}{'KL':>9}{'greedy':>8}{'uncached':>10}")
+    wb = max([12] + [len(b) + 2 for b in results])
+    print(f"{'backend':<{wb}}{'policy':<{w}}{'recomputed':>11}{'top-1':>8}{'KL':>9}{'greedy':>8}{'uncached':>10}"
+          f"{'copy slots':>12}")
     for b, r in results.items():
         for pol, x in r["policies"].items():
             if "error" in x:
-                print(f"{b:<12}{pol:<{w}}  refused: {x['error'][:60]}")
+                print(f"{b:<{wb}}{pol:<{w}}  refused: {x['error'][:60]}")
                 continue
-            print(f"{b:<12}{pol:<{w}}{C.fmt(x['recompute_fraction'], 3):>11}{x['top1']:>8.3f}{max(0.0, x['kl']):>9.4f}"
-                  f"{x['greedy']:>8.2f}{x['uncached_tokens']:>10}")
-    for pol, c in comparison.items():
-        print(f"{pol}: tokendance {'at least as good as' if c['tokendance_at_least_as_good'] else 'worse than'} pic "
-              f"(top-1 {c['delta_top1']:+.3f}, KL {c['delta_kl']:+.4f})")
+            print(f"{b:<{wb}}{pol:<{w}}{C.fmt(x['recompute_fraction'], 3):>11}{x['top1']:>8.3f}"
+                  f"{max(0.0, x['kl']):>9.4f}{x['greedy']:>8.2f}{x['uncached_tokens']:>10}"
+                  f"{C.fmt(r.get('copy_slots_made')):>12}")
+    for label, cmp_ in (("tokendance", comparison), *comparison_max_gap.items()):
+        for pol, c in cmp_.items():
+            print(f"{pol}: {label} {'at least as good as' if c['tokendance_at_least_as_good'] else 'worse than'} "
+                  f"pic (top-1 {c['delta_top1']:+.3f}, KL {c['delta_kl']:+.4f})")
     if skipped:
         print(f"skipped: {skipped}")
     C.finish(log, NAME, paths)
     return 0
+
+
+def against_pic(results: dict, label: str, policies: list[str]) -> dict:
+    """Per policy: the tokendance run ``label`` against pic at the same policy (deltas > 0 top-1 / < 0 KL: better)."""
+    out = {}
+    if label not in results or "pic" not in results:
+        return out
+    for pol in policies:
+        t, p = results[label]["policies"].get(pol, {}), results["pic"]["policies"].get(pol, {})
+        if "top1" in t and "top1" in p:
+            out[pol] = {
+                "tokendance": {k: t[k] for k in ("top1", "kl", "greedy", "recompute_fraction")},
+                "pic": {k: p[k] for k in ("top1", "kl", "greedy", "recompute_fraction")},
+                "tokendance_at_least_as_good": t["top1"] >= p["top1"] and t["kl"] <= p["kl"],
+                "delta_top1": t["top1"] - p["top1"],
+                "delta_kl": t["kl"] - p["kl"],
+            }
+    return out
 
 
 def plot(data: dict, args) -> Path:

@@ -250,13 +250,15 @@ def details(data: dict) -> list[str]:
                     f"{st['probe_tokens']} tokens:", ""]
         rows = []
         for b, r in fi["results"].items():
+            copies = "-" if r.get("copy_slots_made") is None else str(r["copy_slots_made"])
             for pol, x in r["policies"].items():
                 if "top1" not in x:
-                    rows.append([b, f"`{pol}`", "refused", "", "", "", ""])
+                    rows.append([b, f"`{pol}`", "refused", "", "", "", "", copies])
                     continue
                 rows.append([b, f"`{pol}`", f(x["recompute_fraction"], 3), f"{x['top1']:.3f}", f"{max(0.0, x['kl']):.4f}",
-                             f"{x['greedy']:.2f}", str(x["uncached_tokens"])])
-        out += table(["backend", "policy", "fraction recomputed", "top-1", "KL", "greedy", "uncached tokens"], rows)
+                             f"{x['greedy']:.2f}", str(x["uncached_tokens"]), copies])
+        out += table(["backend", "policy", "fraction recomputed", "top-1", "KL", "greedy", "uncached tokens",
+                      "copy slots made for the round"], rows)
     return out
 
 

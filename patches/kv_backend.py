@@ -31,6 +31,7 @@ class KVBackendError(ValueError):
 
 
 ENV_RECOMPUTE = "TOKENDANCE_RECOMPUTE"
+ENV_MAX_GAP = "TOKENDANCE_MAX_GAP"
 REUSE_BACKENDS = ("tokendance", "pic")  # the backends that re-rotate reused K and take a recompute policy
 
 
@@ -38,11 +39,14 @@ REUSE_BACKENDS = ("tokendance", "pic")  # the backends that re-rotate reused K a
 class TokenDanceSettings:
     kv_backend: str = "radix"
     recompute: str | None = None  # --td-recompute
+    max_gap: int | None = None  # --td-max-gap
 
     def to_env(self) -> dict[str, str]:
         env = {ENV_BACKEND: self.kv_backend}
         if self.recompute is not None:
             env[ENV_RECOMPUTE] = self.recompute
+        if self.max_gap is not None:
+            env[ENV_MAX_GAP] = str(self.max_gap)
         return env
 
 
@@ -67,6 +71,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'deviation:R[:LAYER]' (the fraction R deviating most at the check layer, default layer 1) or "
         "'sink:K+deviation:R'. Also TOKENDANCE_RECOMPUTE, or per request custom_params['td_recompute'].",
     )
+    group.add_argument(
+        "--td-max-gap",
+        dest="td_max_gap",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="tokendance only: how far (in positions) an agent's shared block may be moved up to a round's canonical "
+        "base and still share its master copy (default 64). Smaller: closer to true positions (better fidelity), more "
+        "master copies (more KV); 0: every agent at its true positions, a copy per distinct start. Also "
+        "TOKENDANCE_MAX_GAP.",
+    )
 
 
 def parse_settings(argv: list[str]) -> tuple[TokenDanceSettings | None, list[str]]:
@@ -77,8 +92,10 @@ def parse_settings(argv: list[str]) -> tuple[TokenDanceSettings | None, list[str
     if ns.td_kv_backend is None:
         if ns.td_recompute is not None:
             raise KVBackendError("--td-recompute needs --kv-backend tokendance (or pic)")
+        if ns.td_max_gap is not None:
+            raise KVBackendError("--td-max-gap needs --kv-backend tokendance")
         return None, rest
-    return TokenDanceSettings(kv_backend=ns.td_kv_backend, recompute=ns.td_recompute), rest
+    return TokenDanceSettings(kv_backend=ns.td_kv_backend, recompute=ns.td_recompute, max_gap=ns.td_max_gap), rest
 
 
 def resolve_backend(settings: TokenDanceSettings, *, radix_cache_backend: str | None, disable_radix_cache: bool) -> str | None:
@@ -103,6 +120,11 @@ def resolve_backend(settings: TokenDanceSettings, *, radix_cache_backend: str | 
             parse_policy(settings.recompute)
         except ValueError as e:
             raise KVBackendError(f"--td-recompute: {e}") from None
+    if settings.max_gap is not None:
+        if name != "tokendance":
+            raise KVBackendError(f"--td-max-gap applies to --kv-backend tokendance only, not {name}")
+        if isinstance(settings.max_gap, bool) or not isinstance(settings.max_gap, int) or settings.max_gap < 0:
+            raise KVBackendError(f"--td-max-gap must be a whole number of positions >= 0, not {settings.max_gap!r}")
     return target
 
 

@@ -23,6 +23,10 @@ def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = ()):
     key = (kv_backend, extra)
     handle = _servers.get(key)
     if handle is None or not handle.alive():
+        # A server inherits this process's environment: a TOKENDANCE_* setting left behind by an in-process test
+        # would silently change its defaults (and the numbers the engine tests assert).
+        leaked = sorted(k for k in os.environ if k in ("TOKENDANCE_RECOMPUTE", "TOKENDANCE_MAX_GAP"))
+        assert not leaked, f"{leaked} set in the test process; the server would inherit them"
         handle = launch(model_path, kv_backend=kv_backend, extra_args=list(extra))
         _servers[key] = handle
     return handle

@@ -13,6 +13,24 @@ import requests
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+@pytest.fixture(autouse=True)
+def _keep_server_env():
+    """``prepare_server_args`` exports the TokenDance settings to ``os.environ`` (for the processes a server spawns);
+    in this process that would leak into every server a later test starts (e.g. a default recompute policy)."""
+    import os
+
+    from tokendance_sgl.patches.kv_backend import ENV_BACKEND, ENV_MAX_GAP, ENV_RECOMPUTE
+
+    keys = (ENV_BACKEND, ENV_RECOMPUTE, ENV_MAX_GAP)
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def test_plugin_is_discovered_through_its_entry_point():
     eps = importlib.metadata.entry_points(group="sglang.srt.plugins")
     ours = [ep for ep in eps if ep.name == "tokendance"]
@@ -66,6 +84,25 @@ def test_pic_maps_onto_its_cache_backend():
     args = sa.prepare_server_args(["--model-path", "m", "--kv-backend", "pic", "--td-recompute", "deviation:0.15"])
     assert args.radix_cache_backend == "tokendance-pic"
     assert args._tokendance == {"kv_backend": "pic", "recompute": "deviation:0.15"}
+
+
+def test_max_gap_reaches_the_tree_config_and_is_checked():
+    _apply_hooks()
+    from sglang.srt import server_args as sa
+
+    args = sa.prepare_server_args(["--model-path", "m", "--kv-backend", "tokendance", "--td-max-gap", "0"])
+    assert args.radix_cache_backend == "tokendance"
+    assert args._tokendance == {"kv_backend": "tokendance", "max_gap": 0}
+    from tokendance_sgl.collective_tree import TreeConfig
+
+    assert TreeConfig.from_env({k: v for k, v in args._tokendance.items() if k != "kv_backend"}).max_gap == 0
+    for argv, msg in (
+        (["--kv-backend", "pic", "--td-max-gap", "8"], "tokendance only"),
+        (["--kv-backend", "tokendance", "--td-max-gap", "-1"], ">= 0"),
+        (["--td-max-gap", "8"], "needs --kv-backend tokendance"),
+    ):
+        with pytest.raises(SystemExit, match=msg):
+            sa.prepare_server_args(["--model-path", "m", *argv])
 
 
 def test_conflicting_cache_flags_are_refused():

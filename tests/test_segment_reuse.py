@@ -33,7 +33,10 @@ BUDGET_POLICIES = ("sink:4", "deviation:0.15", "sink:2+deviation:0.1")
 # 0.075; deviation:0.15 0.869 / 0.863, KL 0.064 / 0.058; sink:2+deviation:0.1 0.888 / 0.875, KL 0.063 / 0.046 (0.052
 # when another agent was the pilot, before the pilot stopped depending on arrival order). Top-1 (the primary metric)
 # is at least pic's; KL is 5-36 % higher (one shared choice per segment, and the position gap of the aligned layout).
-TOP1_MARGIN, KL_RATIO = 0.0, 1.5
+# Between runs one of the 160 positions can flip (deviation:0.15 0.856 vs 0.863, sink:2+deviation:0.1 0.869 vs
+# 0.875 seen): the four requests of a round do not always reach the scheduler in one batch, and the batched CPU
+# forward is not bit-identical across batch shapes. So top-1 may trail pic's by one position.
+TOP1_MARGIN, KL_RATIO = 1.01 / 160, 1.5
 _COUNTER_KEYS = ("rows_composed", "reused_tokens", "recomputed_tokens", "master_copies", "probe_tokens")
 _WORK_KEYS = ("rotated_tokens", "prepass_text_tokens")
 
@@ -243,9 +246,9 @@ def test_shared_region_is_held_once_per_base_not_once_per_agent(server_factory, 
     td_total = n * ts["kv_per_agent_by_round"]["1"]["tokens"]
     r_td = ts["recomputed_tokens"] / n  # per agent, round 1 (round 0 reuses nothing)
     assert ps["rows_composed"] == n and ps["master_copies"] == 0, ps
-    # pic is given no larger recompute budget (measured equal here: 8 x 8 segments x sink:4 = 256 each; one CI run
-    # saw 192 on pic, unexplained); its dense copies do not depend on how many segments it matched.
-    assert 0 < ps["recomputed_tokens"] <= ts["recomputed_tokens"], (ps, ts)
+    # The same recompute budget: 8 agents x 8 segments x sink:4 = 256 each. (Runs that saw 192 on pic had a pic
+    # server started after test_plugin had exported TOKENDANCE_RECOMPUTE=deviation:0.15 into this process.)
+    assert ps["recomputed_tokens"] == ts["recomputed_tokens"] > 0, (ps, ts)
     assert pic_total - td_total >= 0.9 * (n * S_p - S_p - n * r_td) - slack, (pic_total, td_total, S_p, r_td)
     # The shared block alone (the rows' segment spans): a pic row holds every token of it, a tokendance row its
     # recomputed positions plus its share of the masters it reads.

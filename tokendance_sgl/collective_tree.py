@@ -157,7 +157,10 @@ class TreeConfig:
     strict_content: bool = False  # a span whose tokens differ from its registered segment fails the request
     reuse: bool = True  # compose rows from masters (False: segments are tracked but every prompt is computed)
     recompute: str = DEFAULT_POLICY  # recompute policy (tokendance_sgl.selection)
-    base_align: int = 16  # a round's canonical base: the first agent's region start rounded up to this
+    # a round's canonical base is rounded up to a multiple of this: > 1 leaves room for late arrivals with slightly
+    # longer private parts, at the price of a hole of up to base_align - 1 positions for every agent (measured:
+    # 16 cost teacher-forced top-1 0.905 -> 0.897 and KL 0.0117 -> 0.0134 on sink:4), so 1 by default
+    base_align: int = 1
     max_gap: int = 64  # the largest position gap an agent accepts before it opens a base of its own
 
     @classmethod
@@ -170,7 +173,7 @@ class TreeConfig:
             strict_content=_env_bool("TOKENDANCE_STRICT_SEGMENTS", False),
             reuse=_env_bool("TOKENDANCE_REUSE", True),
             recompute=os.environ.get("TOKENDANCE_RECOMPUTE") or DEFAULT_POLICY,
-            base_align=_env_int("TOKENDANCE_BASE_ALIGN", 16),
+            base_align=_env_int("TOKENDANCE_BASE_ALIGN", 1),
             max_gap=_env_int("TOKENDANCE_MAX_GAP", 64),
         )
         for k, v in (overrides or {}).items():

@@ -29,15 +29,19 @@ def _build_server_args(settings: TokenDanceSettings | None, **kwargs):
 
 
 def engine_kwargs(
-    kv_backend: str | None, kwargs: dict, td_recompute: str | None = None
+    kv_backend: str | None, kwargs: dict, td_recompute: str | None = None, td_max_gap: int | None = None
 ) -> tuple[TokenDanceSettings | None, dict]:
     out = dict(kwargs)
     if not _bootstrap.host_has_cuda():
         for key, value in CPU_ENGINE_DEFAULTS.items():
             out.setdefault(key, value)
-    if kv_backend is None and td_recompute is not None:
-        raise KVBackendError("td_recompute needs kv_backend='tokendance'")
-    settings = TokenDanceSettings(kv_backend=kv_backend, recompute=td_recompute) if kv_backend is not None else None
+    if kv_backend is None and (td_recompute is not None or td_max_gap is not None):
+        raise KVBackendError("td_recompute and td_max_gap need kv_backend='tokendance'")
+    settings = (
+        TokenDanceSettings(kv_backend=kv_backend, recompute=td_recompute, max_gap=td_max_gap)
+        if kv_backend is not None
+        else None
+    )
     return settings, out
 
 
@@ -45,11 +49,12 @@ def _engine_class():
     from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 
     class Engine(SGLangEngine):
-        """``Engine(model_path=..., kv_backend="radix" | "pic" | "tokendance", td_recompute=None,
+        """``Engine(model_path=..., kv_backend="radix" | "pic" | "tokendance", td_recompute=None, td_max_gap=None,
         **sglang_server_args)``."""
 
-        def __init__(self, *, kv_backend: str | None = "radix", td_recompute: str | None = None, **kwargs):
-            settings, kwargs = engine_kwargs(kv_backend, kwargs, td_recompute)
+        def __init__(self, *, kv_backend: str | None = "radix", td_recompute: str | None = None,
+                     td_max_gap: int | None = None, **kwargs):
+            settings, kwargs = engine_kwargs(kv_backend, kwargs, td_recompute, td_max_gap)
             if settings is not None:
                 # Fail before any process starts, with the same message as the command line.
                 from tokendance_sgl.patches.kv_backend import resolve_backend
