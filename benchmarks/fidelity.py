@@ -209,8 +209,7 @@ def main(argv=None) -> int:
             C.backend_failed(label, e, skipped, log)
 
     comparison = against_pic(results, "tokendance", args.policies)
-    comparison_max_gap = {label: against_pic(results, label, args.policies) for label in results
-                          if label.startswith("tokendance --td-max-gap")}
+    comparison_max_gap = {label: against_pic(results, label, args.policies) for label, _, extra in runs if extra}
 
     data = {
         "benchmark": NAME,

@@ -25,7 +25,9 @@ def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = ()):
     if handle is None or not handle.alive():
         # A server inherits this process's environment: a TOKENDANCE_* setting left behind by an in-process test
         # would silently change its defaults (and the numbers the engine tests assert).
-        leaked = sorted(k for k in os.environ if k in ("TOKENDANCE_RECOMPUTE", "TOKENDANCE_MAX_GAP"))
+        from tokendance_sgl.patches.kv_backend import ENV_MAX_GAP, ENV_RECOMPUTE
+
+        leaked = sorted(k for k in (ENV_RECOMPUTE, ENV_MAX_GAP) if k in os.environ)
         assert not leaked, f"{leaked} set in the test process; the server would inherit them"
         handle = launch(model_path, kv_backend=kv_backend, extra_args=list(extra))
         _servers[key] = handle
