@@ -16,7 +16,7 @@ steps.  Bytes = slots x the K+V bytes of one token over all layers.  Measures, a
   counts everything the cache keeps: private prefixes, the shared block (radix: one copy per agent in its tree;
   tokendance: the masters and their re-rotated copies) and earlier rounds' content; rows' private slots are freed
   by then (so pic's per-request copies no longer show here).
-* **row KV per agent** (DESIGN.md section 6): the slots a round's row held for its prompt and output, master
+* **row KV per agent** (docs/architecture.md, "Metrics"): the slots a round's row held for its prompt and output, master
   slots divided among the rows that shared them.  tokendance/pic report it (``kv_per_agent_by_round``); a radix
   row holds every token of its prompt and output itself, so its value is ``prompt + generated`` tokens.
 * **shared block of the row**: the same row KV for the row's segment spans alone (the last round's outputs it
@@ -104,7 +104,7 @@ def measure(args, srv, n: int, L: int, bpt: int, log) -> dict:
     for k in ("master_slots", "master_copy_slots", "diff_slots", "segments", "reused_tokens", "recomputed_tokens"):
         if k in s:
             rec[k] = s[k]
-    # DESIGN.md 6: the slots a round's row held for its prompt and output, masters divided among their sharers.
+    # docs/architecture.md, "Metrics": the slots a round's row held for its prompt and output, masters divided among their sharers.
     kr = row_kv_from_stats(s, s_prev, args.rounds - 1)
     kr_shared = row_kv_from_stats(s, s_prev, args.rounds - 1, field="shared_held_tokens")
     if kr is not None:
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                                            "N * bytes per token",
                 "pool_kv_per_agent_bytes": "used_slots / N * bytes per token, at idle after the last round",
                 "round_increment_per_agent_bytes": "(used_slots after - before the last round) / N * bytes",
-                "row_kv_per_agent_bytes": "DESIGN.md 6: slots a round's row held for prompt and output, masters "
+                "row_kv_per_agent_bytes": "docs/architecture.md, "Metrics": slots a round's row held for prompt and output, masters "
                                           "divided among sharers; tokendance/pic: kv_per_agent_by_round of the last "
                                           "round; radix: (prompt + generated tokens) per agent * bytes",
                 "shared_kv_per_agent_bytes": "the row KV of the shared block alone (its segment spans): "
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     if not args.no_plot:
         paths.append(plot(data, args, settings_grid))
 
-    print(f"\n=== KV per agent (MiB: held at the peak of the round / row (DESIGN.md 6) / shared block of the row / "
+    print(f"\n=== KV per agent (MiB: held at the peak of the round / row (docs/architecture.md, "Metrics") / shared block of the row / "
           f"pool used at the end), "
           f"{args.style}, {'quick' if args.quick else 'full'} size, round {args.rounds - 1}")
     head = f"{'N':>4}{'L':>5}" + "".join(f"{b:>30}" for b in results)

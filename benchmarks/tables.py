@@ -205,8 +205,8 @@ def details(data: dict) -> list[str]:
         out += ["", f"**KV per agent** ({provenance(s)}). {st['kv_bytes_per_token']['bytes']} bytes of K+V per token; "
                     f"round {st['measured_after_round']} measured (its requests generate "
                     f"{st['last_round_max_new_tokens']} tokens); "
-                    f"pool {st['pool_tokens']} tokens. MiB per agent: held at the peak of the round / row (DESIGN.md "
-                    f"6) / the row's shared block alone (its segment tokens; masters divided among their users) / "
+                    f"pool {st['pool_tokens']} tokens. MiB per agent: held at the peak of the round / row "
+                    f"(docs/architecture.md, Metrics) / the row's shared block alone (its segment tokens; masters divided among their users) / "
                     f"pool used at the end of the round:", ""]
         bs = list(s["results"])
         rows = []

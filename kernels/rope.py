@@ -1,6 +1,6 @@
 """Triton RoPE re-rotation of K rows in the KV pool, all layers in one launch.
 
-Moving cached K from position p to p' is one rotation by ``delta = p' - p`` of every RoPE pair (DESIGN.md section 3):
+Moving cached K from position p to p' is one rotation by ``delta = p' - p`` of every RoPE pair (docs/architecture.md, "Re-rotation"):
 ``x' = x cos(delta theta_j) - y sin(delta theta_j)``, ``y' = y cos(delta theta_j) + x sin(delta theta_j)``, with NeoX pairs
 ``(x[j], x[j + rotary_dim/2])`` or GPT-J pairs ``(x[2j], x[2j+1])``. Math in fp32 whatever the storage dtype.
 

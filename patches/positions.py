@@ -1,8 +1,8 @@
-"""Aligned positions: shift the position ids SGLang computes for rows after a request's canonical gap.
+"""Aligned positions: apply each request's position map to the position ids SGLang computes.
 
 Target: ``sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new`` (AFTER; a classmethod, so the hook
 receives ``(result, cls, batch, model_runner, ...)``).  Extend batches hold ``extend_lens[i]`` positions per
-request, decode batches one; requests without a plan (``req.td_row_plan``) or without a gap are left alone.
+request, decode batches one; requests whose map is the identity (``req.td.positions``) are left alone.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 def _after_init_new(result, cls, batch, *args, **kwargs):
     positions = getattr(result, "positions", None)
     reqs = getattr(batch, "reqs", None)
-    if positions is None or not reqs or not any(getattr(r, "td_row_plan", None) is not None for r in reqs):
+    if positions is None or not reqs or not any(getattr(r, "td", None) is not None and r.td.positions for r in reqs):
         return result
     from tokendance_sgl.recompute import shift_positions
 

@@ -39,9 +39,9 @@ def scheduler_stats(scheduler) -> dict:
     }
 
     if isinstance(tree, CollectiveTree):
-        stats.update(tree.stats())
+        stats.update(tree.report())
         stats["kv_bytes_by_agent"] = {str(k): v for k, v in tree.kv_bytes_by_agent().items()}
-        stats["kv_bytes_by_agent_cumulative"] = {str(k): v for k, v in tree.cum_bytes_by_agent.items()}
+        stats["kv_bytes_by_agent_cumulative"] = {str(k): v for k, v in tree.stats.cum_bytes_by_agent.items()}
     return stats
 
 

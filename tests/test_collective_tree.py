@@ -29,228 +29,18 @@ try:
 except Exception:  # release_kv_cache reads the serving/spec config: publish defaults once
     get_context().override_server_args().install()
 
-from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, Req
-from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.common import checkpoint_kv_cache, release_kv_cache
+from sglang.srt.mem_cache.common import release_kv_cache
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
-from sglang.srt.sampling.sampling_params import SamplingParams
 
-from tokendance_sgl.collective_tree import (
-    CollectiveTree,
-    SegmentUnavailable,
-    TreeConfig,
-    build_collective_tree,
-)
+from tokendance_sgl.collective_tree import CollectiveTree, build_collective_tree
+from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.diff_alloc import MasterRun, NewRun
-
-
-class Sim:
-    """A scheduler stand-in over one CollectiveTree with a fake KV pool (``kv[slot]`` = token whose KV it holds)."""
-
-    def __init__(self, ps=1, pool_tokens=128, rows=8, ctx=512, config=None):
-        self.ps = ps
-        self.pool = ReqToTokenPool(size=rows, max_context_len=ctx, device="cpu", enable_memory_saver=False)
-        if ps == 1:
-            self.alloc = TokenToKVPoolAllocator(size=pool_tokens, dtype=torch.float32, device="cpu", kvcache=None,
-                                                need_sort=False)
-        else:
-            self.alloc = PagedTokenToKVPoolAllocator(size=pool_tokens, page_size=ps, dtype=torch.float32,
-                                                     device="cpu", kvcache=None, need_sort=False)
-        params = CacheInitParams(disable=False, req_to_token_pool=self.pool, token_to_kv_pool_allocator=self.alloc,
-                                 page_size=ps)
-        self.tree = CollectiveTree(params, config or TreeConfig(min_segment_len=4), copy_fn=self.copy,
-                                   bytes_per_token=8.0)
-        self.kv = np.full(pool_tokens + 2 * ps, -1, dtype=np.int64)
-        self.total = self.alloc.size
-        self.running: dict[str, Req] = {}
-        self.n = 0
-
-    # fake KV
-    def copy(self, src, dst):
-        self.kv[dst.numpy()] = self.kv[src.numpy()]
-
-    def _alloc(self, n):
-        ps = self.ps
-        need = -(-n // ps) * ps
-        self.alloc.evict_to_free_tokens(self.tree, need)
-        out = self.alloc.alloc(need)
-        return None if out is None else out[:n]
-
-    def make(self, prompt, custom=None):
-        self.n += 1
-        return Req(f"q{self.n}", "", array("q", prompt), SamplingParams(max_new_tokens=256, custom_params=custom))
-
-    def admit(self, prompt, custom=None, *, compose=False, recompute_frac=0.0, rng=None, first=7, no_insert=False,
-              chunk=None):
-        """Admits a request like the scheduler. With ``compose``, the row after the radix prefix is built from the
-        masters of the resident segments its plan names (recomputed positions and the rest get private slots).
-        ``no_insert`` sets ``req.skip_radix_cache_insert`` (nothing of the request enters the radix tree).
-        ``chunk`` checkpoints the prompt at that length first, as chunked prefill does between chunks."""
-        req = self.make(prompt, custom)
-        req.skip_radix_cache_insert = no_insert
-        req.init_next_round_input(self.tree)
-        n = len(prompt)
-        req.lock = self.tree.lock(req.last_node)
-        if not self.pool.free_slots:
-            self.tree.unlock(req.lock)
-            return None
-        start = req.prefix_len
-        built = None
-        if compose:
-            pieces, pos = [], start
-            for sp in req.td_plan.spans:
-                if sp.kv_len <= 0 or sp.start < pos:
-                    continue
-                seg = self.tree.segment(sp.key)
-                if seg is None or not self.tree.has_kv(seg):
-                    continue
-                if sp.start > pos:
-                    pieces.append(NewRun(sp.start - pos))
-                k = sp.kv_len
-                rc = [i for i in range(k) if rng is not None and rng.random() < recompute_frac]
-                pieces.append(MasterRun(seg, seg.master[:k], recompute=rc))
-                pos = sp.start + k
-            if pos < n:
-                pieces.append(NewRun(n - pos))
-            if any(isinstance(p, MasterRun) for p in pieces):
-                self.pool.alloc([req])
-                built = self.tree.compose_row(req, start, pieces, agent=(custom or {}).get("td_agent"))
-                if built is None:
-                    self.pool.free(req)
-                    self.tree.on_release(req, checkpointed=False)
-                    self.tree.unlock(req.lock)
-                    return None
-                slots = built.slots
-                private = built.private_positions
-        if built is None:
-            slots = self._alloc(n - start)
-            if slots is None:
-                self.tree.unlock(req.lock)
-                return None
-            self.pool.alloc([req])
-            private = np.arange(n - start)
-        idx = req.kv.req_pool_idx
-        if start:
-            self.pool.write((idx, slice(0, start)), self.tree.prefix_device_indices(req))
-        self.pool.write((idx, slice(start, n)), slots)
-        # the forward computes KV for the private positions (recomputed and new tokens)
-        toks = np.asarray(prompt[start:n], dtype=np.int64)
-        self.kv[slots.numpy()[private]] = toks[private]
-        req.kv.kv_allocated_len = req.kv.kv_committed_len = n
-        if chunk is not None and start < chunk < n:
-            req.extend_end = chunk
-            checkpoint_kv_cache(req, self.tree)
-            self.tree.check_invariants()
-        req.extend_end = n
-        req.output_ids.append(first)
-        checkpoint_kv_cache(req, self.tree)
-        self.running[req.rid] = req
-        return req
-
-    def decode(self, req, token):
-        p = req.kv.kv_committed_len
-        row = self.pool.req_to_token[req.kv.req_pool_idx]
-        if self.ps == 1 or p % self.ps == 0:
-            s = self._alloc(1)
-            if s is None:
-                return False
-            row[p] = int(s[0])
-        else:
-            row[p] = int(row[p - 1]) + 1
-        self.kv[int(row[p])] = req.output_ids[-1]
-        req.kv.kv_committed_len = req.kv.kv_allocated_len = p + 1
-        req.output_ids.append(token)
-        return True
-
-    def finish(self, req, *, abort=False):
-        req.finished_reason = FINISH_ABORT() if abort else FINISH_LENGTH(length=len(req.output_ids))
-        release_kv_cache(req, self.tree, checkpoint=True)
-        del self.running[req.rid]
-
-    def retract(self, req):
-        release_kv_cache(req, self.tree, checkpoint=False)
-        del self.running[req.rid]
-
-    def flush(self):
-        assert not self.running
-        self.tree.reset()
-        self.pool.clear() if hasattr(self.pool, "clear") else None
-        self.alloc.clear()
-
-    # ---------------------------------------------------------------- checks
-    def owned_pages(self, req) -> set[int]:
-        kv = req.kv
-        ps = self.ps
-        row = self.pool.req_to_token[kv.req_pool_idx].numpy().astype(np.int64)
-        pos = np.arange(kv.cache_protected_len, kv.kv_allocated_len)
-        mpos = self.tree.row_master_positions(req)
-        if mpos.size:
-            pos = pos[~np.isin(pos // ps, np.unique(mpos // ps))]
-        return set((row[pos] // ps).tolist())
-
-    def check(self):
-        tree, ps = self.tree, self.ps
-        tree.check_invariants()
-        free = self.alloc.get_all_free_pages().tolist()
-        assert len(free) == len(set(free)), "a page is in the free list twice"
-        free = set(free)
-        L = tree._ledger
-        held = set(np.nonzero((L.r > 0) | (L.s > 0))[0].tolist())
-        everything = set(range(1, self.total // ps + 1))
-        assert not (free & held), f"tree-held pages in the free list: {sorted(free & held)[:8]}"
-        owned_total = 0
-        seen = set(free | held)
-        for req in self.running.values():
-            own = self.owned_pages(req)
-            assert not (own & seen), f"{req.rid} owns pages someone else owns: {sorted(own & seen)[:8]}"
-            seen |= own
-            owned_total += len(own) * ps
-            # every slot the row reads is allocated and holds this request's tokens
-            n = req.kv.kv_committed_len
-            row = self.pool.req_to_token[req.kv.req_pool_idx, :n].numpy().astype(np.int64)
-            assert not (set((row // ps).tolist()) & free), f"{req.rid} reads a freed page"
-            fill = np.asarray((req.origin_input_ids + req.output_ids)[:n])
-            assert (self.kv[row] == fill).all(), f"{req.rid} reads foreign KV"
-        assert seen == everything, f"leaked pages: {sorted(everything - seen)[:8]}"
-        a, e, p = self.alloc.available_size(), tree.evictable_size(), tree.protected_size()
-        assert a + e + p + owned_total == self.total, (a, e, p, owned_total, self.total)
-        if not self.running:
-            assert a + e + p == self.total
-        for seg in tree.segments():
-            if tree.has_kv(seg):
-                m = seg.master.numpy()
-                assert not (set((m // ps).tolist()) & free), f"master of {seg!r} freed"
-                assert (self.kv[m] == np.asarray(seg.tokens[: len(m)])).all(), f"master of {seg!r} overwritten"
-
-
-def T(n, start=1):
-    return list(range(start, start + n))
-
-
-def tbl(round_=0, agent=0, out=None, spans=(), ns=None):
-    cp = {"td_round": round_, "td_agent": agent}
-    if spans:
-        cp.update(td_seg_ids=[s[0] for s in spans], td_seg_starts=[s[1] for s in spans],
-                  td_seg_ends=[s[2] for s in spans])
-    if out:
-        cp["td_out_seg"] = out
-    if ns is not None:
-        cp["td_ns"] = ns
-    return cp
-
-
-def produce(sim, prompt, out_tokens, **cp):
-    req = sim.admit(prompt, tbl(**cp), first=out_tokens[0])
-    assert req is not None
-    for t in out_tokens[1:]:
-        assert sim.decode(req, t)
-    sim.finish(req)
-    sim.check()
-    return req
+from tokendance_sgl.segment_store import SegmentUnavailable
+from tree_sim import Sim, T, new_round, produce, register, tbl
 
 
 # ================================================================================================ unit tests
@@ -260,11 +50,11 @@ def test_strong_segment_registered_and_outlives_its_radix_path():
     sim = Sim(ps=1, pool_tokens=64)
     prompt, out = T(20, 100), T(8, 500)
     req = produce(sim, prompt, out, round_=0, agent=3, out="r0/a3")
-    seg = sim.tree.segment_for_id("r0/a3")
+    seg = sim.tree.store.for_id("r0/a3")
     assert seg is not None and seg.strong and seg.holding and seg.ids == {"r0/a3"}
     assert list(seg.tokens) == out and seg.kv_len == len(out) - 1  # the last token's KV is never computed
     assert (seg.anchor, seg.round, seg.agent) == (20, 0, 3)
-    assert req.td_registered == seg.key
+    assert req.td.registered == seg.key
     # the master is the radix's copy of the output (co-held: nothing is double counted)
     leaf = sim.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", prompt + out[:-1])))).last_device_node
     assert sim.tree.path_device_indices(leaf)[20:].tolist() == seg.master.tolist()
@@ -276,7 +66,7 @@ def test_strong_segment_registered_and_outlives_its_radix_path():
     sim.check()
     # a later eviction drops the segment (frees its pages); its id stays known
     assert sim.tree.evict(EvictParams(num_tokens=1)).num_tokens_evicted == 7
-    assert sim.tree.segment_for_id("r0/a3") is None and sim.tree.known_id("r0/a3")
+    assert sim.tree.store.for_id("r0/a3") is None and sim.tree.store.known_id("r0/a3")
     assert sim.alloc.available_size() == 64
     sim.check()
 
@@ -285,13 +75,13 @@ def test_page_size_4_tail_page_is_transferred_to_the_segment():
     sim = Sim(ps=4, pool_tokens=64)
     prompt, out = T(10, 100), T(6, 500)  # KV rows 0..14: radix keeps [0, 12), the tail page [12, 16) is partial
     produce(sim, prompt, out, out="s")
-    seg = sim.tree.segment_for_id("s")
+    seg = sim.tree.store.for_id("s")
     assert seg.kv_len == 5 and seg.anchor == 10
     assert sim.tree.segment_only_size() == 4  # the tail page left the request for the segment, not freed
     assert sim.tree.evictable_size() == 16
     assert sim.kv[seg.master.numpy()].tolist() == out[:5]
     sim.tree.evict(EvictParams(num_tokens=64))
-    assert sim.alloc.available_size() == 64 and not sim.tree.segments()
+    assert sim.alloc.available_size() == 64 and not sim.tree.store.segments()
     sim.check()
 
 
@@ -306,8 +96,8 @@ def test_abort_retract_and_short_plain_outputs_register_nothing():
     r = sim.admit(T(10, 80))  # plain, output shorter than min_segment_len (4)
     sim.decode(r, 5)
     sim.finish(r)
-    assert sim.tree.segments() == []
-    assert sim.tree.known_id("x") and sim.tree.known_id("y")  # announced, still pending
+    assert sim.tree.store.segments() == []
+    assert sim.tree.store.known_id("x") and sim.tree.store.known_id("y")  # announced, still pending
     sim.check()
 
 
@@ -315,25 +105,25 @@ def test_weak_segments_follow_the_radix_and_pin_while_locked():
     sim = Sim(ps=1, pool_tokens=64)
     out = T(9, 700)
     produce(sim, T(12, 100), out)  # plain request: weak segment, KV shared with the radix path
-    (seg,) = sim.tree.segments()
-    assert not seg.strong and not seg.holding and seg.kv_len == 8 and sim.tree.has_kv(seg)
+    (seg,) = sim.tree.store.segments()
+    assert not seg.strong and not seg.holding and seg.kv_len == 8 and sim.tree.store.has_kv(seg)
     assert sim.tree.evictable_size() == 20
     # pinning a weak segment makes it hold its pages: radix eviction then cannot free them
-    sim.tree.lock_segment(seg)
+    sim.tree.store.lock(seg)
     assert sim.tree.protected_size() == 8 and sim.tree.evictable_size() == 12
     sim.tree.evict(EvictParams(num_tokens=1000))
-    assert sim.tree.segment_only_size() == 8 and sim.tree.has_kv(seg)
+    assert sim.tree.segment_only_size() == 8 and sim.tree.store.has_kv(seg)
     sim.check()
-    sim.tree.unlock_segment(seg)  # last unlock: its pages die, and with them the weak segment
-    assert sim.tree.segments() == [] and sim.alloc.available_size() == 64
+    sim.tree.store.unlock(seg)  # last unlock: its pages die, and with them the weak segment
+    assert sim.tree.store.segments() == [] and sim.alloc.available_size() == 64
     sim.check()
     # an unpinned weak segment is invalidated by radix eviction (no pages held beyond stock)
     produce(sim, T(12, 100), out)
-    (seg,) = sim.tree.segments()
+    (seg,) = sim.tree.store.segments()
     sim.tree.evict(EvictParams(num_tokens=1000))
-    assert not sim.tree.has_kv(seg) and sim.alloc.available_size() == 64
+    assert not sim.tree.store.has_kv(seg) and sim.alloc.available_size() == 64
     with pytest.raises(SegmentUnavailable):
-        sim.tree.lock_segment(seg)
+        sim.tree.store.lock(seg)
     sim.check()
 
 
@@ -346,26 +136,26 @@ def test_round_aware_eviction_order():
     def seg(round_, toks):
         slots = sim.alloc.alloc(len(toks))
         sim.kv[slots.numpy()] = toks
-        return tree.register_segment(toks, slots, anchor=0, round=round_, seg_id=f"r{round_}/{toks[0]}")
+        return register(tree, toks, slots, anchor=0, round=round_, seg_id=f"r{round_}/{toks[0]}")
 
     old, mid, new = seg(0, T(5, 100)), seg(1, T(5, 200)), seg(2, T(5, 300))
-    tree.new_round(3)
-    assert [tree._is_stale(s) for s in (old, mid, new)] == [True, True, False]
+    new_round(tree, 3)
+    assert [tree.store.is_stale(s) for s in (old, mid, new)] == [True, True, False]
     # a round-3 request naming `mid` keeps it alive for this round
     r = sim.make(T(3) + list(mid.tokens) + [9], tbl(round_=3, spans=[("r1/200", 3, 8)]))
     plan = tree.plan_for(r)
-    assert plan.spans[0].status == "resident" and plan.spans[0].kv_len == 5 and not tree._is_stale(mid)
+    assert plan.spans[0].status == "resident" and plan.spans[0].kv_len == 5 and not tree.store.is_stale(mid)
     assert tree.evictable_size() == 21
     # (1) older rounds first, before any radix prefix
     assert tree.evict(EvictParams(num_tokens=1)).num_tokens_evicted == 5
-    assert tree.segment(old.key) is None and tree.total_size() == 16
+    assert tree.store.get(old.key) is None and tree.total_size() == 16
     # (2) then radix leaves (LRU) before current-round segments
     assert tree.evict(EvictParams(num_tokens=1)).num_tokens_evicted == 6
-    assert tree.segment(mid.key) is mid and tree.segment(new.key) is new
+    assert tree.store.get(mid.key) is mid and tree.store.get(new.key) is new
     # (3) then the current round's segments, least recently used first
     tree.plan_for(sim.make(list(new.tokens), tbl(round_=3, spans=[("r2/300", 0, 5)])), force=True)
     assert tree.evict(EvictParams(num_tokens=1)).num_tokens_evicted == 5
-    assert tree.segment(mid.key) is None and tree.segment(new.key) is new
+    assert tree.store.get(mid.key) is None and tree.store.get(new.key) is new
     sim.check()
 
 
@@ -373,27 +163,27 @@ def test_locked_segment_is_never_evicted_and_flush_empties_everything():
     sim = Sim(ps=1, pool_tokens=64)
     produce(sim, T(10, 100), T(6, 500), out="a")
     produce(sim, T(10, 200), T(6, 600), out="b")
-    a, b = sim.tree.segment_for_id("a"), sim.tree.segment_for_id("b")
-    sim.tree.lock_segment(a)
-    sim.tree.new_round(10)
+    a, b = sim.tree.store.for_id("a"), sim.tree.store.for_id("b")
+    sim.tree.store.lock(a)
+    new_round(sim.tree, 10)
     sim.tree.evict(EvictParams(num_tokens=1000))
-    assert sim.tree.segment(a.key) is a and sim.tree.has_kv(a) and sim.tree.segment(b.key) is None
+    assert sim.tree.store.get(a.key) is a and sim.tree.store.has_kv(a) and sim.tree.store.get(b.key) is None
     assert sim.tree.protected_size() == 5 and sim.tree.evictable_size() == 0
     with pytest.raises(RuntimeError):
-        sim.tree.drop_segment(a)
+        sim.tree.store.drop(a)
     sim.check()
-    sim.tree.unlock_segment(a)
+    sim.tree.store.unlock(a)
     with pytest.raises(RuntimeError):
-        sim.tree.unlock_segment(a)
+        sim.tree.store.unlock(a)
     assert sim.tree.evictable_size() == 5
     produce(sim, T(10, 300), T(6, 800), out="c")
     sim.flush()
-    assert sim.tree.segments() == [] and sim.tree.total_size() == 0
+    assert sim.tree.store.segments() == [] and sim.tree.total_size() == 0
     assert (sim.tree.evictable_size(), sim.tree.protected_size()) == (0, 0)
     assert sim.alloc.available_size() == 64
-    assert sim.tree.known_id("c")  # the id registry survives a flush (no KV in it)
+    assert sim.tree.store.known_id("c")  # the id registry survives a flush (no KV in it)
     r = sim.make(T(2) + T(6, 800), tbl(round_=11, spans=[("c", 2, 8)]))
-    assert sim.tree.validate_request(r) is None and r.td_plan.spans[0].status == "evicted"
+    assert sim.tree.validate_request(r) is None and r.td.plan.spans[0].status == "evicted"
     sim.check()
 
 
@@ -407,7 +197,7 @@ def test_plans_from_tables_and_errors():
     def plan(spans, prompt=None, **kw):
         r = sim.make(prompt or pre + out + T(3, 60), tbl(round_=1, spans=spans, **kw))
         err = sim.tree.validate_request(r)
-        return r.td_plan, err
+        return r.td.plan, err
 
     p, err = plan([("r0/a1", 5, 13)])
     assert err is None and p.source == "table" and p.round == 1
@@ -436,10 +226,10 @@ def test_plans_from_tables_and_errors():
     # malformed table: never raises in the scheduler path, the plan carries the error
     r = sim.make(pre + out, {"td_seg_ids": ["r0/a1"], "td_seg_starts": [5]})
     res = sim.tree.match_prefix(MatchPrefixParams(key=RadixKey(r.origin_input_ids), req=r))
-    assert res.device_prefix_len == 0 and "go together" in r.td_plan.error
+    assert res.device_prefix_len == 0 and "go together" in r.td.plan.error
     assert "go together" in sim.tree.validate_request(r)
     # round bookkeeping
-    assert sim.tree.current_round == 1
+    assert sim.tree.store.current_round == 1
     sim.check()
 
 
@@ -450,7 +240,7 @@ def test_detection_in_plain_prompts():
     produce(sim, T(12, 200), b_out, out="b")  # strong
     prompt = T(3, 40) + a_out + T(2, 60) + b_out[:7] + a_out + T(2, 80)
     r = sim.admit(prompt)
-    plan = r.td_plan
+    plan = r.td.plan
     assert plan.source == "detected"
     got = [(s.start, s.end, s.status, s.kv_len) for s in plan.spans]
     assert got == [(3, 13, "resident", 9), (15, 22, "resident", 7), (22, 32, "resident", 9)]
@@ -468,7 +258,7 @@ def test_compose_rows_from_masters_and_release():
         sim = Sim(ps=ps, pool_tokens=160)
         out = T(13, 500)
         produce(sim, T(8, 100), out, round_=0, agent=0, out="r0/a0")
-        seg = sim.tree.segment_for_id("r0/a0")
+        seg = sim.tree.store.for_id("r0/a0")
         rng = random.Random(ps)
         prompts = [T(8, 1000 * (i + 1)) + out[:12] + T(5, 60) for i in range(3)]
         reqs = []
@@ -489,19 +279,20 @@ def test_compose_rows_from_masters_and_release():
             sim.finish(r)
             sim.check()
         assert seg.lock_ref == 0 and seg.row_refs == 0
-        assert all(sim.tree.segment_for_id(f"r1/a{i}") is not None for i in range(3))
+        assert all(sim.tree.store.for_id(f"r1/a{i}") is not None for i in range(3))
         sim.tree.evict(EvictParams(num_tokens=10_000))
         assert sim.alloc.available_size() == sim.total
         sim.check()
 
 
-def test_compose_row_keeps_master_refs_in_the_request_range():
-    """A row whose master run sits past cache_protected_len (no checkpoint in between): free_kv_row must skip the
-    master slots, and release must unlock the segment."""
+def test_live_row_holds_its_composed_region_and_release_frees_only_its_own_slots():
+    """A row composed at admission (cache-owned load-back: the region is below cache_protected_len) and released
+    without a checkpoint (e.g. retraction): the release frees exactly the row's private slots, never a master, and
+    unlocks the segment."""
     sim = Sim(ps=1, pool_tokens=96)
     out = T(9, 500)
     produce(sim, T(8, 100), out, out="m")
-    seg = sim.tree.segment_for_id("m")
+    seg = sim.tree.store.for_id("m")
     req = sim.make(T(4, 900) + out[:8] + T(3, 40), tbl(round_=1, spans=[("m", 4, 12)]))
     req.init_next_round_input(sim.tree)
     req.lock = sim.tree.lock(req.last_node)
@@ -509,16 +300,20 @@ def test_compose_row_keeps_master_refs_in_the_request_range():
     built = sim.tree.compose_row(req, 0, [NewRun(4), MasterRun(seg, seg.master, recompute=[0]), NewRun(3)], agent=5)
     sim.pool.write((req.kv.req_pool_idx, slice(0, 15)), built.slots)
     req.kv.kv_allocated_len = req.kv.kv_committed_len = 15
-    assert seg.lock_ref == 1 and seg.row_refs == 1 and sim.tree.protected_size() == 8
+    req.kv.cache_protected_len = 15  # the composed region is the tree's
+    assert seg.lock_ref == 1 and seg.row_refs == 1
+    # protected: the segment's 8 master pages and the row's own 8 (4 + 1 recomputed + 3 new); 7 pages are both
+    assert sim.tree.protected_size() == 16 and sim.tree.evictable_size() == 8  # the rest of the producer path
     assert sim.tree.row_master_positions(req).tolist() == list(range(5, 12))
     assert sim.tree.kv_bytes_by_agent() == {5: pytest.approx(8.0 * 15)}
     avail = sim.alloc.available_size()
     release_kv_cache(req, sim.tree, checkpoint=False)  # e.g. retraction: nothing goes into the tree
     assert sim.alloc.available_size() == avail + 8  # 4 + 1 recomputed + 3 new; the 7 master slots stay
-    assert seg.lock_ref == 0 and sim.tree.has_kv(seg) and not sim.tree.diff.rows
+    assert seg.lock_ref == 0 and sim.tree.store.has_kv(seg) and not sim.tree.diff.rows
+    assert sim.tree.protected_size() == 0
     sim.check()
     # a segment that cannot be pinned is refused before anything is allocated
-    sim.tree.drop_segment(seg)
+    sim.tree.store.drop(seg)
     req2 = sim.make(T(12, 300))
     req2.init_next_round_input(sim.tree)
     sim.pool.alloc([req2])
@@ -533,31 +328,12 @@ def test_alias_and_reregistration():
     out = T(7, 500)
     produce(sim, T(6, 100), out, out="first")
     produce(sim, T(6, 200), out, out="second")  # same content: alias of the existing node
-    seg = sim.tree.segment_for_id("first")
-    assert sim.tree.segment_for_id("second") is seg and seg.ids == {"first", "second"}
-    assert len(sim.tree.segments()) == 1
+    seg = sim.tree.store.for_id("first")
+    assert sim.tree.store.for_id("second") is seg and seg.ids == {"first", "second"}
+    assert len(sim.tree.store.segments()) == 1
     # a plain request with the same output makes no second node either
     produce(sim, T(6, 300), out)
-    assert len(sim.tree.segments()) == 1
-    sim.check()
-
-
-def test_set_master_replaces_pages():
-    sim = Sim(ps=1, pool_tokens=64)
-    produce(sim, T(6, 100), T(7, 500), out="x")
-    seg = sim.tree.segment_for_id("x")
-    new = sim.alloc.alloc(seg.kv_len)
-    sim.kv[new.numpy()] = np.asarray(seg.tokens[: seg.kv_len])
-    sim.tree.set_master(seg, new, anchor=40)
-    assert seg.anchor == 40 and seg.master.tolist() == new.tolist()
-    assert sim.tree.segment_only_size() == 6
-    sim.check()
-    sim.tree.lock_segment(seg)
-    with pytest.raises(RuntimeError):
-        sim.tree.set_master(seg, new, anchor=0)
-    sim.tree.unlock_segment(seg)
-    sim.tree.evict(EvictParams(num_tokens=1000))
-    assert sim.alloc.available_size() == 64
+    assert len(sim.tree.store.segments()) == 1
     sim.check()
 
 
@@ -592,12 +368,15 @@ class TreeMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.sim = Sim(ps=self.PS, pool_tokens=self.POOL, rows=6)
+        # reuse composes rows at page size 1 only (larger pages: rows are composed by `admit(compose=True)`)
+        self.sim = Sim(ps=self.PS, pool_tokens=self.POOL, rows=6,
+                       config=TreeConfig(min_segment_len=4, reuse=self.PS == 1))
         self.round = 0
         self.registered: dict[str, list[int]] = {}  # reference model: finished td_out_seg ids -> output tokens
         self.pins: list = []
         self.k = 0
         self.personas = [T(5 + 3 * i, 1000 * (i + 1)) for i in range(3)]
+        self.histories: list[list[int]] = []  # prompt + output of finished requests (an agent's next turn continues)
 
     # ---------------------------------------------------------------- rules
     def _new(self, data, *, compose=None):
@@ -623,7 +402,7 @@ class TreeMachine(RuleBasedStateMachine):
         req = sim.admit(prompt, cp, compose=compose, recompute_frac=0.25, rng=rng,
                         first=data.draw(st.integers(1, 50)), no_insert=data.draw(st.integers(0, 3)) == 0, chunk=chunk)
         if req is not None:
-            assert req.td_plan.error is None, req.td_plan.error
+            assert req.td.plan.error is None, req.td.plan.error
             req._out = out
         return req
 
@@ -634,6 +413,33 @@ class TreeMachine(RuleBasedStateMachine):
             self.sim.finish(req, abort=how == "abort")
             if how == "finish" and req._out and not req.skip_radix_cache_insert:
                 self.registered[req._out] = list(req.output_ids)
+            if how == "finish":
+                self.histories = (self.histories + [list(req.origin_input_ids) + list(req.output_ids)])[-6:]
+
+    @precondition(lambda self: self.histories)
+    @rule(data=st.data(), n=st.integers(0, 4))
+    def continue_history(self, data, n):
+        """An agent's next turn, admitted through SGLang's load-back path: its history (cached as a persistent
+        path, maybe composed and shifted), new text and segments, a policy of its own; n decode steps, an end."""
+        prompt = list(data.draw(st.sampled_from(self.histories)))
+        spans = []
+        for sid in data.draw(st.permutations(sorted(self.registered)))[: data.draw(st.integers(0, 2))]:
+            prompt += data.draw(st.lists(st.integers(1, 50), min_size=1, max_size=3))
+            spans.append((sid, len(prompt), len(prompt) + len(self.registered[sid])))
+            prompt += self.registered[sid]
+        prompt += data.draw(st.lists(st.integers(1, 50), min_size=1, max_size=4))
+        self.k += 1
+        out = f"r{self.round}/k{self.k}" if data.draw(st.booleans()) else None
+        cp = {**tbl(round_=self.round, agent=self.k % 4, spans=spans, out=out),
+              "td_recompute": data.draw(st.sampled_from(["sink:2", "none", "full"]))}
+        req = self.sim.admit_reused(prompt, cp, first=data.draw(st.integers(1, 50)))
+        if req is None:
+            return
+        req._out = out
+        for _ in range(n):
+            if not self.sim.decode(req, data.draw(st.integers(1, 50))):
+                break
+        self._end(req, data.draw(st.sampled_from(["finish", "finish", "abort", "retract"])))
 
     @rule(data=st.data())
     def new_request(self, data):
@@ -663,20 +469,20 @@ class TreeMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(sorted(self.sim.running)))
         self._end(self.sim.running[rid], data.draw(st.sampled_from(["finish", "finish", "abort", "retract"])))
 
-    @precondition(lambda self: self.sim.tree.segments())
+    @precondition(lambda self: self.sim.tree.store.segments())
     @rule(data=st.data())
     def pin(self, data):
-        segs = [s for s in self.sim.tree.segments() if self.sim.tree.has_kv(s)]
+        segs = [s for s in self.sim.tree.store.segments() if self.sim.tree.store.has_kv(s)]
         if segs:
             s = data.draw(st.sampled_from(segs))
-            self.sim.tree.lock_segment(s)
+            self.sim.tree.store.lock(s)
             self.pins.append(s)
 
     @precondition(lambda self: self.pins)
     @rule(data=st.data())
     def unpin(self, data):
         s = self.pins.pop(data.draw(st.integers(0, len(self.pins) - 1)))
-        self.sim.tree.unlock_segment(s)
+        self.sim.tree.store.unlock(s)
 
     @rule(n=st.integers(1, 64))
     def evict(self, n):
@@ -687,7 +493,7 @@ class TreeMachine(RuleBasedStateMachine):
     @rule()
     def new_round(self):
         self.round += 1
-        self.sim.tree.new_round(self.round)
+        new_round(self.sim.tree, self.round)
 
     @rule(n=st.integers(1, 128))
     def new_round_and_evict(self, n):
@@ -704,8 +510,8 @@ class TreeMachine(RuleBasedStateMachine):
     def consistent(self):
         self.sim.check()
         for sid, toks in self.registered.items():
-            assert self.sim.tree.known_id(sid)
-            seg = self.sim.tree.segment_for_id(sid)
+            assert self.sim.tree.store.known_id(sid)
+            seg = self.sim.tree.store.for_id(sid)
             if seg is not None:
                 assert list(seg.tokens) == toks
 

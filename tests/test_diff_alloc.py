@@ -10,6 +10,7 @@ import tokendance_sgl  # noqa: F401  (CPU bootstrap before sglang)
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
+from tokendance_sgl.accounting import TreeStats
 from tokendance_sgl.diff_alloc import DiffAllocator, MasterRun, NewRun, coalesce
 
 
@@ -56,19 +57,10 @@ def test_ps1_masters_recompute_and_new():
     rec = d.record("row")
     assert [(r.start, r.end) for r in rec.refs] == [(6, 8), (9, 13)]
     assert rec.master_tokens() == 6 and rec.agent == 7
-    # owned mask over row positions
-    assert d.owned_mask("row", 5, 17).tolist() == [True, False, False, True, False, False, False, False] + [True] * 4
-    # free_owned frees exactly the private slots of the given ranges
-    row = torch.zeros(40, dtype=torch.int32)
-    row[5:17] = slots.to(torch.int32)
-    before = free_set(alloc)
-    n = d.free_owned("row", row, [(5, 17)])
-    assert n == 6
-    assert free_set(alloc) - before == set(slots[private].tolist())
-    assert not set(master.tolist()) & free_set(alloc)
-    # pop: the caller unlocks the locked segments
+    assert rec.end == 17  # the region ends after the new run
+    # pop: the caller unlocks the segments the row read
     rec = d.pop_row("row")
-    assert rec.segs(locked_only=True) == ["S"] and "row" not in d
+    assert rec.segs() == ["S"] and "row" not in d
 
 
 def test_ps1_no_masters_is_a_plain_alloc_and_failure_changes_nothing():
@@ -102,15 +94,11 @@ def test_ps4_page_aligned_master_pages_are_shared_and_cow_pages_copied():
     # new run gets a fresh page (3 tokens, whole page allocated)
     assert built.private_tokens == 2 * ps
     assert [(r.start, r.end) for r in d.record("row").refs] == [(8, 12), (16, 20)]
-    # free: only the CoW page and the new page go back, whole
-    row = torch.zeros(64, dtype=torch.int32)
-    row[8:23] = s.to(torch.int32)
-    before = free_set(alloc)
-    d.free_owned("row", row, [(8, 23)])
-    freed = free_set(alloc) - before
-    assert freed == {int(cow[0]) // ps, int(s[12]) // ps}
+    # the row's own slots: the copied page and the new page, whole
+    own = set(s[built.private_positions].tolist())
+    assert {x // ps for x in own} == {int(cow[0]) // ps, int(s[12]) // ps}
     with pytest.raises(ValueError):
-        d.free_owned("row", row, [(9, 12)])  # not page-aligned
+        d.build_row("row2", 9, [NewRun(3)])  # not page-aligned
 
 
 def test_ps4_misaligned_master_run_is_copied():
@@ -141,20 +129,15 @@ def test_ps4_misaligned_master_run_is_copied():
         d3.build_row("r", 2, [NewRun(2)])
 
 
-def test_trim_below_and_transfer_refs_and_validation():
+def test_master_refs_and_validation():
     alloc = make_alloc(1)
     d = DiffAllocator(alloc)
     m = alloc.alloc(6)
     d.build_row("r", 0, [MasterRun("S", m[:3]), NewRun(2), MasterRun("T", m[3:])])
-    assert d.trim_below("r", 2) == []  # S still referenced at position 2
-    assert [(r.start, r.end) for r in d.record("r").refs] == [(2, 3), (5, 8)]
-    assert d.trim_below("r", 6) == ["S"]
-    assert [(r.start, r.end, r.seg) for r in d.record("r").refs] == [(6, 8, "T")]
-    assert d.record("r").refs[0].slots.tolist() == m[4:].tolist()
-    # a transfer (unlocked) ref is skipped by free but never reported for unlocking
-    d.add_master_ref("r", 10, 12, "U", torch.tensor([30, 31]), locked=False)
-    assert d.record("r").segs(locked_only=True) == ["T"]
-    assert sorted(d.record("r").segs()) == ["T", "U"]
+    assert [(r.start, r.end, r.seg) for r in d.record("r").refs] == [(0, 3, "S"), (5, 8, "T")]
+    assert d.record("r").refs[1].slots.tolist() == m[3:].tolist()
+    d.add_master_ref("r", 10, 12, "U", torch.tensor([30, 31]))
+    assert sorted(d.record("r").segs()) == ["S", "T", "U"]
     with pytest.raises(ValueError, match="overlaps"):
         d.add_master_ref("r", 11, 13, "U", torch.tensor([1, 2]))
     with pytest.raises(ValueError):
@@ -163,7 +146,6 @@ def test_trim_below_and_transfer_refs_and_validation():
         d.build_row("x", 0, [MasterRun("S", m[:2], recompute=[2])])
     with pytest.raises(TypeError):
         d.build_row("x", 0, ["nope"])
-    assert d.trim_below("missing", 3) == []
 
 
 def test_kv_bytes_by_agent_divides_master_bytes():
@@ -180,11 +162,11 @@ def test_kv_bytes_by_agent_divides_master_bytes():
     # a0: 8 shared slots /3 + 7 private; a1/a2: 2 slots /2 + 8 slots /3 + 5 private
     assert toks["a0"] == pytest.approx(8 / 3 + 7)
     assert toks["a1"] == pytest.approx(2 / 2 + 8 / 3 + 5)
-    by_agent = d.kv_bytes_by_agent()
+    by_agent = TreeStats().kv_bytes_by_agent(d)
     assert by_agent[1] == pytest.approx(2.0 * toks["a1"])
     # the master bytes are counted exactly once in total
     assert sum(by_agent.values()) == pytest.approx(2.0 * (10 + 7 + 5 + 5))
-    d.set_private_tokens("a1", 0)
+    d.record("a1").private_tokens = 0
     assert d.row_kv_tokens()["a1"] == pytest.approx(2 / 2 + 8 / 3)
 
 
@@ -204,8 +186,7 @@ def test_privatize_turns_master_positions_into_owned_slots():
     assert [(r.start, r.end, r.seg) for r in rec.refs] == [(11, 13, "A"), (14, 16, "A"), (19, 22, "B")]
     assert rec.refs[1].slots.tolist() == m1[4:6].tolist() and rec.refs[2].slots.tolist() == m2[1:].tolist()
     assert released == [] and rec.private_tokens == 2 + 3
-    # the row's owned mask now includes the privatized positions
-    assert d.owned_mask("row", 10, 12).tolist() == [True, False]
+    assert rec.master_positions().tolist() == [11, 12, 14, 15, 19, 20, 21]
     # privatizing every remaining position of B releases it
     assert d.privatize("row", [19, 20, 21], alloc.alloc(3)) == ["B"]
     with pytest.raises(ValueError, match="not master references"):

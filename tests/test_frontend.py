@@ -22,7 +22,8 @@ import tokendance_sgl  # noqa: F401  (CPU bootstrap before sglang)
 import sglang as sgl
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
-from tokendance_sgl.endpoint import Block, Piece, TokenDanceEndpoint, _Mirror
+from tokendance_sgl.endpoint import Block, Piece, TokenDanceEndpoint
+from tokendance_sgl.program_state import Mirror
 from tokendance_sgl.lang import GatherError, gather
 from tokendance_sgl.programs.feed import run_feed
 from tokendance_sgl.programs.village import run_village
@@ -338,7 +339,7 @@ def test_stream_gen_enters_the_mirror(fake, ep):
 
 
 def test_mirror_truncate_and_known_split(ep):
-    m = _Mirror()
+    m = Mirror()
     for t in ("ab", "cd", "ef"):
         m.append(Piece(t, (1, 2) if t != "cd" else (3,), "s" if t == "cd" else None))
     m.truncate(3)  # keeps whole pieces only: "ab"

@@ -83,7 +83,7 @@ def assert_idle_invariant(cache):
     assert a + e + p == cache.token_to_kv_pool_allocator.size, (a, e, p)
     if isinstance(cache, CollectiveTree):
         cache.check_invariants()
-        if not cache._n_holding:
+        if not cache.store.n_holding:
             assert (e, p) == (cache.evictable_size_, cache.protected_size_)
 
 
@@ -390,4 +390,4 @@ def test_multiturn_workload_parity(ps, seed):
         assert_idle_invariant(c)
     assert cached[0] == cached[1] and sum(cached[0]) > 0
     # the collective tree registered plain outputs as (weak) segments without changing anything above
-    assert caches[1].stats()["weak"] > 0 and caches[1]._n_holding == 0
+    assert caches[1].report()["weak"] > 0 and caches[1].store.n_holding == 0

@@ -48,8 +48,8 @@ def test_agent_aborted_mid_round(server_factory, model_path):
     freed, the masters stay while the other rows reference them."""
     url = server_factory("tokendance").base_url
     flush_cache(url)
-    w = Workload("ga", 4, 2, seed=7, tokenizer=model_path, private_tokens=(60, 90), task_tokens=(20, 30))
-    r0 = run_workload(url, w, max_new_tokens=16, progress=False)
+    w = Workload("ga", 4, 1, seed=7, tokenizer=model_path, private_tokens=(60, 90), task_tokens=(20, 30))
+    r0 = run_workload(url, w, max_new_tokens=16, progress=False)  # round 0 only: round 1 is composed below
     w2 = Workload("ga", 4, 2, seed=7, tokenizer=model_path, private_tokens=(60, 90), task_tokens=(20, 30))
     w2.build_round(0)
     reqs = w2.build_round(1, r0.outputs(0))

@@ -82,7 +82,7 @@ def score_against_exact(exact_url: str, result, max_new_tokens: int) -> list[dic
 
 
 def kv_per_agent(result, stats: dict) -> list[float]:
-    """KV bytes per agent and round (DESIGN.md 6). tokendance / pic: the rows' slots at release, masters divided
+    """KV bytes per agent and round (docs/architecture.md, "Metrics"). tokendance / pic: the rows' slots at release, masters divided
     among the rows sharing them (``/tokendance/stats``); radix: every slot of a row is the agent's own (prompt +
     output)."""
     per_tok = stats.get("kv_bytes_per_token", 0.0)

@@ -1,29 +1,22 @@
-"""Diff allocator: which KV slots of a request row are shared master slots and which are the request's own.
+"""Diff allocator: composes a request's reused region from shared master slots and its own diff slots.
 
-SGLang's row ownership rule is positional: ``req_to_token[row, 0:cache_protected_len]`` belongs to the prefix cache,
-``[cache_protected_len, ...)`` belongs to the request and is freed by ``release_kv_cache``. TokenDance rows may
-reference *master* slots of shared segments inside the request-owned range. :class:`DiffAllocator` records, per
-row, the **master references**: half-open row-position intervals whose slots belong to a segment (the cache), not
-to the request. Everything else the request holds is **owned** (diff slots of recomputed tokens, new tokens).
+A composed region is a sequence of pieces: :class:`MasterRun` (row positions that read a segment's master slots,
+minus the offsets recomputed for this row) and :class:`NewRun` (fresh slots for text the pre-pass computes).
+:meth:`DiffAllocator.build_row` returns the region's slots and records, per row, the **master references**:
+half-open row-position intervals whose slots are a segment's. Every other slot of the region is the row's own
+(**diff** slots of recomputed tokens, slots of new tokens). The cache makes the live row a holder of every page of
+the region in the page ledger (:mod:`tokendance_sgl.ledger`), so who frees a slot is decided there, not here.
 
-Ownership rules (enforced here, relied on by :class:`tokendance_sgl.collective_tree.CollectiveTree`):
+Page granularity (``page_size > 1``): a row page -- row positions ``[k*ps, (k+1)*ps)``, which always map onto one
+pool page -- is either entirely a master page (all its positions reference the same master page at matching
+offsets) or entirely the row's own. A row page that would mix master tokens with private tokens (a recomputed
+token, a new token, tokens of another master page or a misaligned master run) is **copied on write as a whole
+page**: a fresh page is allocated, the master tokens that are reused are copied into it through ``copy_fn(src,
+dst)`` and the private tokens get the page's other slots.
 
-* a slot is freed by exactly one owner; :meth:`DiffAllocator.free_owned` frees only owned slots of the ranges it
-  is given and never a slot inside a master reference;
-* page granularity (``page_size > 1``): a row page -- row positions ``[k*ps, (k+1)*ps)``, which always map onto one
-  pool page -- is either entirely a master page (all its positions reference the same master page at matching
-  offsets) or entirely owned. A row page that would mix master tokens with private tokens (a recomputed token,
-  a new token, tokens of another master page or a misaligned master run) is **copied on write as a whole page**: a
-  fresh page is allocated, the master tokens that are reused are copied into it through ``copy_fn(src, dst)`` and
-  the private tokens get the page's other slots. When freeing, any row page that holds a master position is
-  skipped as a whole;
-* the allocator never counts references itself: the caller (the cache) locks the segments a row references when
-  :meth:`build_row` returns them and unlocks them when :meth:`pop_row` / :meth:`trim_below` return them.
-
-Per-agent accounting (:meth:`kv_bytes_by_agent`): ``bytes_per_token * (sum over the row's master slots of
-1/refcount + private slots)``, where ``refcount`` is the number of live rows referencing that master slot and the
-private slots are the diff/new slots the row owns (set by :meth:`build_row`, updated with
-:meth:`set_private_tokens`).
+:meth:`DiffAllocator.privatize` turns master positions of a built row into the row's own (a ``deviation`` choice
+made after composition). Per-agent accounting (:meth:`row_kv_tokens`): the row's master slots weighted by
+``1/refcount`` (``refcount``: the live rows referencing that slot) plus its private slots.
 
 This module imports torch and numpy only (no sglang): unit tests drive it with a real SGLang allocator or a fake.
 """
@@ -83,7 +76,6 @@ class MasterRef:
     end: int
     seg: Hashable
     slots: torch.Tensor  # CPU int64, len == end - start
-    locked: bool = True  # False: a transfer (the row's own slots handed to the segment), no lock taken
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -94,14 +86,13 @@ class RowRecord:
     key: Hashable
     agent: Optional[int] = None
     refs: list[MasterRef] = field(default_factory=list)
-    private_tokens: int = 0
+    private_tokens: int = 0  # slots of the composed region that are the row's own (diffs, new tokens)
+    end: int = 0  # first row position after the composed region
     owner: Any = None  # keeps the keyed object alive (ids are only unique among live objects)
 
-    def segs(self, *, locked_only: bool = False) -> list:
+    def segs(self) -> list:
         seen: dict = {}
         for r in self.refs:
-            if locked_only and not r.locked:
-                continue
             seen.setdefault(_seg_id(r.seg), r.seg)
         return list(seen.values())
 
@@ -196,22 +187,16 @@ class DiffAllocator:
         return rec
 
     def pop_row(self, key: Hashable) -> Optional[RowRecord]:
-        """Forgets the row; returns its record (the caller unlocks ``record.segs(locked_only=True)``)."""
+        """Forgets the row; returns its record."""
         return self.rows.pop(key, None)
 
     def clear(self) -> None:
         self.rows.clear()
 
-    def set_private_tokens(self, key: Hashable, n: int) -> None:
-        rec = self.rows.get(key)
-        if rec is not None:
-            rec.private_tokens = max(0, int(n))
-
     def add_master_ref(
-        self, key: Hashable, start: int, end: int, seg: Hashable, slots, *, locked: bool = True, agent=None, owner=None
+        self, key: Hashable, start: int, end: int, seg: Hashable, slots, *, agent=None, owner=None
     ) -> MasterRef:
-        """Marks row positions ``[start, end)`` (holding ``slots``) as belonging to ``seg``. With ``locked=False`` the
-        reference is a transfer of the row's own slots to the segment (no lock is taken or given back for it)."""
+        """Marks row positions ``[start, end)`` (holding ``slots``) as belonging to ``seg``."""
         slots = _as_cpu_i64(slots)
         if end - start != slots.numel():
             raise ValueError(f"master ref [{start}, {end}) needs {end - start} slots, got {slots.numel()}")
@@ -221,34 +206,15 @@ class DiffAllocator:
         for r in rec.refs:
             if r.start < end and start < r.end:
                 raise ValueError(f"master ref [{start}, {end}) overlaps [{r.start}, {r.end}) of row {key!r}")
-        ref = MasterRef(int(start), int(end), seg, slots, locked)
+        ref = MasterRef(int(start), int(end), seg, slots)
         rec.refs.append(ref)
         rec.refs.sort(key=lambda r: r.start)
         return ref
 
-    def trim_below(self, key: Hashable, pos: int) -> list:
-        """Drops the master references of row positions below ``pos`` (they became the prefix cache's, e.g. after a
-        checkpoint repointed them). Returns the locked segments no longer referenced by this row at all."""
-        rec = self.rows.get(key)
-        if rec is None:
-            return []
-        before = {_seg_id(s): s for s in rec.segs(locked_only=True)}
-        kept: list[MasterRef] = []
-        for r in rec.refs:
-            if r.end <= pos:
-                continue
-            if r.start < pos:
-                cut = pos - r.start
-                r = MasterRef(pos, r.end, r.seg, r.slots[cut:], r.locked)
-            kept.append(r)
-        rec.refs = kept
-        after = {_seg_id(s) for s in rec.segs(locked_only=True)}
-        return [s for k, s in before.items() if k not in after]
-
     def privatize(self, key: Hashable, positions: Sequence[int], fresh: torch.Tensor) -> list:
         """Row positions that read a master become the row's own: ``fresh`` (one new slot per position, same order)
         replaces the master slot there; the caller writes it into the row. ``page_size == 1`` only. Returns the
-        locked segments the row no longer references at all."""
+        segments the row no longer references at all."""
         if self.page_size != 1:
             raise NotImplementedError("privatize after composition needs page_size 1")
         pos = np.unique(np.asarray(positions, dtype=np.int64))
@@ -257,7 +223,7 @@ class DiffAllocator:
         rec = self.rows.get(key)
         if rec is None:
             raise ValueError(f"row {key!r} has no master references")
-        before = {_seg_id(s): s for s in rec.segs(locked_only=True)}
+        before = {_seg_id(s): s for s in rec.segs()}
         kept: list[MasterRef] = []
         hit = 0
         for r in rec.refs:
@@ -269,56 +235,13 @@ class DiffAllocator:
             cuts = np.concatenate([[r.start - 1], inside, [r.end]])
             for a, b in zip((cuts[:-1] + 1).tolist(), cuts[1:].tolist()):
                 if b > a:
-                    kept.append(MasterRef(a, b, r.seg, r.slots[a - r.start : b - r.start], r.locked))
+                    kept.append(MasterRef(a, b, r.seg, r.slots[a - r.start : b - r.start]))
         if hit != pos.size:
             raise ValueError(f"privatize: {pos.size - hit} of the positions are not master references of row {key!r}")
         rec.refs = kept
         rec.private_tokens += int(pos.size)
-        after = {_seg_id(s) for s in rec.segs(locked_only=True)}
+        after = {_seg_id(s) for s in rec.segs()}
         return [s for k, s in before.items() if k not in after]
-
-    # ------------------------------------------------------------------ ownership queries
-
-    def master_page_set(self, rec: RowRecord) -> np.ndarray:
-        pos = rec.master_positions()
-        if pos.size == 0:
-            return pos
-        return np.unique(pos // self.page_size)
-
-    def owned_mask(self, key: Hashable, start: int, end: int) -> np.ndarray:
-        """Boolean mask over row positions ``[start, end)``: True where the slot is the request's own."""
-        n = max(0, end - start)
-        rec = self.rows.get(key)
-        if rec is None or not rec.refs:
-            return np.ones(n, dtype=bool)
-        pos = np.arange(start, end, dtype=np.int64)
-        return ~np.isin(pos // self.page_size, self.master_page_set(rec))
-
-    def free_owned(self, key: Hashable, row: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> int:
-        """Frees the owned slots of ``row`` (the request's ``req_to_token`` row) inside ``ranges`` (row positions).
-        Master positions (whole pages when ``page_size > 1``) are skipped. Returns the number of row positions whose
-        slots were given back."""
-        ps = self.page_size
-        rec = self.rows.get(key)
-        master_pages = self.master_page_set(rec) if rec is not None else np.empty(0, dtype=np.int64)
-        parts = []
-        freed = 0
-        for s, e in coalesce(ranges):
-            if ps > 1 and s % ps != 0:
-                raise ValueError(f"free range start {s} is not page-aligned (page_size {ps})")
-            pos = np.arange(s, e, dtype=np.int64)
-            mask = ~np.isin(pos // ps, master_pages) if master_pages.size else np.ones(len(pos), dtype=bool)
-            if not mask.any():
-                continue
-            seg_slots = row[s:e].to(torch.int64)
-            if mask.all():
-                parts.append(seg_slots)
-            else:
-                parts.append(seg_slots[torch.from_numpy(mask).to(seg_slots.device)])
-            freed += int(mask.sum())
-        if parts:
-            self.allocator.free(torch.cat(parts))
-        return freed
 
     # ------------------------------------------------------------------ composition
 
@@ -346,7 +269,7 @@ class DiffAllocator:
         positions and :class:`NewRun` positions get fresh private slots. With ``page_size > 1`` the span must start
         on a page boundary and row pages that would mix sources are copied on write as whole pages (see the module
         docstring). Returns None (and changes nothing) when the allocator cannot provide the private slots.
-        The caller writes ``BuiltRow.slots`` into the row and locks ``BuiltRow.segs``.
+        The caller writes ``BuiltRow.slots`` into the row, holds its pages and locks ``BuiltRow.segs``.
         """
         ps = self.page_size
         if ps > 1 and start_pos % ps != 0:
@@ -443,6 +366,7 @@ class DiffAllocator:
                 seg = pieces[int(piece_of[a])].seg
                 self.add_master_ref(key, start_pos + a, start_pos + b, seg, torch.from_numpy(src[a:b].copy()))
         rec.private_tokens += n_alloc
+        rec.end = max(rec.end, start_pos + total)
         used_segs: dict = {}
         if kept_pos.size:
             for i in np.unique(piece_of[kept_pos]).tolist():
@@ -483,12 +407,4 @@ class DiffAllocator:
                         seen.add(s)
                         shared += 1.0 / counts[s]
             out[key] = shared + rec.private_tokens
-        return out
-
-    def kv_bytes_by_agent(self) -> dict[Optional[int], float]:
-        """Agent -> KV bytes: master bytes divided among the rows sharing them, plus the rows' diff/private bytes."""
-        out: dict[Optional[int], float] = {}
-        for key, toks in self.row_kv_tokens().items():
-            agent = self.rows[key].agent
-            out[agent] = out.get(agent, 0.0) + toks * self.bytes_per_token
         return out

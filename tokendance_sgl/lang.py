@@ -44,14 +44,8 @@ import tokendance_sgl  # noqa: F401  (CPU bootstrap before sglang)
 from sglang.lang.interpreter import ProgramState, ProgramStateGroup, StreamExecutor
 from sglang.lang.ir import SglConstantText, SglExprList, SglRoleBegin, SglRoleEnd
 
-from tokendance_sgl.endpoint import (
-    Block,
-    Piece,
-    TokenDanceEndpoint,
-    _context,
-    fork_info,
-    install_fork_hook,
-)
+from tokendance_sgl.endpoint import TokenDanceEndpoint
+from tokendance_sgl.program_state import Block, Piece, fork_info, install_fork_hook, program_context
 
 __all__ = ["gather", "GatherError", "Block", "Piece", "TokenDanceEndpoint"]
 
@@ -217,7 +211,7 @@ def gather(
 
     backend = exes[0].backend
     td = backend if isinstance(backend, TokenDanceEndpoint) else None
-    ctx = _context(group.parent)
+    ctx = program_context(group.parent)
 
     def text(t: str) -> Piece:
         return td.text_piece(t) if td is not None else Piece(t)

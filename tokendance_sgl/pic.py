@@ -24,8 +24,8 @@ import torch
 from tokendance_sgl.collective_tree import CollectiveTree
 from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.diff_alloc import NewRun, coalesce
-from tokendance_sgl.recompute import RowPlan, SelectItem
-from tokendance_sgl.reuse import RowLayout, build_row
+from tokendance_sgl.request_state import RowLayout, RowPlan, SelectItem
+from tokendance_sgl.reuse import Composed, build_row, note_layout_stats
 
 __all__ = ["PicCache", "build_pic_row"]
 
@@ -33,30 +33,27 @@ __all__ = ["PicCache", "build_pic_row"]
 class _PerRequest(KVCollector):
     """No collective step: no canonical bases, no shared copies; selections are per request."""
 
-    def collect(self, waiting) -> int:
-        return 0
+    collective = False
 
 
 class PicCache(CollectiveTree):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.collector = _PerRequest(self)
+    collector_class = _PerRequest
 
-    def build_row(self, req: Any, lay: RowLayout):
+    def build_row(self, req: Any, lay: RowLayout) -> Optional[Composed]:
         return build_pic_row(self, req, lay)
 
 
-def build_pic_row(tree: CollectiveTree, req: Any, lay: RowLayout) -> Optional[tuple[torch.Tensor, RowPlan]]:
+def build_pic_row(tree: CollectiveTree, req: Any, lay: RowLayout) -> Optional[Composed]:
     """Rows ``[lay.start, lay.end)`` of ``req`` as private slots holding the segments' KV re-rotated to their true
-    positions; returns the slots and the row plan, or None when the pool has no room."""
+    positions; returns the slots, the row plan and the (unshifted) position map, or None when the pool has no room."""
     policy = lay.policy
     if not policy.reuses_masters:
         return build_row(tree, req, lay)  # `full`: exact prefill, as in tokendance
-    segs = [tree.segment(ps_.key) for _, _, ps_ in lay.spans]
+    segs = [tree.store.get(ps_.key) for _, _, ps_ in lay.spans]
     pinned = []
     try:
         for seg in segs:  # the allocation below may evict
-            tree.lock_segment(seg)
+            tree.store.lock(seg)
             pinned.append(seg)
         built = tree.compose_row(req, lay.start, [NewRun(lay.end - lay.start)], agent=lay.agent)
         if built is None:
@@ -69,27 +66,19 @@ def build_pic_row(tree: CollectiveTree, req: Any, lay: RowLayout) -> Optional[tu
                 compute.append((pos, a))
             src.append(seg.master[: b - a])
             dst.append(slots[a - lay.start : b - lay.start])
-            delta.append(torch.full((b - a,), a - seg.anchor, dtype=torch.int64))
-            rc = policy.offsets(b - a)
-            compute.extend((a + int(o), a + int(o) + 1) for o in rc)
+            delta.append(torch.full((b - a,), lay.prefix_positions.position_of(a) - seg.anchor, dtype=torch.int64))
+            offsets = policy.offsets(b - a)
+            compute.extend((a + int(o), a + int(o) + 1) for o in offsets)
             if policy.needs_scores:
-                select.append(SelectItem(a, b - a, policy, None, rc))
-            recomputed += len(rc)
+                select.append(SelectItem(a, b - a, policy, None, offsets))
+            recomputed += len(offsets)
             pos = b
-        from tokendance_sgl.kernels import copy_rerotate_k
-
-        kv = tree.token_to_kv_pool_allocator.get_kvcache()
         dst_t = torch.cat(dst).to(torch.int64)
-        copy_rerotate_k(kv.k_buffer, kv.v_buffer, torch.cat(src), dst_t, torch.cat(delta).to(dst_t.device),
-                        **tree.rope.kernel_kwargs())
-        tree.counters["rotated_tokens"] += int(dst_t.numel())
+        tree.rerotate_into(torch.cat(src), dst_t, torch.cat(delta).to(dst_t.device))
+        tree.store.counters["rotated_tokens"] += int(dst_t.numel())
     finally:
         for seg in pinned:
-            tree.unlock_segment(seg)
-    plan = RowPlan(compute_spans=coalesce(compute), exact_len=lay.region_start, select=select, probe_start=lay.start,
-                   private_copies=True)
-    n = lay.end - lay.start
-    computed = plan.compute_tokens
-    lay.stats = {"host_tokens": n, "reused": n - computed, "recomputed": recomputed, "text": computed - recomputed,
-                 "private_slots": built.private_tokens}
-    return slots, plan
+            tree.store.unlock(seg)
+    plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=lay.start, private_copies=True)
+    note_layout_stats(lay, plan, recomputed, built.private_tokens)
+    return slots, plan, lay.prefix_positions

@@ -1,93 +1,53 @@
-"""Selective recompute inside a request's row, and the position shift of aligned rows.
+"""Worker side of selective recompute: the replay forward inside a request's row, the probe, the position shift.
 
-A request whose row is built from reused segments gets a :class:`RowPlan` (``req.td_row_plan``) from the cache when it
-is admitted.  Its row ``[0, prefix_len)`` is then "cached" as far as SGLang knows, but some of those rows still
-have to be computed in this request's context: the positions chosen for recompute (their slots are the request's
-private diff slots) and uncached text between or around segments.  :func:`run_prepass` computes all of them, for
-every request of an extend batch, in ONE extra forward before the normal extend:
+A request whose row is composed from reused segments carries a :class:`~tokendance_sgl.request_state.RowPlan`
+(``req.td.row_plan``): its row ``[0, prefix_len)`` is "cached" as far as SGLang knows, but some of those rows still
+have to be computed in this request's context -- the positions chosen for recompute (their slots are the request's
+private diff slots) and uncached text between segments. :func:`build_prepass_batch` turns the pending rows of an
+extend batch into ONE replay batch and :func:`forward_replay` runs it:
 
-* each request with rows to compute becomes ONE sequence of a replay batch whose queries are those rows (scattered
-  rows allowed), at their own (shifted) positions; its attention is ``selective_extend_attention`` over the
-  request's row ``req_to_token[idx, :end]``, causal by row, so a recomputed token attends to every row before it --
-  master rows, private rows and the other recomputed tokens (within a layer every query's K/V is written before the
-  attention runs);
-* writes go only to ``req_to_token[idx, start:end]``, which the plan guarantees are the request's own slots.
+* each request with rows to compute becomes ONE sequence of the replay batch whose queries are those rows
+  (scattered rows allowed), at their own positions (``req.td.positions``); its attention is
+  ``kernels.selective_extend_attention`` over the request's row ``req_to_token[idx, :end]``, causal by row, so a
+  recomputed token attends to every row before it -- master rows, private rows and the other recomputed tokens
+  (within a layer every query's K/V is written before the attention runs);
+* writes go only to ``req_to_token[idx, rows]``, which the plan guarantees are the request's own slots.
 
-Aligned layout: rows ``>= gap_start`` run at position ``row + gap`` (the shared region of a round gets the same
-canonical position ids in every agent's row, and the rest continues from the canonical end).
-:func:`shift_positions` applies that to any forward batch (extend, decode and the replay batch itself).
+:func:`run_probe` computes a check layer's K/V of a row range into scratch slots (``deviation`` selection).
+:func:`shift_positions` applies every request's position map to a forward batch (extend, decode, the replay).
+The collector (:mod:`tokendance_sgl.collector`) decides what runs when.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from copy import copy
-from dataclasses import dataclass, field
-from typing import Any, Hashable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from tokendance_sgl.request_state import row_plan_of
 
-@dataclass(eq=False)
-class SelectItem:
-    """A reused segment run (rows ``[start, start + n)``) whose recompute positions depend on measured deviation."""
-
-    start: int
-    n: int
-    policy: Any  # tokendance_sgl.selection.RecomputePolicy
-    sel_key: Optional[Hashable]  # shared choice of the round (tokendance); None: chosen for this request (pic)
-    static: np.ndarray  # offsets already recomputed (the sink part)
-
-
-@dataclass
-class RowPlan:
-    compute_spans: list[tuple[int, int]] = field(default_factory=list)
-    gap_start: int = 0
-    gap: int = 0
-    exact_len: Optional[int] = None  # rows [0, exact_len) hold exact KV (None: the whole row); the radix takes no more
-    pending: bool = True  # compute_spans not run yet
-    select: list = field(default_factory=list)  # SelectItems still to resolve before the pre-pass
-    probe_start: int = 0  # first row a selection probe computes (the end of the radix prefix)
-    private_copies: bool = False  # every composed row is private (pic): a selection needs no new slots
-
-    def __post_init__(self) -> None:
-        prev = -1
-        for s, e in self.compute_spans:
-            if not (0 <= s < e) or s < prev:
-                raise ValueError(f"compute spans must be sorted, disjoint and non-empty: {self.compute_spans}")
-            prev = e
-        if self.gap < 0 or self.gap_start < 0:
-            raise ValueError("gap and gap_start must be >= 0")
-
-    @property
-    def compute_tokens(self) -> int:
-        return sum(e - s for s, e in self.compute_spans)
-
-    def position_of(self, row: int) -> int:
-        return row + self.gap if self.gap and row >= self.gap_start else row
-
-
-def plan_of(req) -> RowPlan | None:
-    return getattr(req, "td_row_plan", None)
+__all__ = ["shift_positions", "pending_rows", "Replay", "build_prepass_batch", "forward_replay", "run_probe"]
 
 
 def shift_positions(positions: torch.Tensor, reqs, lengths: list[int]) -> None:
-    """In place: ``positions`` holds ``lengths[i]`` consecutive entries per request ``reqs[i]``; add each shifted
-    request's gap to its entries at rows >= gap_start (a position equals its row before shifting)."""
+    """In place: ``positions`` holds ``lengths[i]`` consecutive entries per request ``reqs[i]`` (a position equals its
+    row before shifting); each request's position map (``req.td.positions``) is applied to its entries."""
     off = 0
     for req, n in zip(reqs, lengths):
-        plan = plan_of(req)
-        if plan is not None and plan.gap and n:
-            seg = positions[off : off + n]
-            seg += (seg >= plan.gap_start).to(seg.dtype) * plan.gap
+        st = getattr(req, "td", None)
+        if st is not None and st.positions and n:
+            st.positions.shift_tensor(positions[off : off + n])
         off += n
 
 
-def _pending_rows(batch) -> list[tuple[int, int, int]]:
+def pending_rows(batch) -> list[tuple[int, int, int]]:
     rows = []
     for i, req in enumerate(batch.reqs):
-        plan = plan_of(req)
+        plan = row_plan_of(req)
         if plan is None or not plan.pending or not plan.compute_spans:
             continue
         if plan.compute_spans[-1][1] > batch.prefix_lens[i]:
@@ -112,7 +72,7 @@ class Replay:
 def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]) -> Replay:
     """A copy of the extend ScheduleBatch with ONE sequence per request whose queries are the rows of its spans
     ``(i, start, end)`` (scattered rows allowed); logits are not used. Each query attends to its request's row up to
-    itself (:func:`_forward` runs the attention as ``selective_extend_attention``)."""
+    itself (:func:`forward_replay` runs the attention as ``selective_extend_attention``)."""
     device = runner.device
     req_to_token = runner.req_to_token_pool.req_to_token
     spans: dict[int, list[tuple[int, int]]] = {}
@@ -191,7 +151,7 @@ def _selective_attention(runner, replay: Replay):
         del backend.forward_extend
 
 
-def _forward(runner, replay: Replay) -> None:
+def forward_replay(runner, replay: Replay) -> None:
     from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
 
     pre = replay.batch
@@ -237,16 +197,17 @@ def _stop_after_layer(model, layer: int):
         handle.remove()
 
 
-def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int, tree) -> Optional[list[tuple]]:
+def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int,
+              alloc: Callable[[int], Optional[torch.Tensor]], pool: Any) -> Optional[list[tuple]]:
     """Computes the check layer's K/V of rows ``[s, e)`` of request ``batch.reqs[i]`` for every ``(i, s, e)`` of
     ``rows``, in its real context, in ONE forward through layers ``0..layer`` (attending to the request's row before
-    ``s``; the rows themselves go to scratch slots, so the row's slots -- shared masters included -- are untouched).
-    Returns per row ``(k_new, v_new, k_old, v_old)`` (``[e - s, heads, head_dim]``; ``old`` = what the row holds
-    now), or None when the pool has no room for the scratch slots."""
+    ``s``; the rows themselves go to scratch slots from ``alloc``, so the row's slots -- shared masters included --
+    are untouched; ``pool`` frees them). Returns per row ``(k_new, v_new, k_old, v_old)`` (``[e - s, heads,
+    head_dim]``; ``old`` = what the row holds now), or None when the pool has no room for the scratch slots."""
     runner = worker.model_runner
     rtt = runner.req_to_token_pool.req_to_token
     n = sum(e - s for _, s, e in rows)
-    scratch = tree._alloc_slots(n)
+    scratch = alloc(n)
     if scratch is None:
         return None
     scratch = scratch.to(torch.int64)
@@ -259,8 +220,8 @@ def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int, tree)
             rtt[idx, s:e] = scratch[off : off + e - s].to(rtt.dtype)
             off += e - s
         with _stop_after_layer(runner.model, layer):
-            _forward(runner, build_prepass_batch(batch, runner, rows))
-        kv = tree.token_to_kv_pool_allocator.get_kvcache()
+            forward_replay(runner, build_prepass_batch(batch, runner, rows))
+        kv = pool.get_kvcache()
         kb, vb = kv.get_key_buffer(layer), kv.get_value_buffer(layer)
         old = torch.cat([sl for *_, sl in saved]).to(torch.int64)
         sizes = [e - s for _, s, e in rows]
@@ -269,36 +230,4 @@ def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int, tree)
     finally:
         for idx, s, e, sl in saved:
             rtt[idx, s:e] = sl
-        tree.token_to_kv_pool_allocator.free(scratch)
-
-
-def run_prepass(worker, batch) -> int:
-    """Resolves pending selections (:meth:`tokendance_sgl.collector.KVCollector.select`), then computes every pending
-    span of the batch's requests in one forward, and accounts the round's prefill work. Returns the pre-pass tokens."""
-    if batch is None or not batch.forward_mode.is_extend() or not batch.reqs:
-        return 0
-    tree = getattr(batch, "tree_cache", None)
-    collector = getattr(tree, "collector", None)
-    if collector is None:
-        return 0
-    probe = collector.select(worker, batch)
-    rows = _pending_rows(batch)
-    prepass: dict[int, int] = {}
-    if rows:
-        runner = worker.model_runner
-        replay = build_prepass_batch(batch, runner, rows)
-        _forward(runner, replay)
-        for i, s, e in rows:
-            prepass[i] = prepass.get(i, 0) + e - s
-        for req in replay.batch.reqs:
-            plan = req.td_row_plan
-            plan.pending = False
-            if not req.retracted_stain:
-                # SGLang counted the whole composed region as cached; the recomputed rows were not.
-                req.cached_tokens -= plan.compute_tokens
-    for i, req in enumerate(batch.reqs):
-        plan = getattr(req, "td_plan", None)
-        tokens, token_layers = probe.get(i, (0, 0))
-        tree.note_prefill(plan.round if plan is not None else None, extend=int(batch.extend_lens[i]),
-                          prepass=prepass.get(i, 0), probe=tokens, probe_token_layers=token_layers)
-    return sum(prepass.values())
+        pool.free(scratch)

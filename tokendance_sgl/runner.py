@@ -56,6 +56,7 @@ class RoundRecord:
     round: int
     latency_s: float  # release of the round's requests -> last response
     agents: list[AgentRecord]
+    turn: int = 0  # the assistant turn within the round (workloads with several turns per round)
 
     @property
     def n_agents(self) -> int:
@@ -96,6 +97,7 @@ class RoundRecord:
     def summary(self) -> dict[str, Any]:
         return {
             "round": self.round,
+            "turn": self.turn,
             "n_agents": self.n_agents,
             "latency_s": self.latency_s,
             "prompt_tokens": self.prompt_tokens,
@@ -178,8 +180,9 @@ class RunResult:
         }
 
     def outputs(self, round_: int) -> dict[int, list[int]]:
-        """Raw output ids of every agent in a round."""
-        return {a.agent: list(a.output_ids) for a in self.rounds[round_].agents}
+        """Raw output ids of every agent in a round (its last turn)."""
+        rec = [r for r in self.rounds if r.round == round_][-1]
+        return {a.agent: list(a.output_ids) for a in rec.agents}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -266,6 +269,47 @@ def _progress_printer(stream: Any = None) -> Callable[[str], None]:
     return _p
 
 
+def _run_step(pool, base_url: str, workload: Workload, r: int, t: int, reqs: list[AgentRequest],
+              payloads: list[dict[str, Any]], timeout: float, keep_prompts: bool) -> RoundRecord:
+    """Sends one turn of one round (every agent at once) and waits for the last answer."""
+    t0 = time.perf_counter()
+    futures = [pool.submit(_post_generate, base_url, p, timeout) for p in payloads]
+    results, errors = [], []
+    for f in futures:
+        try:
+            results.append(f.result())
+        except Exception as e:  # collect so the barrier holds; raise after the round
+            errors.append(e)
+            results.append(None)
+    latency = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    agents = []
+    for q, (body, dt) in zip(reqs, results):
+        meta = body.get("meta_info") or {}
+        out_ids = [int(x) for x in body["output_ids"]]
+        agents.append(
+            AgentRecord(
+                agent=q.agent,
+                prompt_tokens=len(q.input_ids),
+                server_prompt_tokens=int(meta.get("prompt_tokens", len(q.input_ids))),
+                cached_tokens=int(meta.get("cached_tokens", 0) or 0),
+                shared_tokens=q.shared_tokens,
+                generated_tokens=int(meta.get("completion_tokens", len(out_ids))),
+                latency_s=dt,
+                finish_reason=meta.get("finish_reason"),
+                output_ids=out_ids,
+                segment_ids=workload.clean(out_ids),
+                text=body.get("text") if body.get("text") is not None else workload.tokenizer.decode(out_ids),
+                input_ids=list(q.input_ids) if keep_prompts else [],
+                segments=list(q.segments) if keep_prompts else [],
+                custom_params=dict(q.custom_params) if keep_prompts else {},
+                meta_info=meta if keep_prompts else {},
+            )
+        )
+    return RoundRecord(round=r, latency_s=latency, agents=agents, turn=t)
+
+
 def run_workload(
     base_url: str,
     workload: Workload,
@@ -316,7 +360,6 @@ def run_workload(
     if flush_first:
         flush_cache(base_url)
 
-    tok = workload.tokenizer
     rounds: list[RoundRecord] = []
     prev: dict[int, list[int]] | None = None
     t_start = time.perf_counter()
@@ -324,63 +367,27 @@ def run_workload(
         f"{workload.style}: {n} agents x {workload.n_rounds} rounds, seed {workload.seed}, order {workload.order}, "
         f"max_new_tokens {mnt}, against {base_url}"
     )
+    turns = int(getattr(workload, "turns", 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="td-agent") as pool:
         for r in range(workload.n_rounds):
-            reqs: list[AgentRequest] = workload.build_round(r, prev)
-            payloads = []
-            for q in reqs:
-                p = q.payload(**overrides)
-                if return_logprob:
-                    p["return_logprob"] = True
-                if payload_hook is not None:
-                    payload_hook(q, p)
-                payloads.append(p)
-            t0 = time.perf_counter()
-            futures = [pool.submit(_post_generate, base_url, p, timeout) for p in payloads]
-            results = []
-            errors = []
-            for f in futures:
-                try:
-                    results.append(f.result())
-                except Exception as e:  # collect so the barrier holds; raise after the round
-                    errors.append(e)
-                    results.append(None)
-            latency = time.perf_counter() - t0
-            if errors:
-                raise errors[0]
-
-            agents = []
-            outs: dict[int, list[int]] = {}
-            for q, (body, dt) in zip(reqs, results):
-                meta = body.get("meta_info") or {}
-                out_ids = [int(x) for x in body["output_ids"]]
-                outs[q.agent] = out_ids
-                fr = meta.get("finish_reason")
-                agents.append(
-                    AgentRecord(
-                        agent=q.agent,
-                        prompt_tokens=len(q.input_ids),
-                        server_prompt_tokens=int(meta.get("prompt_tokens", len(q.input_ids))),
-                        cached_tokens=int(meta.get("cached_tokens", 0) or 0),
-                        shared_tokens=q.shared_tokens,
-                        generated_tokens=int(meta.get("completion_tokens", len(out_ids))),
-                        latency_s=dt,
-                        finish_reason=fr,
-                        output_ids=out_ids,
-                        segment_ids=workload.clean(out_ids),
-                        text=body.get("text") if body.get("text") is not None else tok.decode(out_ids),
-                        input_ids=list(q.input_ids) if keep_prompts else [],
-                        segments=list(q.segments) if keep_prompts else [],
-                        custom_params=dict(q.custom_params) if keep_prompts else {},
-                        meta_info=meta if keep_prompts else {},
-                    )
+            outs: dict[int, list[int]] | None = None
+            for t in range(turns):
+                reqs: list[AgentRequest] = workload.build_round(r, prev) if t == 0 else workload.build_turn(r, t, outs)
+                payloads = []
+                for q in reqs:
+                    p = q.payload(**overrides)
+                    if return_logprob:
+                        p["return_logprob"] = True
+                    if payload_hook is not None:
+                        payload_hook(q, p)
+                    payloads.append(p)
+                rec = _run_step(pool, base_url, workload, r, t, reqs, payloads, timeout, keep_prompts)
+                rounds.append(rec)
+                log(
+                    f"round {r}{f' turn {t}' if turns > 1 else ''}: {rec.latency_s:.2f}s, prompt {rec.prompt_tokens} "
+                    f"tok (shared {rec.shared_tokens}), cached {rec.cached_tokens}, generated {rec.generated_tokens}"
                 )
-            rec = RoundRecord(round=r, latency_s=latency, agents=agents)
-            rounds.append(rec)
-            log(
-                f"round {r}: {latency:.2f}s, prompt {rec.prompt_tokens} tok (shared {rec.shared_tokens}), "
-                f"cached {rec.cached_tokens}, generated {rec.generated_tokens}"
-            )
+                outs = {a.agent: a.output_ids for a in rec.agents}
             prev = outs
     total = time.perf_counter() - t_start
     return RunResult(base_url=base_url, workload=workload.describe(), settings=settings, rounds=rounds, total_s=total)

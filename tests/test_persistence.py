@@ -1,0 +1,124 @@
+"""Persistent agent caches in the collective tree (unit level, SGLang's own lifecycle over real CPU allocators):
+a composed row is inserted into the tree as master references plus the agent's own diffs; the agent's next request
+continues from it at the positions it was computed for; approximate paths stay apart from exact ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tokendance_sgl  # noqa: F401
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from tokendance_sgl.position_map import PathPositions, PositionMap
+from tree_sim import Sim, T, produce, tbl
+
+
+def _round1(sim, prompts, *, outs):
+    """Round-1 requests of agents naming round-0 output "r0/a0"; returns the finished requests."""
+    done = []
+    for agent, (prompt, start) in prompts.items():
+        cp = tbl(round_=1, agent=agent, spans=[("r0/a0", start, start + 9)], out=f"r1/a{agent}")
+        req = sim.admit_reused(prompt, cp, first=outs[0])
+        assert req is not None and req.td.composed, req.td
+        sim.check()
+        for t in outs[1:]:
+            assert sim.decode(req, t)
+        done.append(req)
+    for req in done:
+        sim.finish(req)
+        sim.check()
+    return done
+
+
+def test_composed_row_persists_and_its_continuation_reuses_it_at_its_positions():
+    sim = Sim(ps=1, pool_tokens=256)
+    out0 = T(9, 500)
+    produce(sim, T(6, 100), out0, round_=0, agent=0, out="r0/a0")
+    seg = sim.tree.store.for_id("r0/a0")
+    # agent 2 (longer private part) arrives first and opens the base; agent 1's region then runs 4 positions up
+    p2, p1 = T(14, 2000), T(10, 1000)
+    prompts = {2: (p2 + out0 + T(3, 60), 14), 1: (p1 + out0 + T(3, 70), 10)}
+    r2, r1 = _round1(sim, prompts, outs=[11, 12, 13])
+    assert r1.td.registered is not None
+    assert sim.tree.stats.counters["paths_inserted"] == 2
+    stats = sim.tree.report()
+    assert stats["rows"] == 0 and stats["cached_path_nodes_shifted"] >= 1
+    # round 2 of agent 1: its whole history is a cached prefix in the sink:4 namespace, at its shifted positions
+    hist = prompts[1][0] + [11, 12, 13]
+    cont = sim.admit_reused(hist + T(5, 80), tbl(round_=2, agent=1))
+    assert sim.cached[cont.rid] == len(hist) - 1  # nothing before the match is recomposed or recomputed
+    assert not cont.td.composed and cont.td.namespace == "td:sink:4"
+    assert cont.td.positions == PositionMap((10,), (4,))
+    assert cont.td.positions.position_of(len(hist)) == len(hist) + 4
+    sim.check()
+    sim.finish(cont)
+    # exactness stays separate: `full` (and any other policy) never sees the approximate path
+    other = sim.admit_reused(hist + T(5, 80), {**tbl(round_=2, agent=1), "td_recompute": "none"})
+    assert sim.cached[other.rid] < len(hist) - 1 and other.td.namespace == "td:none"
+    sim.finish(other)
+    exact = sim.admit_reused(hist + T(5, 80), {**tbl(round_=2, agent=1), "td_recompute": "full"})
+    assert exact.td.namespace is None and sim.cached[exact.rid] < 10 + 9 and not exact.td.positions
+    sim.finish(exact)
+    # an exact row is served to every policy
+    again = sim.admit_reused(hist + T(5, 80) + [7], {**tbl(round_=2, agent=1), "td_recompute": "none"})
+    assert sim.cached[again.rid] == len(hist) + 5 and again.td.namespace is None
+    sim.finish(again)
+    sim.check()
+    # the master outlives nothing it is needed for, and everything goes back when evicted
+    assert sim.tree.store.has_kv(seg)
+    sim.tree.evict(EvictParams(num_tokens=10_000))
+    assert sim.alloc.available_size() == sim.total
+    sim.check()
+
+
+def test_master_is_freed_only_when_its_last_holder_lets_go():
+    sim = Sim(ps=1, pool_tokens=256)
+    out0 = T(9, 500)
+    produce(sim, T(6, 100), out0, round_=0, agent=0, out="r0/a0")
+    seg = sim.tree.store.for_id("r0/a0")
+    master = seg.master.clone()
+    _round1(sim, {1: (T(6, 1000) + out0 + T(3, 70), 6)}, outs=[11, 12])
+    # the producer's path and the segment go; the agent's path still reads the master: its pages stay
+    sim.tree.store.drop(seg)
+    held = sim.tree.ledger.held_mask(master.numpy())
+    assert held[4:].all(), "the agent's path holds the master slots it reads (past the sink tokens)"
+    sim.check()
+    sim.tree.evict(EvictParams(num_tokens=10_000))
+    assert sim.alloc.available_size() == sim.total
+    sim.check()
+
+
+def test_position_map_steps_and_tensor_shift():
+    m = PositionMap().with_gap(10, 4).with_gap(30, 2)
+    assert m.rows == (10, 30) and m.shifts == (4, 6) and m.total == 6
+    assert [m.position_of(r) for r in (9, 10, 29, 30, 31)] == [9, 14, 33, 36, 37]
+    assert m.up_to(30) == PositionMap((10,), (4,)) and m.breaks_in(20, 40) == [(10, 2)]
+    pos = torch.arange(8, 33)
+    m.shift_tensor(pos)
+    assert pos.tolist() == [m.position_of(r) for r in range(8, 33)]
+    assert PositionMap().with_gap(5, 0) == PositionMap()
+    with pytest.raises(ValueError):
+        m.with_gap(20, 1)
+
+
+def test_path_positions_follow_splits_and_removal():
+    class N:
+        def __init__(self, id_, length, parent=None):
+            self.id, self.key, self.parent = id_, [0] * length, parent
+
+    root = N(0, 0)
+    a = N(1, 40, root)
+    pp = PathPositions()
+    pp.record(a, 0, PositionMap().with_gap(10, 4).with_gap(30, 2))
+    assert pp.map_of(a, root) == PositionMap((10, 30), (4, 6))
+    # split a at 20: head (new node) keeps the first breakpoint, a the second
+    head = N(2, 20, root)
+    a.key, a.parent = [0] * 20, head
+    pp.split(head, a, 20)
+    assert pp.map_of(head, root) == PositionMap((10,), (4,))
+    assert pp.map_of(a, root) == PositionMap((10, 30), (4, 6))
+    pp.remove(a)
+    assert pp.map_of(a, root) == PositionMap((10,), (4,)) and len(pp) == 1
+    assert np.array_equal(np.asarray(pp.map_of(head, root).rows), [10])

@@ -1,0 +1,115 @@
+"""Counters, per-round prefill work and KV accounting of the collective tree (``GET /tokendance/stats``).
+
+Definitions (docs/architecture.md, "Metrics"):
+
+* **KV per agent** of a released row: the slots it held for its prompt and output, the master slots it read
+  counted as ``1 / rows_served`` each (``rows_served``: the rows that have read that master), accumulated per round
+  (``kv_per_agent_by_round``); ``shared_tokens`` / ``shared_held_tokens``: the row's segment-span tokens and the
+  slots held for them.
+* **KV bytes by agent** (live rows): master bytes divided among the live rows reading them, plus each row's own
+  slots (its diffs, the text composed for it and its tail past the cached prefix).
+* **Prefill work per round**: tokens the forwards computed for a round's requests (extend, pre-pass, probes) and
+  tokens x layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from tokendance_sgl.diff_alloc import DiffAllocator
+
+__all__ = ["TreeStats", "COUNTERS"]
+
+# Cumulative: composed rows; segment tokens read from masters / recomputed in context; text between segments computed
+# by the pre-pass; private slots of composed regions; load-backs refused; rows inserted as persistent paths under an
+# approximate namespace. Collective steps run (rounds planned together), re-rotation kernel calls they made; probe
+# forwards for deviation selection (tokens, tokens x layers), selections measured, selections reused from the round
+# (no probe), positions turned private after a selection.
+COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens", "composed_private_slots",
+            "load_back_fallbacks", "paths_inserted", "collect_steps", "collect_copy_calls", "probe_tokens",
+            "probe_token_layers", "selections", "selections_shared", "privatized_tokens")
+
+_PREFILL_KEYS = ("extend_tokens", "prepass_tokens", "probe_tokens", "computed_tokens", "token_layers")
+
+
+class TreeStats:
+    def __init__(self):
+        self.counters = {k: 0 for k in COUNTERS}
+        self.num_layers = 0  # set from the loaded model (prefill work per layer)
+        self.cum_bytes_by_agent: dict = {}
+        self.prefill_by_round: dict = {}  # round -> tokens computed (extend, pre-pass, probe) and token-layers
+        self.kv_by_round: dict = {}  # round -> [rows released, token-equivalents they held, shared-region tokens
+        # of those rows, token-equivalents held for the shared region]
+
+    def reset_rounds(self) -> None:
+        """Per-round statistics restart with the cache (a flush starts a new run)."""
+        self.kv_by_round.clear()
+        self.prefill_by_round.clear()
+
+    def note_load(self, lay_stats: dict) -> None:
+        c = self.counters
+        c["rows_composed"] += 1
+        c["reused_tokens"] += lay_stats["reused"]
+        c["recomputed_tokens"] += lay_stats["recomputed"]
+        c["prepass_text_tokens"] += lay_stats["text"]
+        c["composed_private_slots"] += lay_stats["private_slots"]
+
+    def note_prefill(self, rnd: Optional[int], *, extend: int = 0, prepass: int = 0, probe: int = 0,
+                     probe_token_layers: int = 0) -> None:
+        """Prefill work of one forward for a round's requests (tokens and tokens x layers)."""
+        d = self.prefill_by_round.setdefault(-1 if rnd is None else int(rnd), dict.fromkeys(_PREFILL_KEYS, 0))
+        d["extend_tokens"] += extend
+        d["prepass_tokens"] += prepass
+        d["probe_tokens"] += probe
+        d["computed_tokens"] += extend + prepass
+        d["token_layers"] += (extend + prepass) * self.num_layers + probe_token_layers
+
+    def note_release(self, rnd: Optional[int], allocated: int, shared: float, rec: Any) -> None:
+        """A released row: ``allocated`` slots in its row, ``shared`` segment-span tokens, ``rec`` its diff record
+        (None: not composed)."""
+        if allocated <= 0:
+            return
+        saved = 0.0
+        if rec is not None:
+            for r in rec.refs:
+                saved += len(r) * (1.0 - 1.0 / max(1, r.seg.rows_served))
+        acc = self.kv_by_round.setdefault(-1 if rnd is None else int(rnd), [0, 0.0, 0.0, 0.0])
+        acc[0] += 1
+        acc[1] += float(allocated) - saved
+        acc[2] += shared
+        acc[3] += shared - saved
+
+    def note_row_bytes(self, agent: Optional[int], nbytes: float) -> None:
+        self.cum_bytes_by_agent[agent] = self.cum_bytes_by_agent.get(agent, 0.0) + nbytes
+
+    @staticmethod
+    def live_row_tokens(diff: DiffAllocator) -> dict:
+        """Row key -> token-equivalents its live row holds: masters divided among the rows reading them, its
+        composed private slots and its tail past the cached prefix."""
+        out = diff.row_kv_tokens()
+        ps = diff.page_size
+        for key, rec in diff.rows.items():
+            kv = rec.owner
+            allocated = int(getattr(kv, "kv_allocated_len", 0) or 0)
+            if allocated:
+                owned_from = max(int(getattr(kv, "cache_protected_len", 0) or 0), rec.end)
+                out[key] = out.get(key, 0.0) + max(0, -(-allocated // ps) * ps - owned_from)
+        return out
+
+    def kv_bytes_by_agent(self, diff: DiffAllocator) -> dict:
+        out: dict = {}
+        for key, toks in self.live_row_tokens(diff).items():
+            agent = diff.rows[key].agent
+            out[agent] = out.get(agent, 0.0) + toks * diff.bytes_per_token
+        return out
+
+    def report(self, bytes_per_token: float) -> dict:
+        return {
+            **self.counters,
+            "prefill_by_round": {str(k): dict(v) for k, v in sorted(self.prefill_by_round.items())},
+            "kv_per_agent_by_round": {
+                str(k): {"rows": n, "tokens": round(t / n, 2), "bytes": round(t / n * bytes_per_token),
+                         "shared_tokens": round(sh / n, 2), "shared_held_tokens": round(sh_held / n, 2)}
+                for k, (n, t, sh, sh_held) in sorted(self.kv_by_round.items()) if n
+            },
+        }

@@ -1,0 +1,273 @@
+"""The page ledger: who holds every KV page the tree keeps, and the tree's view of SGLang's allocator.
+
+Ownership rule (who frees a KV slot). The unit is the allocator page (a slot when ``page_size == 1``). Row positions
+``[0, cache_protected_len)`` of a request belong to the tree and ``[cache_protected_len, ...)`` to the request, as in
+stock SGLang. A page the tree keeps has one or more **holders**, counted here per page:
+
+* ``r`` -- radix nodes whose value contains the page (``rl``: the locked ones among them);
+* ``s`` -- segment nodes holding their master pages (``sl``: the locked ones);
+* ``w`` -- live request rows holding the region composed for them at admission (master pages they read, their diff
+  slots and the text between segments). A live row is always protected.
+
+A page is **held** while any holder holds it and **protected** while a locked holder or a row holds it. The tree
+frees a page exactly when its last holder lets go. :class:`PoolView` is the allocator the tree (and SGLang's code
+that reaches the allocator through the tree) sees: a free of a page some holder still holds is skipped, so a page
+shared by a radix path, a segment and a live row goes back to the pool once, by whichever lets go last.
+
+``evictable_size`` and ``protected_size`` of the tree come from here (every held page counted once, in tokens), so
+``available + evictable + protected (+ the rows' private tails) == pool size`` holds idle and busy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["PageLedger", "PoolView", "RadixHolds", "slot_pages", "node_value_pages"]
+
+# holder array -> (counts as a holder, counts as a lock)
+_KINDS = {"r": (1, 0), "rl": (0, 1), "s": (1, 0), "sl": (0, 1), "w": (1, 1)}
+
+
+def slot_pages(slots: Optional[torch.Tensor], page_size: int) -> np.ndarray:
+    """The distinct pages of ``slots`` (host int64, sorted)."""
+    if slots is None or slots.numel() == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.unique(slots.detach().to("cpu", torch.int64).numpy() // page_size)
+
+
+def node_value_pages(value: Any, page_size: int) -> np.ndarray:
+    """Pages of a radix node's value, one per page in row order (a page-structured value holds whole pages)."""
+    if value is None or isinstance(value, list) or value.numel() == 0:
+        return np.empty(0, dtype=np.int64)
+    v = value.detach().to("cpu", torch.int64).numpy()
+    if page_size == 1:
+        return v.copy()
+    if v.size % page_size == 0 and (v[::page_size] % page_size == 0).all():
+        return v[::page_size] // page_size
+    return np.unique(v // page_size)  # not page-structured (e.g. simulated values): the distinct pages
+
+
+class PageLedger:
+    """Holder counts per page (see the module docstring) and the generation of every page: a page's generation
+    advances whenever it is freed, so a weak reference can tell whether the page it saw is still the same KV."""
+
+    def __init__(self, n_pages: int, page_size: int):
+        self.ps = page_size
+        n = max(int(n_pages), 1)
+        for name in (*_KINDS, "tot", "lk"):
+            setattr(self, name, np.zeros(n, dtype=np.int32))
+        self.gen = np.zeros(n, dtype=np.int64)
+        self.n_held = 0
+        self.n_prot = 0
+
+    def reset(self) -> None:
+        for name in (*_KINDS, "tot", "lk"):
+            getattr(self, name)[:] = 0
+        self.gen += 1  # nothing registered before the reset is valid afterwards
+        self.n_held = 0
+        self.n_prot = 0
+
+    def _grow(self, max_page: int) -> None:
+        n = len(self.tot)
+        if max_page < n:
+            return
+        new_n = max(max_page + 1, 2 * n)
+        for name in (*_KINDS, "tot", "lk", "gen"):
+            old = getattr(self, name)
+            a = np.zeros(new_n, dtype=old.dtype)
+            a[:n] = old
+            setattr(self, name, a)
+
+    def ensure(self, pages: np.ndarray) -> None:
+        if pages.size:
+            self._grow(int(pages.max()))
+
+    def held_mask(self, pages: np.ndarray) -> np.ndarray:
+        self.ensure(pages)
+        return self.tot[pages] > 0
+
+    def prot_mask(self, pages: np.ndarray) -> np.ndarray:
+        self.ensure(pages)
+        return self.lk[pages] > 0
+
+    def _change(self, pages: np.ndarray, kind: str, delta: int) -> np.ndarray:
+        """Adds ``delta`` holders (or locks) of ``kind`` to ``pages``; returns the pages no one holds any more."""
+        if pages.size == 0:
+            return pages
+        if pages.min() < 0:
+            raise ValueError("negative page id")
+        self._grow(int(pages.max()))
+        arr = getattr(self, kind)
+        u = pages if np.unique(pages).size == pages.size else np.unique(pages)
+        h0, p0 = self.tot[u] > 0, self.lk[u] > 0
+        np.add.at(arr, pages, delta)
+        if delta < 0 and (arr[u] < 0).any():
+            np.add.at(arr, pages, -delta)
+            raise AssertionError(f"page ledger underflow in {kind}")
+        holds, locks = _KINDS[kind]
+        if holds:
+            np.add.at(self.tot, pages, delta)
+        if locks:
+            np.add.at(self.lk, pages, delta)
+        h1, p1 = self.tot[u] > 0, self.lk[u] > 0
+        self.n_held += int(h1.sum()) - int(h0.sum())
+        self.n_prot += int(p1.sum()) - int(p0.sum())
+        if delta < 0:
+            freed = u[h0 & ~h1]
+            if freed.size:
+                self.gen[freed] += 1
+            return freed
+        return pages[:0]
+
+    # radix holders
+    def add_radix(self, pages):
+        return self._change(pages, "r", 1)
+
+    def release_radix(self, pages):
+        return self._change(pages, "r", -1)
+
+    def lock_radix(self, pages):
+        return self._change(pages, "rl", 1)
+
+    def unlock_radix(self, pages):
+        return self._change(pages, "rl", -1)
+
+    # segment holders
+    def hold_seg(self, pages):
+        return self._change(pages, "s", 1)
+
+    def release_seg(self, pages):
+        return self._change(pages, "s", -1)
+
+    def lock_seg(self, pages):
+        return self._change(pages, "sl", 1)
+
+    def unlock_seg(self, pages):
+        return self._change(pages, "sl", -1)
+
+    # live request rows
+    def hold_row(self, pages):
+        return self._change(pages, "w", 1)
+
+    def release_row(self, pages):
+        return self._change(pages, "w", -1)
+
+    def exclusive_seg_pages(self, pages: np.ndarray) -> int:
+        """Pages that dropping one unlocked holding segment of ``pages`` would free."""
+        if pages.size == 0:
+            return 0
+        return int(((self.tot[pages] == 1) & (self.s[pages] == 1) & (self.lk[pages] == 0)).sum())
+
+    def segment_only_pages(self) -> int:
+        """Pages held by segments alone (no radix node, no live row)."""
+        return int(((self.s > 0) & (self.r == 0) & (self.w == 0)).sum())
+
+
+class PoolView:
+    """SGLang's KV allocator as the tree sees it: every free skips the pages the ledger still holds.
+
+    Stock radix code frees through ``tree.token_to_kv_pool_allocator`` (eviction of a node's value, duplicates after
+    an insert, a released row's tail). Through this view a page that another holder keeps -- a master read by other
+    rows, a radix page a segment still holds -- is not returned; the ledger returns it when its last holder lets go
+    (:meth:`free_pages`). Everything else is the allocator's own attribute."""
+
+    def __init__(self, allocator: Any, ledger: PageLedger):
+        self._allocator = allocator
+        self._ledger = ledger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._allocator, name)
+
+    @property
+    def allocator(self) -> Any:
+        return self._allocator
+
+    def _unheld(self, slots: torch.Tensor) -> Optional[torch.Tensor]:
+        """``slots`` without those on held pages (None: nothing left to free)."""
+        if slots is None or slots.numel() == 0:
+            return None
+        ps = self._ledger.ps
+        pages = slots.detach().to("cpu", torch.int64) // ps
+        held = torch.from_numpy(self._ledger.held_mask(pages.numpy()))
+        if not bool(held.any()):
+            return slots
+        keep = ~held
+        if not bool(keep.any()):
+            return None
+        return slots[keep.to(slots.device)]
+
+    def free(self, free_index: torch.Tensor) -> None:
+        kept = self._unheld(free_index)
+        if kept is not None:
+            self._allocator.free(kept)
+
+    def free_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
+        kept = self._unheld(free_index)
+        if kept is None:
+            return
+        if kept.numel() == free_index.numel():
+            self._allocator.free_segment(kept, start_pos=start_pos)
+        else:
+            self._allocator.free(kept)  # no longer one contiguous segment: free its pages
+
+    def free_segments(self, segments) -> None:
+        for free_index, start_pos in segments:
+            self.free_segment(free_index, start_pos=start_pos)
+
+    def free_full(self, free_index: torch.Tensor) -> None:
+        self.free(free_index)
+
+    def free_full_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
+        self.free_segment(free_index, start_pos=start_pos)
+
+    def free_full_segments(self, segments) -> None:
+        self.free_segments(segments)
+
+    def free_pages(self, pages: np.ndarray, device: Any) -> None:
+        """Returns ``pages`` (that the ledger reported as held by no one) to the pool."""
+        if pages.size:  # in the order given (stock eviction frees a node's pages in row order)
+            self._allocator.free_page_ids(torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).to(device))
+
+
+class RadixHolds:
+    """The pages each radix node holds (host mirror of its value, keyed by node id) and their ledger entries."""
+
+    def __init__(self, ledger: PageLedger, page_size: int):
+        self.ledger = ledger
+        self.ps = page_size
+        self._pages: dict[int, np.ndarray] = {}
+
+    def clear(self) -> None:
+        self._pages.clear()
+
+    def pages(self, node: Any) -> np.ndarray:
+        got = self._pages.get(node.id)
+        if got is None:  # a node we have not seen (the root, a simulated value): derive it once
+            got = node_value_pages(node.value, self.ps)
+            self._pages[node.id] = got
+        return got
+
+    def add(self, node: Any) -> None:
+        pages = node_value_pages(node.value, self.ps)
+        self._pages[node.id] = pages
+        self.ledger.add_radix(pages)
+
+    def split(self, parent: Any, child: Any, pages: np.ndarray, split_len: int, old_len: int) -> None:
+        """``parent`` took the first ``split_len`` tokens of ``child`` (whose pages were ``pages``)."""
+        if pages.size * self.ps == old_len:  # page-structured value: the pages split with it
+            k = split_len // self.ps
+            self._pages[parent.id], self._pages[child.id] = pages[:k], pages[k:]
+        else:
+            self._pages.pop(child.id, None)
+            self._pages[parent.id] = node_value_pages(parent.value, self.ps)
+            self._pages[child.id] = node_value_pages(child.value, self.ps)
+
+    def remove(self, node: Any) -> np.ndarray:
+        """Forgets the node; returns the pages no holder keeps any more."""
+        pages = self._pages.pop(node.id, None)
+        if pages is None:
+            pages = node_value_pages(node.value, self.ps)
+        return self.ledger.release_radix(pages)

@@ -1,0 +1,125 @@
+"""Row -> position maps of aligned rows, and where the tree keeps them for its cached paths.
+
+In the aligned layout a round's shared region sits at a canonical base: an agent whose region starts at row ``s0``
+runs its rows ``>= s0`` at position ``row + gap``. A history that composes a region every round accumulates one
+gap per region, so the map of a row is a non-decreasing step function: :class:`PositionMap` holds its breakpoints
+(``rows[i]``: first row of step ``i``; ``shifts[i]``: the total shift from there on). Positions never decrease and
+never repeat, so RoPE distances inside the row keep their order; a gap only widens the distance across it.
+
+A cached path keeps the map of the row that built it: :class:`PathPositions` stores, per radix node, the
+breakpoints that fall inside the node (offsets from the node's first row, with the shift added there). A request
+that matches a path gets the path's map (:meth:`PathPositions.map_of`), so its extend and decode continue at the
+positions the cached KV was computed for. Exact paths (the default namespace) have no breakpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["PositionMap", "PathPositions"]
+
+
+@dataclass(frozen=True)
+class PositionMap:
+    rows: tuple = ()  # sorted first rows of each step
+    shifts: tuple = ()  # total shift from rows[i] on (strictly increasing)
+
+    @property
+    def total(self) -> int:
+        """The shift of every row after the last breakpoint."""
+        return self.shifts[-1] if self.shifts else 0
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
+    def position_of(self, row: int) -> int:
+        k = int(np.searchsorted(np.asarray(self.rows, dtype=np.int64), row, side="right")) - 1
+        return row + (self.shifts[k] if k >= 0 else 0)
+
+    def with_gap(self, row: int, gap: int) -> "PositionMap":
+        """This map with rows ``>= row`` shifted ``gap`` further (``row`` after every breakpoint)."""
+        if gap <= 0:
+            return self
+        if self.rows and row < self.rows[-1]:
+            raise ValueError(f"a new gap at row {row} must follow the last breakpoint {self.rows[-1]}")
+        if self.rows and row == self.rows[-1]:
+            return PositionMap(self.rows, self.shifts[:-1] + (self.shifts[-1] + gap,))
+        return PositionMap(self.rows + (int(row),), self.shifts + (self.total + int(gap),))
+
+    def up_to(self, end: int) -> "PositionMap":
+        """The map restricted to rows ``< end``."""
+        k = int(np.searchsorted(np.asarray(self.rows, dtype=np.int64), end, side="left"))
+        return PositionMap(self.rows[:k], self.shifts[:k])
+
+    def breaks_in(self, start: int, end: int) -> list[tuple[int, int]]:
+        """``(offset from start, shift added there)`` for the breakpoints in rows ``[start, end)``."""
+        out = []
+        prev = 0
+        for r, s in zip(self.rows, self.shifts):
+            if start <= r < end:
+                out.append((r - start, s - prev))
+            prev = s
+        return out
+
+    def shift_tensor(self, positions: torch.Tensor) -> None:
+        """In place: ``positions`` hold rows of this map (a position equals its row before shifting)."""
+        if not self.rows:
+            return
+        rows = torch.tensor(self.rows, dtype=positions.dtype, device=positions.device)
+        shifts = torch.tensor((0,) + tuple(self.shifts), dtype=positions.dtype, device=positions.device)
+        positions += shifts[torch.bucketize(positions, rows, right=True)]
+
+
+@dataclass
+class PathPositions:
+    """Per radix node (by id): the breakpoints of its rows, as ``(offset within the node, shift added)``."""
+
+    _breaks: dict = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self._breaks.clear()
+
+    def __len__(self) -> int:
+        return len(self._breaks)
+
+    def record(self, node: Any, start: int, pmap: Optional[PositionMap]) -> None:
+        """A new node holding rows ``[start, start + len(node.key))`` of a row mapped by ``pmap``."""
+        if pmap:
+            got = pmap.breaks_in(start, start + len(node.key))
+            if got:
+                self._breaks[node.id] = got
+
+    def split(self, parent: Any, child: Any, split_len: int) -> None:
+        got = self._breaks.pop(child.id, None)
+        if not got:
+            return
+        head = [(o, g) for o, g in got if o < split_len]
+        tail = [(o - split_len, g) for o, g in got if o >= split_len]
+        if head:
+            self._breaks[parent.id] = head
+        if tail:
+            self._breaks[child.id] = tail
+
+    def remove(self, node: Any) -> None:
+        self._breaks.pop(node.id, None)
+
+    def map_of(self, node: Any, root: Any) -> PositionMap:
+        """The map of the rows on the path from the root to ``node`` (inclusive)."""
+        if not self._breaks:
+            return PositionMap()
+        chain = []
+        while node is not None and node is not root:
+            chain.append(node)
+            node = node.parent
+        rows, shifts, start, total = [], [], 0, 0
+        for n in reversed(chain):
+            for off, gap in self._breaks.get(n.id, ()):
+                total += gap
+                rows.append(start + off)
+                shifts.append(total)
+            start += len(n.key)
+        return PositionMap(tuple(rows), tuple(shifts))
