@@ -1,9 +1,10 @@
 """`tokendance-sgl demo`, `run-workload` and `bench`.
 
 The demo starts one SGLang server per KV backend (radix, pic, tokendance) on the default model, drives the same seeded
-GenerativeAgents-like All-Gather workload through each (4 agents x 3 rounds) and prints, round by round and side by
-side: prefill tokens computed, selection-probe tokens, KV per agent, round latency, and fidelity against exact prefill
-of the same prompts (a fourth server: radix with the prefix cache disabled).
+GenerativeAgents-like workload through each (4 agents x 3 rounds; by default the history workload, where every agent
+keeps its whole chat history and each round appends everyone's last answers) and prints, round by round and side by
+side: prompt tokens cached and computed, selection-probe tokens, KV per agent, round latency, and fidelity against
+exact prefill of the same prompts (a fourth server: radix with the prefix cache disabled).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def _workload(args):
+    from tokendance_sgl.history import HistoryWorkload
     from tokendance_sgl.workloads import make_workload
 
-    return make_workload(
-        args.style, n_agents=args.agents, n_rounds=args.rounds, seed=args.seed, tokenizer=args.model,
-        max_new_tokens=args.max_new_tokens,
-    )
+    kw = dict(n_agents=args.agents, n_rounds=args.rounds, seed=args.seed, tokenizer=args.model,
+              max_new_tokens=args.max_new_tokens)
+    if getattr(args, "workload", "last-round") == "history":
+        return HistoryWorkload(args.style, turns=args.turns, **kw)
+    return make_workload(args.style, **kw)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -41,6 +44,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2)")
     p.add_argument("--json", default=None, help="write the full result as JSON to this file")
+    p.add_argument("--workload", choices=["history", "last-round"], default="history",
+                   help="history: every agent keeps its whole chat history (default); last-round: a private part, "
+                   "the last round's block and a task")
+    p.add_argument("--turns", type=int, default=1, help="history workload: assistant turns per round (1 or 2)")
 
 
 def _cmd_run_workload(args) -> int:
@@ -89,6 +96,7 @@ def kv_per_agent(result, stats: dict) -> list[float]:
     by_round = stats.get("kv_per_agent_by_round")
     if by_round is not None:
         return [by_round.get(str(r.round), {}).get("bytes", 0.0) for r in result.rounds]
+    # radix: a row holds its whole prompt and output
     return [(r.prompt_tokens + r.generated_tokens) / max(1, r.n_agents) * per_tok for r in result.rounds]
 
 
@@ -114,14 +122,14 @@ def _cmd_demo(args) -> int:
                 def hook(q, p):
                     _logprob_hook(q, p)
                     sampling = {k: v for k, v in p["sampling_params"].items() if k != "custom_params"}
-                    starts[(q.round, q.agent)] = (p["logprob_start_len"], sampling)
+                    starts[(q.round, getattr(q, "turn", 0), q.agent)] = (p["logprob_start_len"], sampling)
 
                 result = run_workload(server.base_url, _workload(args), max_new_tokens=args.max_new_tokens,
                                       payload_hook=hook)
                 stats = requests.get(server.base_url + "/tokendance/stats", timeout=120).json()
             for r in result.rounds:
                 for a in r.agents:
-                    a.meta_info["_logprob_start"], a.meta_info["_sampling"] = starts[(r.round, a.agent)]
+                    a.meta_info["_logprob_start"], a.meta_info["_sampling"] = starts[(r.round, r.turn, a.agent)]
             print(format_table(result))
             fid = score_against_exact(exact.base_url, result, args.max_new_tokens)
             runs[backend] = {"result": result, "stats": stats, "fidelity": fid, "kv": kv_per_agent(result, stats)}
@@ -135,10 +143,11 @@ def _cmd_demo(args) -> int:
 
 def side_by_side(runs: dict, args) -> str:
     """The per-round comparison table and a short summary."""
-    head = (f"{'round':>5} {'backend':>10} {'prefill tok':>11} {'probe tok':>9} {'KV/agent MB':>11} {'latency s':>9} "
-            f"{'top-1':>6} {'KL':>7} {'greedy':>6}")
-    lines = ["", f"=== side by side: {args.agents} agents x {args.rounds} rounds, {args.max_new_tokens} new tokens, "
-             f"policy {args.recompute} (pic, tokendance); fidelity against exact prefill of the same prompts", head,
+    head = (f"{'round':>5} {'backend':>10} {'cached tok':>10} {'computed tok':>12} {'probe tok':>9} {'KV/agent MB':>11} "
+            f"{'latency s':>9} {'top-1':>6} {'KL':>7} {'greedy':>6}")
+    lines = ["", f"=== side by side: {args.workload} workload, {args.agents} agents x {args.rounds} rounds"
+             f"{f' x {args.turns} turns' if args.turns > 1 else ''}, {args.max_new_tokens} new tokens, policy "
+             f"{args.recompute} (pic, tokendance); fidelity against exact prefill of the same prompts", head,
              "-" * len(head)]
     n_rounds = min(len(v["result"].rounds) for v in runs.values())
     for i in range(n_rounds):
@@ -146,7 +155,9 @@ def side_by_side(runs: dict, args) -> str:
             r = v["result"].rounds[i]
             pf = v["stats"].get("prefill_by_round", {}).get(str(r.round), {})
             f = v["fidelity"][i]
-            lines.append(f"{r.round:>5} {backend:>10} {r.uncached_tokens:>11} {pf.get('probe_tokens', 0):>9} "
+            label = f"{r.round}.{r.turn}" if args.turns > 1 else str(r.round)
+            probe = pf.get("probe_tokens", 0) if r.turn == 0 else 0
+            lines.append(f"{label:>5} {backend:>10} {r.cached_tokens:>10} {r.uncached_tokens:>12} {probe:>9} "
                          f"{v['kv'][i] / 2**20:>11.2f} {r.latency_s:>9.2f} {f['top1']:>6.3f} {f['kl']:>7.4f} "
                          f"{f['greedy']:>6.2f}")
     lines.append("")

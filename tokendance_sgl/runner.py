@@ -411,10 +411,11 @@ def format_table(result: RunResult, *, show_outputs: bool = False, width: int = 
     headers = ["round", "agents", "latency_s", "prompt_tok", "shared_tok", "cached_tok", "cached%", "uncached",
                "gen_tok", "req_mean_s", "req_max_s"]
     rows = []
+    w = result.workload
     for r in result.rounds:
         lat = [a.latency_s for a in r.agents]
         rows.append([
-            str(r.round),
+            f"{r.round}.{r.turn}" if w.get("turns", 1) > 1 else str(r.round),
             str(r.n_agents),
             f"{r.latency_s:.2f}",
             str(r.prompt_tokens),
@@ -427,7 +428,6 @@ def format_table(result: RunResult, *, show_outputs: bool = False, width: int = 
             f"{max(lat):.2f}" if lat else "-",
         ])
     s = result.summary()
-    w = result.workload
     lines = [
         f"workload: {w.get('style')}  agents={w.get('n_agents')}  rounds={w.get('n_rounds')}  seed={w.get('seed')}  "
         f"order={w.get('order')}  max_new_tokens={result.settings.get('max_new_tokens')}  server={result.base_url}",
