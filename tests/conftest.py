@@ -10,6 +10,9 @@ import pytest
 from tokendance_sgl.model import prepare_model
 
 _servers: dict[tuple, object] = {}
+# Every test server runs SGLang's busy-mode memory check (a leak or a double count crashes its scheduler) on top of
+# the idle check that is always on.
+SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +32,7 @@ def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = ()):
 
         leaked = sorted(k for k in (ENV_RECOMPUTE, ENV_MAX_GAP) if k in os.environ)
         assert not leaked, f"{leaked} set in the test process; the server would inherit them"
-        handle = launch(model_path, kv_backend=kv_backend, extra_args=list(extra))
+        handle = launch(model_path, kv_backend=kv_backend, extra_args=list(extra), env=SERVER_ENV)
         _servers[key] = handle
     return handle
 

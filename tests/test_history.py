@@ -25,7 +25,7 @@ from tokendance_sgl.runner import _post_generate, flush_cache, run_workload
 
 pytestmark = pytest.mark.engine
 
-N, ROUNDS, TURNS, MAX_NEW = 4, 3, 2, 48
+N, ROUNDS, TURNS, MAX_NEW = 4, 3, 2, 32
 TOP_K = 20
 
 
@@ -62,6 +62,15 @@ def _requests(res):
     return {(r.round, r.turn, a.agent): a for r in res.rounds for a in r.agents}
 
 
+def _common_prefix(seqs) -> list:
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    k = 0
+    while k < n and all(x[k] == first[k] for x in seqs):
+        k += 1
+    return first[:k]
+
+
 def _computed_after_round_0(res) -> int:
     return sum(a.prompt_tokens - a.cached_tokens for r in res.rounds if r.round >= 1 for a in r.agents)
 
@@ -88,16 +97,20 @@ def test_every_request_caches_at_least_radix_and_computes_half(variant, radix_ru
     td = td_table_run[0] if variant == "table" else _run(td_url, model_path, table=False)
     ours, stock = _requests(td), _requests(radix_run)
     assert ours.keys() == stock.keys()
+    # Round 0's first prompts share only the chat tag; which of them find it cached depends on how the scheduler
+    # batched them, on either server.
+    tag = len(_common_prefix([a.input_ids for (r, t, _), a in stock.items() if (r, t) == (0, 0)]))
     worse = []
     for key, a in ours.items():
         b = stock[key]
         assert a.prompt_tokens == b.prompt_tokens, key  # equal output lengths: equal prompt lengths
-        if a.cached_tokens < b.cached_tokens:
+        if a.cached_tokens < b.cached_tokens - (tag if key[:2] == (0, 0) else 0):
             worse.append((key, a.cached_tokens, b.cached_tokens))
     assert not worse, worse
     mine, theirs = _computed_after_round_0(td), _computed_after_round_0(radix_run)
+    print(f"{variant}: computed over rounds >= 1: tokendance {mine}, radix {theirs} ({mine / theirs:.2f}); cached "
+          f"(round, turn, agent): tokendance/radix {[(k, ours[k].cached_tokens, stock[k].cached_tokens) for k in ours]}")
     record_property("computed_rounds_1_plus", {"tokendance": mine, "radix": theirs})
-    record_property("cached_by_request", {str(k): (ours[k].cached_tokens, stock[k].cached_tokens) for k in ours})
     assert mine <= 0.5 * theirs, (mine, theirs)
     s = _stats(td_url)
     assert s["rows"] == 0 and s["available_size"] + s["evictable_size"] + s["protected_size"] == \
@@ -140,6 +153,7 @@ def test_fidelity_does_not_drift_over_rounds(td_table_run, server_factory, recor
     res, _ = td_table_run
     per_round = _score_exact(server_factory("radix", "--disable-radix-cache").base_url, res)
     record_property("fidelity_by_round", per_round)
+    print(f"fidelity by round (positions, top-1, KL): {per_round}")
     (_, top1_0, kl_0), (_, top1_1, kl_1), (_, top1_2, kl_2) = (per_round[r] for r in range(ROUNDS))
     assert kl_0 < 1e-3 and top1_0 > 0.99  # round 0 reuses nothing
     assert top1_1 >= 0.75 and kl_1 <= 0.2, per_round
@@ -157,7 +171,7 @@ def test_shared_history_is_held_once_plus_diffs(radix_server, td_url, model_path
         s = _stats(url)
         assert s["available_size"] + s["evictable_size"] + s["protected_size"] == s["max_total_num_tokens"], s
         used[name] = (s["max_total_num_tokens"] - s["available_size"], s, res)
-    (r_used, _, r_res), (t_used, ts, t_res) = used["radix"], used["tokendance"]
+    (r_used, _, _), (t_used, ts, t_res) = used["radix"], used["tokendance"]
     last = [a for r in t_res.rounds if r.round == ROUNDS - 1 for a in r.agents]
     s_total = min(a.shared_tokens for a in last)  # the gathered history in every last-round prompt
     n_segments = sum(len(a.segments) for a in last) / n
@@ -167,6 +181,8 @@ def test_shared_history_is_held_once_plus_diffs(radix_server, td_url, model_path
     assert t_used <= r_used - n * s_total + s_total + n * diffs + copies + slack, (r_used, t_used, s_total, diffs,
                                                                                    copies)
     assert r_used - t_used >= (n - 1) * s_total // 2, (r_used, t_used, s_total)
+    print(f"used slots at idle: radix {r_used}, tokendance {t_used}; gathered history {s_total} tokens, diffs per "
+          f"agent {diffs:.1f}, copies {copies}")
 
 
 @pytest.fixture(scope="module")
@@ -176,16 +192,18 @@ def small_pool(server_factory):
 
 
 def test_small_pool_evicts_paths_and_full_still_equals_exact(small_pool, radix_run, model_path):
+    """Every request of the round composes its block again (its path of the previous round was evicted, or the pool
+    holds only part of it) and its output still equals radix's (exact) token for token."""
     url = small_pool.base_url
-    approx = _run(url, model_path)  # sink:4: rows recomposed after their paths were evicted
-    assert all(len(a.output_ids) == MAX_NEW for r in approx.rounds for a in r.agents)
-    s = _stats(url)
-    assert s["rows"] == 0 and s["available_size"] + s["evictable_size"] + s["protected_size"] == \
-        s["max_total_num_tokens"], s
     full = _run(url, model_path, policy="full")
     for key, a in _requests(full).items():
         assert a.output_ids == _requests(radix_run)[key].output_ids, key
     prompt_peak = max(a.prompt_tokens for r in full.rounds for a in r.agents)
     assert N * prompt_peak > 1600  # the histories did not fit together
+    cached = sum(a.cached_tokens for r in full.rounds for a in r.agents)
+    assert cached < sum(a.cached_tokens for r in radix_run.rounds for a in r.agents)  # paths were evicted
+    s = _stats(url)
+    assert s["rows"] == 0 and s["available_size"] + s["evictable_size"] + s["protected_size"] == \
+        s["max_total_num_tokens"], s
     ok = requests.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}}, timeout=600)
     assert ok.status_code == 200

@@ -15,8 +15,9 @@ from tokendance_sgl.position_map import PathPositions, PositionMap
 from tree_sim import Sim, T, produce, tbl
 
 
-def _round1(sim, prompts, *, outs):
-    """Round-1 requests of agents naming round-0 output "r0/a0"; returns the finished requests."""
+def _round1(sim, prompts, *, outs, keep_running=False):
+    """Round-1 requests of agents naming round-0 output "r0/a0"; returns the requests (finished unless
+    ``keep_running``)."""
     done = []
     for agent, (prompt, start) in prompts.items():
         cp = tbl(round_=1, agent=agent, spans=[("r0/a0", start, start + 9)], out=f"r1/a{agent}")
@@ -26,6 +27,8 @@ def _round1(sim, prompts, *, outs):
         for t in outs[1:]:
             assert sim.decode(req, t)
         done.append(req)
+    if keep_running:
+        return done
     for req in done:
         sim.finish(req)
         sim.check()
@@ -40,7 +43,18 @@ def test_composed_row_persists_and_its_continuation_reuses_it_at_its_positions()
     # agent 2 (longer private part) arrives first and opens the base; agent 1's region then runs 4 positions up
     p2, p1 = T(14, 2000), T(10, 1000)
     prompts = {2: (p2 + out0 + T(3, 60), 14), 1: (p1 + out0 + T(3, 70), 10)}
-    r2, r1 = _round1(sim, prompts, outs=[11, 12, 13])
+    copies_before = sim.tree.store.counters["master_copies"]
+    done = _round1(sim, prompts, outs=[11, 12, 13], keep_running=True)
+    r2, r1 = done
+    # one copy at the base (14), completed with the segment's last token by the first row (agent 2) only
+    copy = sim.tree.store.get(f"{seg.key}@14")
+    assert sim.tree.store.counters["master_copies"] == copies_before + 1
+    assert copy.kv_len == len(out0) == seg.kv_len + 1 and not copy.tail_pending
+    assert 10 + 8 in sim.tree.row_master_positions(r1).tolist()  # agent 1 reads the copy's last token
+    assert r2.td.row_plan.tails and not r1.td.row_plan.tails
+    for req in done:
+        sim.finish(req)
+        sim.check()
     assert r1.td.registered is not None
     assert sim.tree.stats.counters["paths_inserted"] == 2
     stats = sim.tree.report()

@@ -177,8 +177,10 @@ class Sim:
         plan = req.td.row_plan
         for a, b in (plan.compute_spans if plan is not None else []):  # the pre-pass
             self.kv[row[a:b]] = toks[a:b]
-        if plan is not None:
+        if plan is not None:  # what KVCollector.run_prepass does after its forward
             plan.pending = False
+            for seg, _row in plan.tails:
+                seg.tail_pending, seg.tail_writer = False, None
         self.kv[row[start:n]] = toks[start:n]  # the extend
         req.kv.kv_allocated_len = req.kv.kv_committed_len = n
         req.extend_end = n
@@ -256,7 +258,7 @@ class Sim:
             assert a + e + p == self.total
         for seg in tree.store.segments():
             if tree.store.has_kv(seg):
-                m = seg.master.numpy()
+                m = seg.master.numpy()[: seg.kv_len - int(seg.tail_pending)]  # a pending last token: a stand-in
                 assert not (set((m // ps).tolist()) & free), f"master of {seg!r} freed"
                 assert (self.kv[m] == np.asarray(seg.tokens[: len(m)])).all(), f"master of {seg!r} overwritten"
 

@@ -24,10 +24,10 @@ __all__ = ["TreeStats", "COUNTERS"]
 # by the pre-pass; private slots of composed regions; load-backs refused; rows inserted as persistent paths under an
 # approximate namespace. Collective steps run (rounds planned together), re-rotation kernel calls they made; probe
 # forwards for deviation selection (tokens, tokens x layers), selections measured, selections reused from the round
-# (no probe), positions turned private after a selection.
+# (no probe), positions turned private after a selection, copies' last tokens computed (once per copy).
 COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens", "composed_private_slots",
             "load_back_fallbacks", "paths_inserted", "collect_steps", "collect_copy_calls", "probe_tokens",
-            "probe_token_layers", "selections", "selections_shared", "privatized_tokens")
+            "probe_token_layers", "selections", "selections_shared", "privatized_tokens", "tails_computed")
 
 _PREFILL_KEYS = ("extend_tokens", "prepass_tokens", "probe_tokens", "computed_tokens", "token_layers")
 

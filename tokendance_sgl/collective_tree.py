@@ -62,7 +62,7 @@ from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, slot_pages
 from tokendance_sgl.planning import ns_key_of, plan_for, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
 from tokendance_sgl.request_state import RequestState, SegmentPlan, state_of
-from tokendance_sgl.reuse import Composed, build_row, plan_layout, request_policy
+from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
 from tokendance_sgl.segment_store import SegmentStore
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
@@ -460,6 +460,8 @@ class CollectiveTree(RadixCache):
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         st = state_of(req)
         key = id(req.kv)
+        if st.row_plan is not None and st.row_plan.pending:
+            release_tails(st.row_plan.tails)  # released before its pre-pass ran
         rec = self.diff.record(key) if self.diff.rows else None
         plan = st.plan
         self.stats.note_release(plan.round if plan is not None else None,

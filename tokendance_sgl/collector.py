@@ -35,7 +35,7 @@ from tokendance_sgl.diff_alloc import coalesce
 from tokendance_sgl.position_map import PositionMap
 from tokendance_sgl.recompute import build_prepass_batch, forward_replay, pending_rows, run_probe
 from tokendance_sgl.request_state import row_plan_of, state_of
-from tokendance_sgl.reuse import ReuseHost, gap_budget, plan_layout
+from tokendance_sgl.reuse import ReuseHost, gap_budget, plan_layout, release_tails
 from tokendance_sgl.selection import deviation_scores
 
 __all__ = ["KVCollector", "CollectorHost"]
@@ -184,6 +184,10 @@ class KVCollector:
             positions = it.start + extra
             if positions.size and not plan.private_copies and not host.privatize(req, positions):
                 positions = positions[:0]  # no room: read the master there
+            if positions.size and plan.tails:  # a privatized last token is this row's own: another row computes it
+                mine = [t for t in plan.tails if t[1] in set(positions.tolist())]
+                release_tails(mine)
+                plan.tails = [t for t in plan.tails if t not in mine]
             if positions.size:
                 plan.compute_spans = coalesce(plan.compute_spans + [(int(p), int(p) + 1) for p in positions])
                 counters["recomputed_tokens"] += int(positions.size)
@@ -209,6 +213,9 @@ class KVCollector:
             for req in replay.batch.reqs:
                 plan = row_plan_of(req)
                 plan.pending = False
+                for seg, _row in plan.tails:  # the copies' last tokens are computed now, for every row reading them
+                    seg.tail_pending, seg.tail_writer = False, None
+                self.host.stats.counters["tails_computed"] += len(plan.tails)
                 if not req.retracted_stain:
                     # SGLang counted the whole composed region as cached; the recomputed rows were not.
                     req.cached_tokens -= plan.compute_tokens

@@ -103,6 +103,7 @@ class RowPlan:
     select: list = field(default_factory=list)  # SelectItems still to resolve before the pre-pass
     probe_start: int = 0  # first row a selection probe computes (the end of the cached prefix)
     private_copies: bool = False  # every composed row is private (pic): a selection needs no new slots
+    tails: list = field(default_factory=list)  # (copy, row): copies whose pending last token this row computes
 
     def __post_init__(self) -> None:
         prev = -1

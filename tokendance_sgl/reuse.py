@@ -39,7 +39,7 @@ from tokendance_sgl.request_state import RowLayout, RowPlan, SelectItem, state_o
 from tokendance_sgl.segment_store import SegmentStore
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
 
-__all__ = ["ReuseHost", "plan_layout", "build_row", "request_policy", "gap_budget", "Composed"]
+__all__ = ["ReuseHost", "plan_layout", "build_row", "request_policy", "gap_budget", "release_tails", "Composed"]
 
 Composed = tuple[torch.Tensor, RowPlan, PositionMap]  # region slots, pre-pass plan, the row's position map
 
@@ -51,6 +51,7 @@ class ReuseHost(Protocol):
     policy: RecomputePolicy
     store: SegmentStore
     bases: CanonicalBases
+    collector: Any  # its ``collective`` flag: masters shared by a round (tokendance) or per request (pic)
     page_size: int
     context_len: int
 
@@ -79,18 +80,21 @@ def plan_layout(host: ReuseHost, req: Any, prefix_len: int, limit: int,
     plan = state_of(req).plan
     if plan is None or not plan.spans:
         return None
+    policy = request_policy(host, req)
+    # a round's copies carry the segment's last token (computed once per copy): the region covers it
+    complete = policy.reuses_masters and host.collector.collective
     ps = host.page_size
     spans = []
     last = prefix_len
     for s in sorted(plan.spans, key=lambda s: s.start):
         if s.status != "resident" or s.kv_len <= 0 or s.start < last:
             continue  # evicted / pending / mismatch, inside the cached prefix, or overlapping: recomputed normally
-        a, b = s.start, min(s.start + s.kv_len, limit)
-        if b <= a:
-            break
         node = host.store.get(s.key)
         if node is None or not host.store.has_kv(node):
             continue
+        a, b = s.start, min(s.start + (len(s) if complete else s.kv_len), limit)
+        if b <= a:
+            break
         spans.append((a, b, s))
         last = s.end
     if ps > 1 and spans:  # the composed region ends on a page boundary: the extend fills the rest
@@ -99,8 +103,7 @@ def plan_layout(host: ReuseHost, req: Any, prefix_len: int, limit: int,
     if not spans:
         return None
     base_key = (plan.round, plan.ns_key) if plan.round is not None else tuple(s.key for _, _, s in spans)
-    return RowLayout(prefix_len, spans[-1][1], request_policy(host, req), spans, base_key,
-                     prefix_positions or PositionMap(), plan.agent)
+    return RowLayout(prefix_len, spans[-1][1], policy, spans, base_key, prefix_positions or PositionMap(), plan.agent)
 
 
 def gap_budget(host: ReuseHost, req: Any, pmap: PositionMap) -> int:
@@ -120,27 +123,37 @@ def _build_region(host: ReuseHost, req: Any, lay: RowLayout, pinned: list):
     positions = lay.prefix_positions.with_gap(s0, base - p0)
     store = host.store
     masters = store.master_copies([(store.get(ps_.key), positions.position_of(a)) for a, _, ps_ in lay.spans], pinned)
-    pieces, compute, select, recomputed, pos = [], [], [], 0, lay.start
+    pieces, compute, select, tails, recomputed, pos = [], [], [], [], 0, lay.start
     for (a, b, planned), seg in zip(lay.spans, masters):
         if seg is None:
             return None
         if a > pos:
             pieces.append(NewRun(a - pos))
             compute.append((pos, a))
-        offsets = policy.offsets(b - a)
-        pieces.append(MasterRun(seg, seg.master[: b - a], recompute=offsets))
+        n = min(b - a, seg.kv_len)  # master tokens (the segment itself lacks its last token: computed as text)
+        offsets = policy.offsets(n)
+        pieces.append(MasterRun(seg, seg.master[:n], recompute=offsets))
         compute.extend((a + int(o), a + int(o) + 1) for o in offsets)
+        if seg.tail_pending and n == len(seg.tokens) and seg.tail_writer is None and n - 1 not in offsets:
+            seg.tail_writer = id(req.kv)  # this row computes the copy's last token, into the copy, for the round
+            tails.append((seg, a + n - 1))
+            compute.append((a + n - 1, a + n))
+        if n < b - a:
+            pieces.append(NewRun(b - a - n))
+            compute.append((a + n, b))
         if policy.needs_scores:  # the round's shared choice for this segment, whatever base copy a row reads
-            select.append(SelectItem(a, b - a, policy, (lay.base_key, planned.key, str(policy)), offsets))
+            select.append(SelectItem(a, n, policy, (lay.base_key, planned.key, str(policy)), offsets))
         recomputed += len(offsets)
         pos = b
-    return pieces, compute, select, recomputed, positions
+    return pieces, compute, select, tails, recomputed, positions
 
 
 def build_row(host: ReuseHost, req: Any, lay: RowLayout) -> Optional[Composed]:
     """Composes ``req``'s rows ``[lay.start, lay.end)``; returns their slots, the row plan and the row's position
     map, or None when the pool cannot provide the slots (nothing is left allocated or locked)."""
     pinned: list = []
+    tails: list = []
+    built = None
     try:
         if not lay.policy.reuses_masters:
             pieces, compute, select = [NewRun(lay.end - lay.start)], [(lay.start, lay.end)], []
@@ -149,16 +162,24 @@ def build_row(host: ReuseHost, req: Any, lay: RowLayout) -> Optional[Composed]:
             got = _build_region(host, req, lay, pinned)
             if got is None:
                 return None
-            pieces, compute, select, recomputed, positions = got
+            pieces, compute, select, tails, recomputed, positions = got
         built = host.compose_row(req, lay.start, pieces, agent=lay.agent)
         if built is None:
             return None
     finally:
         for seg in pinned:
             host.store.unlock(seg)
-    row_plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=lay.start)
+        if built is None:
+            release_tails(tails)
+    row_plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=lay.start, tails=tails)
     note_layout_stats(lay, row_plan, recomputed, built.private_tokens)
     return built.slots, row_plan, positions
+
+
+def release_tails(tails: list) -> None:
+    """A row that claimed copies' last tokens will not compute them: the next row that reads them does."""
+    for seg, _row in tails:
+        seg.tail_writer = None
 
 
 def note_layout_stats(lay: RowLayout, row_plan: RowPlan, recomputed: int, private_slots: int) -> None:

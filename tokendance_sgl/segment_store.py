@@ -15,7 +15,9 @@ Kinds:
 
 A **copy** is the master of a segment re-rotated to another anchor (key ``"<key>@<anchor>"``, ``copy_of`` set): one
 per segment and canonical base, made for all agents of a round in ONE batched copy + re-rotation
-(:meth:`SegmentStore.master_copies`).
+(:meth:`SegmentStore.master_copies`). A segment's master lacks its last token (the producing request never computed
+that token's KV); a copy gets a slot for it, computed once per copy and round by the first row that reads it
+(``tail_pending``/``tail_writer``), instead of once per agent.
 
 Round-aware eviction (:meth:`SegmentStore.evict`, called by the tree before and after the radix leaves): unlocked
 strong segments of older rounds first -- produced (or last named by a request) two or more rounds before the current
@@ -70,6 +72,11 @@ class SegmentNode:
     last_access_time: float = field(default_factory=time.monotonic)
     copy_of: Optional[str] = None  # a re-rotated copy of segment `copy_of` at another anchor
     rows_served: int = 0  # request rows that have read the master (the agents sharing it)
+    # a copy completed with the segment's last token (its producer never computed that KV): until the first row that
+    # reads it (`tail_writer`, a row key) has computed it in the pre-pass, the slot holds a stand-in (the previous
+    # token's K/V moved one position on)
+    tail_pending: bool = False
+    tail_writer: Optional[int] = None
 
     @property
     def kv_len(self) -> int:
@@ -326,22 +333,28 @@ class SegmentStore:
             raise RuntimeError("re-rotation needs the model's RoPE (the store has no rerotate function)")
         for seg, _, _ in todo.values():
             self._pin(seg, pinned)  # the allocation below may evict
-        sizes = [seg.kv_len for seg, _, _ in todo.values()]
+        # an incomplete master (one token short) gets its last slot too, filled with the previous token's K/V one
+        # position on until a row computes it
+        tails = [int(seg.kv_len == len(seg.tokens) - 1) for seg, _, _ in todo.values()]
+        sizes = [seg.kv_len + t for (seg, _, _), t in zip(todo.values(), tails)]
         slots = self._alloc(sum(sizes))
         if slots is None:
             return out
         slots = slots.to(torch.int64)
-        src = torch.cat([seg.master for seg, _, _ in todo.values()])
-        delta = torch.cat([torch.full((n,), anchor - seg.anchor, dtype=torch.int64)
-                           for n, (seg, anchor, _) in zip(sizes, todo.values())]).to(slots.device)
+        src = torch.cat([torch.cat([seg.master, seg.master[-1:]]) if t else seg.master
+                         for (seg, _, _), t in zip(todo.values(), tails)])
+        delta = torch.cat([torch.full((seg.kv_len,), anchor - seg.anchor, dtype=torch.int64) if not t else
+                           torch.cat([torch.full((seg.kv_len,), anchor - seg.anchor, dtype=torch.int64),
+                                      torch.full((1,), anchor - seg.anchor + 1, dtype=torch.int64)])
+                           for (seg, anchor, _), t in zip(todo.values(), tails)]).to(slots.device)
         self.rerotate(src, slots, delta)
-        for (key, (seg, anchor, idx)), part in zip(todo.items(), torch.split(slots, sizes)):
+        for (key, (seg, anchor, idx)), part, t in zip(todo.items(), torch.split(slots, sizes), tails):
             stale = self._nodes.get(key)
             if stale is not None and stale.lock_ref == 0:
                 self.drop(stale)
             node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=anchor, round=self.current_round,
                                agent=seg.agent, strong=True, master=part.clone(), pages=slot_pages(part, self.ps),
-                               copy_of=seg.copy_of or seg.key)
+                               copy_of=seg.copy_of or seg.key, tail_pending=bool(t))
             node.used_round = self.current_round
             self._hold(node)
             self._nodes[key] = node

@@ -1,0 +1,49 @@
+"""SGLang's own acceptance kit for cache backends, shipped in the sglang wheel
+(``sglang.test.kits.unified_radix_cache_kit.UnifiedRadixTreeTestMixin``), run against a live tokendance server with
+SGLang's busy-mode memory check on (every server of the suite runs with it, see ``conftest.py``), scaled to CPU size.
+
+The three multi-turn tests compare the logprobs of cached decode with a fresh prefill of the same tokens (KL below
+SGLang's own threshold) and check ``cached_tokens`` against the radix contract (``default_prefill_cache_assert`` /
+``default_decode_cache_assert``). ``test_gsm8k`` needs a download and a strong model: skipped here.
+"""
+
+from __future__ import annotations
+
+import random
+import unittest
+
+import pytest
+from sglang.test.kits.unified_radix_cache_kit import UnifiedRadixTreeTestMixin
+
+pytestmark = pytest.mark.engine
+
+
+class _Kit(UnifiedRadixTreeTestMixin):
+    # CPU size: SGLang runs it with 512 new tokens and 512-token prefixes on a GPU
+    max_new_tokens = 16
+    prefix_len = 64
+    num_groups = 2
+    branches_per_group = 2
+    sampling_temperature = 0.0
+    kl_threshold = UnifiedRadixTreeTestMixin.kl_threshold  # SGLang's own bound
+
+    def test_gsm8k(self):
+        pytest.skip("needs the GSM8K download and a model far stronger than SmolLM2-135M")
+
+
+@pytest.fixture(scope="class")
+def kit_server(request, server_factory, model_path):
+    rng = random.Random(7)
+    request.cls.base_url = server_factory(request.cls.backend).base_url
+    request.cls.model = model_path
+    request.cls.input_ids = [[rng.randint(1, 30000) for _ in range(_Kit.prefix_len + 64)] for _ in range(4)]
+
+
+@pytest.mark.usefixtures("kit_server")
+class TestTokenDanceCacheKit(_Kit, unittest.TestCase):
+    backend = "tokendance"
+
+
+@pytest.mark.usefixtures("kit_server")
+class TestPicCacheKit(_Kit, unittest.TestCase):
+    backend = "pic"
