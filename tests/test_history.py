@@ -25,13 +25,13 @@ from tokendance_sgl.runner import _post_generate, flush_cache, run_workload
 
 pytestmark = pytest.mark.engine
 
-N, ROUNDS, TURNS, MAX_NEW = 4, 3, 2, 32
+N, ROUNDS, TURNS, MAX_NEW = 4, 3, 2, 40
 TOP_K = 20
 
 
 def _workload(model_path, n=N, turns=TURNS, seed=5):
     return HistoryWorkload("ga", n, ROUNDS, seed=seed, turns=turns, tokenizer=model_path, private_tokens=(60, 90),
-                           task_tokens=(20, 30))
+                           task_tokens=(12, 20))
 
 
 def _stats(url):
@@ -100,12 +100,15 @@ def test_every_request_caches_at_least_radix_and_computes_half(variant, radix_ru
     # Round 0's first prompts share only the chat tag; which of them find it cached depends on how the scheduler
     # batched them, on either server.
     tag = len(_common_prefix([a.input_ids for (r, t, _), a in stock.items() if (r, t) == (0, 0)]))
+    # Outputs have a fixed length, but the blocks hold them cleaned (trailing stop ids stripped), so a prompt may
+    # differ from radix's by a token or two: compare what each request had to compute (its uncached tokens).
     worse = []
     for key, a in ours.items():
         b = stock[key]
-        assert a.prompt_tokens == b.prompt_tokens, key  # equal output lengths: equal prompt lengths
-        if a.cached_tokens < b.cached_tokens - (tag if key[:2] == (0, 0) else 0):
-            worse.append((key, a.cached_tokens, b.cached_tokens))
+        assert abs(a.prompt_tokens - b.prompt_tokens) <= 4 * N, key
+        allowed = b.prompt_tokens - b.cached_tokens + max(0, a.prompt_tokens - b.prompt_tokens)
+        if a.prompt_tokens - a.cached_tokens > allowed + (tag if key[:2] == (0, 0) else 0):
+            worse.append((key, a.prompt_tokens, a.cached_tokens, b.prompt_tokens, b.cached_tokens))
     assert not worse, worse
     mine, theirs = _computed_after_round_0(td), _computed_after_round_0(radix_run)
     print(f"{variant}: computed over rounds >= 1: tokendance {mine}, radix {theirs} ({mine / theirs:.2f}); cached "
@@ -167,8 +170,11 @@ def test_shared_history_is_held_once_plus_diffs(radix_server, td_url, model_path
     n = 8
     used = {}
     for name, url in (("radix", radix_server.base_url), ("tokendance", td_url)):
+        before = _stats(url)
         res = _run(url, model_path, n=n, turns=1, max_new=32)
         s = _stats(url)
+        if "recomputed_tokens" in s:  # counters are cumulative on a shared server
+            s["recomputed_tokens"] -= before["recomputed_tokens"]
         assert s["available_size"] + s["evictable_size"] + s["protected_size"] == s["max_total_num_tokens"], s
         used[name] = (s["max_total_num_tokens"] - s["available_size"], s, res)
     (r_used, _, _), (t_used, ts, t_res) = used["radix"], used["tokendance"]
@@ -192,8 +198,9 @@ def small_pool(server_factory):
 
 
 def test_small_pool_evicts_paths_and_full_still_equals_exact(small_pool, radix_run, model_path):
-    """Every request of the round composes its block again (its path of the previous round was evicted, or the pool
-    holds only part of it) and its output still equals radix's (exact) token for token."""
+    """Agents' paths are evicted between their turns (the pool holds far less than their histories): their next
+    requests find less cached and compose their blocks again, and every output still equals radix's (exact) token
+    for token."""
     url = small_pool.base_url
     full = _run(url, model_path, policy="full")
     for key, a in _requests(full).items():
