@@ -592,6 +592,21 @@ def test_program_block_reused_on_tokendance(program_runs, name, record_property)
     # Round 1: each agent's first request meets the gathered block. Radix has only the agent's own earlier prompt
     # cached; tokendance also serves the block's segments from the shared masters.
     assert first_t[1] > first_r[1], f"{name}: first requests cached {first_t} (tokendance) vs {first_r} (radix)"
+    # Every request (each agent's `gen` of every round) computes at most what radix computes for it: an agent's
+    # later requests continue from its persistent path (prompts may differ by the outputs' lengths).
+    worse = []
+    for a, b in zip(sorted(radix.transcript, key=lambda t: (t["round"], t["agent"])),
+                    sorted(td.transcript, key=lambda t: (t["round"], t["agent"]))):
+        for var, mb in b["meta"].items():
+            ma = a["meta"][var]
+            slack = max(0, mb["prompt_tokens"] - ma["prompt_tokens"])
+            if mb["prompt_tokens"] - mb["cached_tokens"] > ma["prompt_tokens"] - ma["cached_tokens"] + slack:
+                worse.append((b["round"], b["agent"], var, mb, ma))
+    assert not worse, worse
+    cached_r, cached_t = ([r["cached_tokens"] for r in res.rounds] for res in (radix, td))
+    assert all(t >= r for r, t in zip(cached_r[1:], cached_t[1:])), (cached_t, cached_r)
+    print(f"{name}: round cached (all requests) radix {cached_r} tokendance {cached_t}; first requests radix "
+          f"{first_r} tokendance {first_t}; reused {s1['reused_tokens'] - s0['reused_tokens']}")
     assert s1["reused_tokens"] > s0["reused_tokens"]
     assert s1["rows_composed"] > s0["rows_composed"]
 
