@@ -144,6 +144,29 @@ def check_model(name: str, model_path: str | None) -> None:
         check_hf_config(config, model_path)
     except UnsupportedRope as e:
         raise KVBackendError(str(e)) from None
+    from tokendance_sgl.support import model_refusals
+
+    refused = model_refusals(config, model_path)
+    if refused:
+        raise KVBackendError(f"--kv-backend {name}: " + "; ".join(refused))
+
+
+def check_modes(settings: TokenDanceSettings, server_args) -> None:
+    """Refuses the SGLang modes segment reuse does not support (:mod:`tokendance_sgl.support`); on a CUDA server
+    turns off the ones it must not run with."""
+    if settings.kv_backend not in REUSE_BACKENDS:
+        return
+    import logging
+
+    from tokendance_sgl.selection import DEFAULT_POLICY, parse_policy
+    from tokendance_sgl.support import gpu_defaults, refusals
+
+    policy = parse_policy(settings.recompute or os.environ.get(ENV_RECOMPUTE) or DEFAULT_POLICY)
+    refused = refusals(server_args, settings.kv_backend, policy)
+    if refused:
+        raise KVBackendError("; ".join(refused))
+    for change in gpu_defaults(server_args):
+        logging.getLogger(__name__).warning("tokendance: %s", change)
 
 
 def apply_to_server_args(server_args, settings: TokenDanceSettings) -> None:
@@ -153,6 +176,7 @@ def apply_to_server_args(server_args, settings: TokenDanceSettings) -> None:
         disable_radix_cache=bool(server_args.disable_radix_cache),
     )
     check_model(settings.kv_backend, getattr(server_args, "model_path", None))
+    check_modes(settings, server_args)
     if target is not None:
         server_args.radix_cache_backend = target
     server_args._tokendance = {k: v for k, v in asdict(settings).items() if v is not None}
@@ -179,13 +203,13 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
 
 
 def _build_tokendance_cache(ctx):
-    from tokendance_sgl.collective_tree import build_collective_tree
+    from tokendance_sgl.backend import build_collective_tree
 
     return build_collective_tree(ctx)
 
 
 def _build_pic_cache(ctx):
-    from tokendance_sgl.collective_tree import build_collective_tree
+    from tokendance_sgl.backend import build_collective_tree
     from tokendance_sgl.pic import PicCache
 
     return build_collective_tree(ctx, PicCache)

@@ -36,7 +36,8 @@ from sglang.srt.mem_cache.common import release_kv_cache
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from tokendance_sgl.collective_tree import CollectiveTree, build_collective_tree
+from tokendance_sgl.backend import build_collective_tree
+from tokendance_sgl.collective_tree import CollectiveTree
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.diff_alloc import MasterRun, NewRun
 from tokendance_sgl.segment_store import SegmentUnavailable

@@ -136,3 +136,30 @@ def test_path_positions_follow_splits_and_removal():
     pp.remove(a)
     assert pp.map_of(a, root) == PositionMap((10,), (4,)) and len(pp) == 1
     assert np.array_equal(np.asarray(pp.map_of(head, root).rows), [10])
+
+
+def _boom(*_a, **_k):
+    raise RuntimeError("injected failure")
+
+
+@pytest.mark.parametrize("where", ["copy kernel", "after composition"])
+def test_injected_failure_rolls_back_and_the_request_is_prefilled_normally(where):
+    sim = Sim(ps=1, pool_tokens=256)
+    out0 = T(9, 500)
+    produce(sim, T(6, 100), out0, round_=0, agent=0, out="r0/a0")
+    avail = sim.alloc.available_size()
+    if where == "copy kernel":
+        sim.tree.store.rerotate = _boom
+    else:
+        sim.tree.stats.note_load = _boom
+    prompt = T(14, 2000) + out0 + T(3, 60)
+    req = sim.admit_reused(prompt, tbl(round_=1, agent=1, spans=[("r0/a0", 14, 23)]))
+    c = sim.tree.stats.counters
+    assert req is not None and not req.td.composed and c["rollbacks"] == 1 and c["load_back_fallbacks"] == 1
+    assert sim.cached[req.rid] == 0  # prefilled as if nothing were reused
+    assert all(s.lock_ref == 0 for s in sim.tree.store.segments()) and not sim.tree.diff.rows
+    sim.check()  # every slot the row reads holds its own tokens; no page leaked or held twice
+    sim.finish(req)
+    sim.check()
+    sim.tree.evict(EvictParams(num_tokens=10_000))
+    assert sim.alloc.available_size() == sim.total >= avail

@@ -10,6 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # source folder -> package it installs as (pyproject.toml's package-dir)
 PACKAGES = {"tokendance_sgl": "tokendance_sgl", "kernels": "tokendance_sgl.kernels", "patches": "tokendance_sgl.patches"}
 MAX_LINES = 600
+MAX_FUNCTION_LINES = 80
+# the core: the cache, its parts and the worker side (the frontend, workloads and tools may have longer functions)
+CORE = ("accounting", "backend", "bases", "collective_tree", "collector", "config", "diff_alloc", "host", "ledger",
+        "pic", "planning", "position_map", "recompute", "request_state", "reuse", "segment_store", "segments",
+        "selection", "support")
 
 
 def _modules() -> dict[str, Path]:
@@ -89,3 +94,13 @@ def test_the_cycle_finder_finds_a_circle():
 def test_modules_stay_small():
     big = {str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_core_functions_stay_short():
+    long = {}
+    for name in CORE:
+        tree = ast.parse((ROOT / "tokendance_sgl" / f"{name}.py").read_text())
+        for n in ast.walk(tree):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES:
+                long[f"{name}.{n.name}"] = n.end_lineno - n.lineno + 1
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"

@@ -24,10 +24,11 @@ __all__ = ["TreeStats", "COUNTERS"]
 # by the pre-pass; private slots of composed regions; load-backs refused; rows inserted as persistent paths under an
 # approximate namespace. Collective steps run (rounds planned together), re-rotation kernel calls they made; probe
 # forwards for deviation selection (tokens, tokens x layers), selections measured, selections reused from the round
-# (no probe), positions turned private after a selection, copies' last tokens computed (once per copy).
+# (no probe), positions turned private after a selection, copies' last tokens computed (once per copy), compositions
+# rolled back after a failure (the request was prefilled normally).
 COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens", "composed_private_slots",
             "load_back_fallbacks", "paths_inserted", "collect_steps", "collect_copy_calls", "probe_tokens",
-            "probe_token_layers", "selections", "selections_shared", "privatized_tokens", "tails_computed")
+            "probe_token_layers", "selections", "selections_shared", "privatized_tokens", "tails_computed", "rollbacks")
 
 _PREFILL_KEYS = ("extend_tokens", "prepass_tokens", "probe_tokens", "computed_tokens", "token_layers")
 
@@ -87,13 +88,13 @@ class TreeStats:
         """Row key -> token-equivalents its live row holds: masters divided among the rows reading them, its
         composed private slots and its tail past the cached prefix."""
         out = diff.row_kv_tokens()
-        ps = diff.page_size
+        page_size = diff.page_size
         for key, rec in diff.rows.items():
             kv = rec.owner
             allocated = int(getattr(kv, "kv_allocated_len", 0) or 0)
             if allocated:
                 owned_from = max(int(getattr(kv, "cache_protected_len", 0) or 0), rec.end)
-                out[key] = out.get(key, 0.0) + max(0, -(-allocated // ps) * ps - owned_from)
+                out[key] = out.get(key, 0.0) + max(0, -(-allocated // page_size) * page_size - owned_from)
         return out
 
     def kv_bytes_by_agent(self, diff: DiffAllocator) -> dict:

@@ -70,7 +70,7 @@ from tokendance_sgl.segments import SegmentTableError, parse_segment_table
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CollectiveTree", "build_collective_tree", "pool_bytes_per_token", "approx_namespace"]
+__all__ = ["CollectiveTree", "pool_bytes_per_token", "approx_namespace"]
 
 
 def pool_bytes_per_token(allocator: Any) -> float:
@@ -103,28 +103,29 @@ class CollectiveTree(RadixCache):
                  bytes_per_token: Optional[float] = None):
         self.config = config if config is not None else TreeConfig.from_env()
         self.policy = parse_policy(self.config.recompute)
-        ps = params.page_size
+        page_size = params.page_size
         alloc = params.token_to_kv_pool_allocator
         size = getattr(alloc, "size", None) if alloc is not None else None
-        self.ledger = PageLedger(int(size) // ps + 2 if size else 1024, ps)
-        self.radix_holds = RadixHolds(self.ledger, ps)
+        self.ledger = PageLedger(int(size) // page_size + 2 if size else 1024, page_size)
+        self.radix_holds = RadixHolds(self.ledger, page_size)
         self.path_positions = PathPositions()
         self.pool = PoolView(alloc, self.ledger) if alloc is not None else None
         self.stats = TreeStats()
         self.bases = CanonicalBases(self.config)
         dev = getattr(alloc, "device", "cpu") if alloc is not None else "cpu"
-        self.store = SegmentStore(self.ledger, self.config, page_size=ps,
+        self.store = SegmentStore(self.ledger, self.config, page_size=page_size,
                                   device=torch.device(dev if isinstance(dev, (str, torch.device)) else "cpu"),
                                   alloc=self.alloc_slots, free_pages=self._free_pages)
         self.collector = self.collector_class(self)
         self.rope: Optional[RopeSpec] = None  # set by build_collective_tree from the loaded model
         self._live: dict[int, RequestState] = {}  # id(req.kv) -> state of every live composed row
         self._inserting: Optional[RequestState] = None  # the row a checkpoint is inserting
+        self.tp_size = 1  # set by build_collective_tree
         super().__init__(dataclasses.replace(params, token_to_kv_pool_allocator=self.pool))  # calls reset()
         rtt = getattr(self.req_to_token_pool, "req_to_token", None)
         self.context_len = int(rtt.shape[1]) if rtt is not None else 1 << 30
         self.diff = DiffAllocator(
-            self.pool, page_size=ps,
+            self.pool, page_size=page_size,
             bytes_per_token=bytes_per_token if bytes_per_token is not None else pool_bytes_per_token(alloc),
             copy_fn=copy_fn if copy_fn is not None else self._pool_copy, alloc_fn=self.alloc_slots)
 
@@ -263,7 +264,10 @@ class CollectiveTree(RadixCache):
 
     def validate_request(self, req: Any) -> Optional[str]:
         """The error that should fail ``req`` with HTTP 400, or None (also records ``req.td.plan``)."""
-        return validate_request(None if self.disable else self.store, self.config, req)
+        error = validate_request(None if self.disable else self.store, self.config, req)
+        if error is None and self.tp_size > 1 and request_policy(self, req).needs_scores:
+            error = f"td_recompute {request_policy(self, req)} needs tp-size 1 (this server runs tp-size {self.tp_size})"
+        return error
 
     def _approx_match(self, req: Any, key: RadixKey, res: MatchResult):
         """The longer of ``res`` (exact namespace) and the match in the request's approximate namespace: (result,
@@ -314,26 +318,39 @@ class CollectiveTree(RadixCache):
         req = params.req
         node = req.last_node if req is not None else params.best_match_node
         st = state_of(req) if req is not None else None
-        lay = st.layout if st is not None else None
-        if lay is None or lay.start != req.prefix_len or lay.end - lay.start != params.host_hit_length:
+        layout = st.layout if st is not None else None
+        if layout is None or layout.start != req.prefix_len or layout.end - layout.start != params.host_hit_length:
             return 0, node
         try:
-            out = self.build_row(req, lay)
+            out = self.build_row(req, layout)
+            if out is not None:
+                st.host_slots, st.row_plan, st.positions = out
+                if layout.policy.reuses_masters:
+                    st.namespace = approx_namespace(req.extra_key, layout.policy)
+                self.stats.note_load(layout.stats)
         except Exception:
             logger.exception("tokendance: composing the row of request %s failed; prefilling it normally", req.rid)
+            self._roll_back_row(req, layout)
             out = None
         if out is None:
             self.stats.counters["load_back_fallbacks"] += 1
             return 0, node
-        st.host_slots, st.row_plan, st.positions = out
-        if lay.policy.reuses_masters:
-            st.namespace = approx_namespace(req.extra_key, lay.policy)
-        self.stats.note_load(lay.stats)
-        return lay.end - lay.start, node
+        return layout.end - layout.start, node
 
-    def build_row(self, req: Any, lay: Any) -> Optional[Composed]:
+    def _roll_back_row(self, req: Any, layout: Any) -> None:
+        """Undoes a composition that failed half way: the row's holds, locks, record and claims go back; the request
+        is then prefilled as if nothing had been reused."""
+        st = state_of(req)
+        if st.row_plan is not None:
+            release_tails(st.row_plan.tails)
+        self.diff.pop_row(id(req.kv))
+        self._release_row(req)
+        st.positions, st.namespace = layout.prefix_positions, st.match_ns  # as matched, nothing composed
+        self.stats.counters["rollbacks"] += 1
+
+    def build_row(self, req: Any, layout: Any) -> Optional[Composed]:
         """Composes ``req``'s reused region (:func:`tokendance_sgl.reuse.build_row`; the ``pic`` backend overrides)."""
-        return build_row(self, req, lay)
+        return build_row(self, req, layout)
 
     def load_back_is_cache_owned(self) -> bool:
         return True  # the composed region is the tree's: the live row holds its pages in the ledger
@@ -471,12 +488,20 @@ class CollectiveTree(RadixCache):
             toks = self.stats.live_row_tokens(self.diff).get(key, 0.0)
             self.stats.note_row_bytes(rec.agent, toks * self.diff.bytes_per_token)
             self.diff.pop_row(key)
+        self._release_row(req)
+        st.release_row()
+
+    def _release_row(self, req: Any) -> None:
+        """Gives back what the live row holds: its pages and its segment locks."""
+        st = state_of(req)
         self._free_pages(self.ledger.release_row(st.held_pages))
+        st.held_pages = np.empty(0, dtype=np.int64)
         for seg in st.reads:
             seg.row_refs -= 1
             self.store.unlock(seg)
-        self._live.pop(key, None)
-        st.release_row()
+        st.reads = []
+        st.host_slots = st.row_plan = None
+        self._live.pop(id(req.kv), None)
 
     # ================================================================== diagnostics
 
@@ -511,8 +536,8 @@ class CollectiveTree(RadixCache):
 
     def check_invariants(self) -> None:
         """Recomputes the page ledger from the radix tree, the segments and the live rows (AssertionError if not)."""
-        L = self.ledger
-        ref = {k: np.zeros(len(L.tot), np.int64) for k in ("r", "rl", "s", "sl", "w")}
+        ledger = self.ledger
+        ref = {k: np.zeros(len(ledger.tot), np.int64) for k in ("r", "rl", "s", "sl", "w")}
         stack = list(self.root_node.children.values())
         seen = set()
         while stack:
@@ -531,38 +556,8 @@ class CollectiveTree(RadixCache):
         for st in self._live.values():
             np.add.at(ref["w"], st.held_pages, 1)
         for name, want in ref.items():
-            assert np.array_equal(getattr(L, name).astype(np.int64), want), f"ledger {name} differs"
+            assert np.array_equal(getattr(ledger, name).astype(np.int64), want), f"ledger {name} differs"
         held = (ref["r"] + ref["s"] + ref["w"]) > 0
         prot = (ref["rl"] + ref["sl"] + ref["w"]) > 0
-        assert int(held.sum()) == L.n_held and int(prot.sum()) == L.n_prot, (int(held.sum()), L.n_held)
+        assert int(held.sum()) == ledger.n_held and int(prot.sum()) == ledger.n_prot, (int(held.sum()), ledger.n_held)
         assert not (prot & ~held).any()
-
-
-def build_collective_tree(ctx: Any, cls: type = CollectiveTree) -> CollectiveTree:
-    """Factory for ``register_radix_cache_backend("tokendance", build_collective_tree)`` (``cls``: the cache class,
-    :class:`~tokendance_sgl.pic.PicCache` for ``pic``)."""
-    if getattr(ctx, "is_hybrid_swa", False) or getattr(ctx, "is_hybrid_ssm", False):
-        raise NotImplementedError("the tokendance and pic backends support full-attention models only (no SWA / mamba)")
-    if getattr(ctx, "enable_hierarchical_cache", False):
-        raise NotImplementedError("the tokendance and pic backends do not support --enable-hierarchical-cache")
-    overrides = {}
-    td = getattr(getattr(ctx, "server_args", None), "_tokendance", None)
-    if isinstance(td, dict):
-        overrides = {k: v for k, v in td.items() if k in TreeConfig.__dataclass_fields__}
-    params = ctx.params
-    if getattr(ctx, "disable_radix_cache", False):
-        params.disable = True
-    tree = cls(params, TreeConfig.from_env(overrides))
-    if tree.config.reuse and tree.page_size > 1:
-        logger.warning("tokendance: segment reuse needs --page-size 1 for now; with page size %d segments are tracked "
-                       "but every prompt is computed", tree.page_size)
-        tree.config.reuse = False
-    runner = getattr(getattr(ctx, "tp_worker", None), "model_runner", None)
-    if tree.config.reuse and runner is not None:
-        from tokendance_sgl.rope import spec_from_model
-
-        tree.rope = spec_from_model(runner.model, getattr(ctx.server_args, "model_path", "this model"))
-        tree.store.rerotate = tree.rerotate_into
-    if runner is not None:
-        tree.stats.num_layers = int(getattr(runner.model_config, "num_hidden_layers", 0) or 0)
-    return tree

@@ -81,18 +81,18 @@ class KVCollector:
                 continue
             host.plan_for(req)
             prefix_len, pmap = host.cached_prefix(req)
-            lay = plan_layout(host, req, prefix_len, len(req.origin_input_ids), pmap)
-            if lay is not None and lay.policy.reuses_masters:
-                groups[lay.base_key].append((lay, gap_budget(host, req, pmap)))
+            layout = plan_layout(host, req, prefix_len, len(req.origin_input_ids), pmap)
+            if layout is not None and layout.policy.reuses_masters:
+                groups[layout.base_key].append((layout, gap_budget(host, req, pmap)))
         if not groups:
             return 0
         wants = []
         for key, lays in groups.items():
-            host.bases.plan(key, [lay.prefix_positions.position_of(lay.region_start) for lay, _ in lays])
-            for lay, budget in lays:
-                p0 = lay.prefix_positions.position_of(lay.region_start)
-                shift = host.bases.base_for(key, p0, budget) - p0 + lay.prefix_positions.total
-                wants.extend((host.store.get(ps.key), a + shift) for a, _, ps in lay.spans)
+            host.bases.plan(key, [layout.prefix_positions.position_of(layout.region_start) for layout, _ in lays])
+            for layout, budget in lays:
+                p0 = layout.prefix_positions.position_of(layout.region_start)
+                shift = host.bases.base_for(key, p0, budget) - p0 + layout.prefix_positions.total
+                wants.extend((host.store.get(page_size.key), a + shift) for a, _, page_size in layout.spans)
         before = host.store.counters["master_copies"]
         pinned: list = []
         try:

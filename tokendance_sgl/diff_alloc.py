@@ -7,7 +7,7 @@ half-open row-position intervals whose slots are a segment's. Every other slot o
 (**diff** slots of recomputed tokens, slots of new tokens). The cache makes the live row a holder of every page of
 the region in the page ledger (:mod:`tokendance_sgl.ledger`), so who frees a slot is decided there, not here.
 
-Page granularity (``page_size > 1``): a row page -- row positions ``[k*ps, (k+1)*ps)``, which always map onto one
+Page granularity (``page_size > 1``): a row page -- row positions ``[k*page_size, (k+1)*page_size)``, which always map onto one
 pool page -- is either entirely a master page (all its positions reference the same master page at matching
 offsets) or entirely the row's own. A row page that would mix master tokens with private tokens (a recomputed
 token, a new token, tokens of another master page or a misaligned master run) is **copied on write as a whole
@@ -18,7 +18,7 @@ dst)`` and the private tokens get the page's other slots.
 made after composition). Per-agent accounting (:meth:`row_kv_tokens`): the row's master slots weighted by
 ``1/refcount`` (``refcount``: the live rows referencing that slot) plus its private slots.
 
-This module imports torch and numpy only (no sglang): unit tests drive it with a real SGLang allocator or a fake.
+This module imports no sglang: unit tests drive it with a real SGLang allocator or a fake.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from tokendance_sgl.host import to_host
 
 __all__ = [
     "NewRun",
@@ -134,6 +136,35 @@ def _as_cpu_i64(t) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         return t.detach().to(device="cpu", dtype=torch.int64)
     return torch.as_tensor(list(t), dtype=torch.int64)
+
+
+def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position of a composition: the master slot (-1 for new runs), whether it reads the master (not
+    recomputed) and the index of its piece. Validates the pieces."""
+    total = sum(len(p) for p in pieces)
+    src = np.full(total, -1, dtype=np.int64)
+    reuse = np.zeros(total, dtype=bool)
+    piece_of = np.full(total, -1, dtype=np.int64)
+    off = 0
+    for i, p in enumerate(pieces):
+        n = len(p)
+        if isinstance(p, MasterRun):
+            slots = to_host(p.slots, torch.int64)
+            if n and (slots < 0).any():
+                raise ValueError("master slots must be >= 0")
+            src[off : off + n], reuse[off : off + n], piece_of[off : off + n] = slots, True, i
+            if p.recompute is not None and len(p.recompute):
+                offsets = np.asarray(list(p.recompute), dtype=np.int64)
+                if (offsets < 0).any() or (offsets >= n).any():
+                    raise ValueError(f"recompute offsets must lie in [0, {n})")
+                reuse[off + offsets] = False
+        elif isinstance(p, NewRun):
+            if p.length < 0:
+                raise ValueError("NewRun length must be >= 0")
+        else:
+            raise TypeError(f"unknown piece {p!r}")
+        off += n
+    return src, reuse, piece_of
 
 
 class DiffAllocator:
@@ -271,114 +302,82 @@ class DiffAllocator:
         docstring). Returns None (and changes nothing) when the allocator cannot provide the private slots.
         The caller writes ``BuiltRow.slots`` into the row, holds its pages and locks ``BuiltRow.segs``.
         """
-        ps = self.page_size
-        if ps > 1 and start_pos % ps != 0:
-            raise ValueError(f"row span must start on a page boundary, got {start_pos} (page_size {ps})")
-        total = sum(len(p) for p in pieces)
-        src = np.full(total, -1, dtype=np.int64)  # master slot, or -1
-        reuse = np.zeros(total, dtype=bool)  # position reads the master's KV (not recomputed)
-        piece_of = np.full(total, -1, dtype=np.int64)
-        off = 0
-        for i, p in enumerate(pieces):
-            n = len(p)
-            if isinstance(p, MasterRun):
-                sl = _as_cpu_i64(p.slots).numpy()
-                if n and (sl < 0).any():
-                    raise ValueError("master slots must be >= 0")
-                src[off : off + n] = sl
-                reuse[off : off + n] = True
-                piece_of[off : off + n] = i
-                if p.recompute is not None and len(p.recompute):
-                    rc = np.asarray(list(p.recompute), dtype=np.int64)
-                    if (rc < 0).any() or (rc >= n).any():
-                        raise ValueError(f"recompute offsets must lie in [0, {n})")
-                    reuse[off + rc] = False
-            elif isinstance(p, NewRun):
-                if p.length < 0:
-                    raise ValueError("NewRun length must be >= 0")
-            else:
-                raise TypeError(f"unknown piece {p!r}")
-            off += n
-
-        # Which positions keep the master slot.
-        keep = reuse.copy()
-        if ps > 1 and total:
-            n_pages = -(-total // ps)
-            for k in range(n_pages):
-                a, b = k * ps, min((k + 1) * ps, total)
-                pk = keep[a:b]
-                if not pk.any():
-                    continue
-                full_page = (b - a) == ps
-                ok = full_page and pk.all() and (piece_of[a:b] == piece_of[a]).all()
-                if ok:
-                    s = src[a:b]
-                    ok = bool((s // ps == s[0] // ps).all() and (s % ps == np.arange(ps)).all())
-                if not ok:
-                    keep[a:b] = False  # copy on write: the whole row page becomes private
-
-        private = ~keep
-        private_positions = np.nonzero(private)[0]
-        if ps == 1:
-            n_alloc = int(private.sum())
-        else:
-            priv_pages = np.unique(private_positions // ps) if private_positions.size else np.empty(0, np.int64)
-            n_alloc = int(priv_pages.size) * ps
+        page_size = self.page_size
+        if page_size > 1 and start_pos % page_size != 0:
+            raise ValueError(f"row span must start on a page boundary, got {start_pos} (page_size {page_size})")
+        src, reuse, piece_of = _lay_out(pieces)
+        keep = self._kept_master_positions(src, reuse, piece_of)
+        private_positions = np.nonzero(~keep)[0]
+        priv_pages = np.unique(private_positions // page_size) if private_positions.size else np.empty(0, np.int64)
+        n_alloc = int(private_positions.size) if page_size == 1 else int(priv_pages.size) * page_size
         fresh = self._alloc(n_alloc)
         if fresh is None:
             return None
-        fresh_cpu = fresh.cpu()
-
-        out = src.copy()
-        copies_src: list[int] = []
-        copies_dst: list[int] = []
-        if ps == 1:
-            out[private] = fresh_cpu.numpy()
-        elif n_alloc:
-            page_base = fresh_cpu.view(-1, ps)[:, 0].numpy()  # first slot of each fresh page
-            page_index = {int(pg): j for j, pg in enumerate(priv_pages.tolist())}
-            for pos in private_positions.tolist():
-                base = page_base[page_index[pos // ps]]
-                dst = int(base) + (pos % ps)
-                if reuse[pos]:
-                    copies_src.append(int(src[pos]))
-                    copies_dst.append(dst)
-                out[pos] = dst
-        if copies_src:
-            if self.copy_fn is None:
-                # Nothing recorded yet: give the fresh slots back before refusing.
-                if fresh.numel():
-                    self.allocator.free(fresh)
-                raise ValueError("copy-on-write of a master page needs copy_fn (page_size > 1)")
-            dev = fresh.device
-            self.copy_fn(
-                torch.tensor(copies_src, dtype=torch.int64, device=dev),
-                torch.tensor(copies_dst, dtype=torch.int64, device=dev),
-            )
-
-        # Record master references: maximal runs of kept positions from one piece with consecutive positions.
+        out, copies = self._fill_private(src, reuse, ~keep, private_positions, priv_pages, fresh)
         rec = self.ensure_record(key, agent=agent, owner=owner)
         kept_pos = np.nonzero(keep)[0]
-        if kept_pos.size:
+        if kept_pos.size:  # master references: maximal runs of kept positions from one piece
             breaks = np.nonzero((np.diff(kept_pos) != 1) | (np.diff(piece_of[kept_pos]) != 0))[0] + 1
             for run in np.split(kept_pos, breaks):
                 a, b = int(run[0]), int(run[-1]) + 1
                 seg = pieces[int(piece_of[a])].seg
                 self.add_master_ref(key, start_pos + a, start_pos + b, seg, torch.from_numpy(src[a:b].copy()))
         rec.private_tokens += n_alloc
-        rec.end = max(rec.end, start_pos + total)
+        rec.end = max(rec.end, start_pos + len(src))
         used_segs: dict = {}
-        if kept_pos.size:
-            for i in np.unique(piece_of[kept_pos]).tolist():
-                used_segs.setdefault(_seg_id(pieces[i].seg), pieces[i].seg)
+        for i in (np.unique(piece_of[kept_pos]).tolist() if kept_pos.size else []):
+            used_segs.setdefault(_seg_id(pieces[i].seg), pieces[i].seg)
         dev = fresh.device if fresh.numel() else getattr(self.allocator, "device", "cpu")
-        return BuiltRow(
-            slots=torch.from_numpy(out).to(dev),
-            segs=list(used_segs.values()),
-            private_tokens=n_alloc,
-            private_positions=private_positions,
-            copies=len(copies_src),
-        )
+        return BuiltRow(slots=torch.from_numpy(out).to(dev), segs=list(used_segs.values()), private_tokens=n_alloc,
+                        private_positions=private_positions, copies=copies)
+
+    def _kept_master_positions(self, src: np.ndarray, reuse: np.ndarray, piece_of: np.ndarray) -> np.ndarray:
+        """Which positions keep their master slot: every reused one at page size 1; with pages, only whole row
+        pages that are one master page at matching offsets (the other pages are copied on write)."""
+        page_size, total = self.page_size, len(src)
+        keep = reuse.copy()
+        if page_size == 1:
+            return keep
+        for k in range(-(-total // page_size)):
+            a, b = k * page_size, min((k + 1) * page_size, total)
+            if not keep[a:b].any():
+                continue
+            ok = (b - a) == page_size and keep[a:b].all() and (piece_of[a:b] == piece_of[a]).all()
+            if ok:
+                s = src[a:b]
+                ok = bool((s // page_size == s[0] // page_size).all() and (s % page_size == np.arange(page_size)).all())
+            if not ok:
+                keep[a:b] = False  # copy on write: the whole row page becomes private
+        return keep
+
+    def _fill_private(self, src, reuse, private, private_positions, priv_pages, fresh) -> tuple[np.ndarray, int]:
+        """The region's slots: masters where kept, fresh slots elsewhere; with pages, the reused master tokens of a
+        copied page are copied into it (``copy_fn``). Returns the slots and the tokens copied."""
+        page_size = self.page_size
+        out = src.copy()
+        if page_size == 1:
+            out[private] = to_host(fresh)
+            return out, 0
+        copies_src: list[int] = []
+        copies_dst: list[int] = []
+        if len(private_positions):
+            page_base = to_host(fresh.view(-1, page_size)[:, 0])  # first slot of each fresh page
+            page_index = {int(pg): j for j, pg in enumerate(priv_pages.tolist())}
+            for pos in private_positions.tolist():
+                dst = int(page_base[page_index[pos // page_size]]) + (pos % page_size)
+                if reuse[pos]:
+                    copies_src.append(int(src[pos]))
+                    copies_dst.append(dst)
+                out[pos] = dst
+        if copies_src:
+            if self.copy_fn is None:
+                if fresh.numel():  # nothing recorded yet: give the fresh slots back before refusing
+                    self.allocator.free(fresh)
+                raise ValueError("copy-on-write of a master page needs copy_fn (page_size > 1)")
+            dev = fresh.device
+            self.copy_fn(torch.tensor(copies_src, dtype=torch.int64, device=dev),
+                         torch.tensor(copies_dst, dtype=torch.int64, device=dev))
+        return out, len(copies_src)
 
     # ------------------------------------------------------------------ accounting
 

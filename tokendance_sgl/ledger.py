@@ -25,6 +25,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from tokendance_sgl.host import to_host
+
 __all__ = ["PageLedger", "PoolView", "RadixHolds", "slot_pages", "node_value_pages"]
 
 # holder array -> (counts as a holder, counts as a lock)
@@ -35,14 +37,14 @@ def slot_pages(slots: Optional[torch.Tensor], page_size: int) -> np.ndarray:
     """The distinct pages of ``slots`` (host int64, sorted)."""
     if slots is None or slots.numel() == 0:
         return np.empty(0, dtype=np.int64)
-    return np.unique(slots.detach().to("cpu", torch.int64).numpy() // page_size)
+    return np.unique(to_host(slots, torch.int64) // page_size)
 
 
 def node_value_pages(value: Any, page_size: int) -> np.ndarray:
     """Pages of a radix node's value, one per page in row order (a page-structured value holds whole pages)."""
     if value is None or isinstance(value, list) or value.numel() == 0:
         return np.empty(0, dtype=np.int64)
-    v = value.detach().to("cpu", torch.int64).numpy()
+    v = to_host(value, torch.int64)
     if page_size == 1:
         return v.copy()
     if v.size % page_size == 0 and (v[::page_size] % page_size == 0).all():
@@ -55,7 +57,7 @@ class PageLedger:
     advances whenever it is freed, so a weak reference can tell whether the page it saw is still the same KV."""
 
     def __init__(self, n_pages: int, page_size: int):
-        self.ps = page_size
+        self.page_size = page_size
         n = max(int(n_pages), 1)
         for name in (*_KINDS, "tot", "lk"):
             setattr(self, name, np.zeros(n, dtype=np.int32))
@@ -189,9 +191,8 @@ class PoolView:
         """``slots`` without those on held pages (None: nothing left to free)."""
         if slots is None or slots.numel() == 0:
             return None
-        ps = self._ledger.ps
-        pages = slots.detach().to("cpu", torch.int64) // ps
-        held = torch.from_numpy(self._ledger.held_mask(pages.numpy()))
+        ps = self._ledger.page_size
+        held = torch.from_numpy(self._ledger.held_mask(to_host(slots, torch.int64) // ps))
         if not bool(held.any()):
             return slots
         keep = ~held
@@ -237,7 +238,7 @@ class RadixHolds:
 
     def __init__(self, ledger: PageLedger, page_size: int):
         self.ledger = ledger
-        self.ps = page_size
+        self.page_size = page_size
         self._pages: dict[int, np.ndarray] = {}
 
     def clear(self) -> None:
@@ -246,28 +247,28 @@ class RadixHolds:
     def pages(self, node: Any) -> np.ndarray:
         got = self._pages.get(node.id)
         if got is None:  # a node we have not seen (the root, a simulated value): derive it once
-            got = node_value_pages(node.value, self.ps)
+            got = node_value_pages(node.value, self.page_size)
             self._pages[node.id] = got
         return got
 
     def add(self, node: Any) -> None:
-        pages = node_value_pages(node.value, self.ps)
+        pages = node_value_pages(node.value, self.page_size)
         self._pages[node.id] = pages
         self.ledger.add_radix(pages)
 
     def split(self, parent: Any, child: Any, pages: np.ndarray, split_len: int, old_len: int) -> None:
         """``parent`` took the first ``split_len`` tokens of ``child`` (whose pages were ``pages``)."""
-        if pages.size * self.ps == old_len:  # page-structured value: the pages split with it
-            k = split_len // self.ps
+        if pages.size * self.page_size == old_len:  # page-structured value: the pages split with it
+            k = split_len // self.page_size
             self._pages[parent.id], self._pages[child.id] = pages[:k], pages[k:]
         else:
             self._pages.pop(child.id, None)
-            self._pages[parent.id] = node_value_pages(parent.value, self.ps)
-            self._pages[child.id] = node_value_pages(child.value, self.ps)
+            self._pages[parent.id] = node_value_pages(parent.value, self.page_size)
+            self._pages[child.id] = node_value_pages(child.value, self.page_size)
 
     def remove(self, node: Any) -> np.ndarray:
         """Forgets the node; returns the pages no holder keeps any more."""
         pages = self._pages.pop(node.id, None)
         if pages is None:
-            pages = node_value_pages(node.value, self.ps)
+            pages = node_value_pages(node.value, self.page_size)
         return self.ledger.release_radix(pages)

@@ -39,34 +39,34 @@ class _PerRequest(KVCollector):
 class PicCache(CollectiveTree):
     collector_class = _PerRequest
 
-    def build_row(self, req: Any, lay: RowLayout) -> Optional[Composed]:
-        return build_pic_row(self, req, lay)
+    def build_row(self, req: Any, layout: RowLayout) -> Optional[Composed]:
+        return build_pic_row(self, req, layout)
 
 
-def build_pic_row(tree: CollectiveTree, req: Any, lay: RowLayout) -> Optional[Composed]:
-    """Rows ``[lay.start, lay.end)`` of ``req`` as private slots holding the segments' KV re-rotated to their true
+def build_pic_row(tree: CollectiveTree, req: Any, layout: RowLayout) -> Optional[Composed]:
+    """Rows ``[layout.start, layout.end)`` of ``req`` as private slots holding the segments' KV re-rotated to their true
     positions; returns the slots, the row plan and the (unshifted) position map, or None when the pool has no room."""
-    policy = lay.policy
+    policy = layout.policy
     if not policy.reuses_masters:
-        return build_row(tree, req, lay)  # `full`: exact prefill, as in tokendance
-    segs = [tree.store.get(ps_.key) for _, _, ps_ in lay.spans]
+        return build_row(tree, req, layout)  # `full`: exact prefill, as in tokendance
+    segs = [tree.store.get(planned.key) for _, _, planned in layout.spans]
     pinned = []
     try:
         for seg in segs:  # the allocation below may evict
             tree.store.lock(seg)
             pinned.append(seg)
-        built = tree.compose_row(req, lay.start, [NewRun(lay.end - lay.start)], agent=lay.agent)
+        built = tree.compose_row(req, layout.start, [NewRun(layout.end - layout.start)], agent=layout.agent)
         if built is None:
             return None
         slots = built.slots
         src, dst, delta, compute, select = [], [], [], [], []
-        pos, recomputed = lay.start, 0
-        for (a, b, _), seg in zip(lay.spans, segs):
+        pos, recomputed = layout.start, 0
+        for (a, b, _), seg in zip(layout.spans, segs):
             if a > pos:
                 compute.append((pos, a))
             src.append(seg.master[: b - a])
-            dst.append(slots[a - lay.start : b - lay.start])
-            delta.append(torch.full((b - a,), lay.prefix_positions.position_of(a) - seg.anchor, dtype=torch.int64))
+            dst.append(slots[a - layout.start : b - layout.start])
+            delta.append(torch.full((b - a,), layout.prefix_positions.position_of(a) - seg.anchor, dtype=torch.int64))
             offsets = policy.offsets(b - a)
             compute.extend((a + int(o), a + int(o) + 1) for o in offsets)
             if policy.needs_scores:
@@ -79,6 +79,6 @@ def build_pic_row(tree: CollectiveTree, req: Any, lay: RowLayout) -> Optional[Co
     finally:
         for seg in pinned:
             tree.store.unlock(seg)
-    plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=lay.start, private_copies=True)
-    note_layout_stats(lay, plan, recomputed, built.private_tokens)
-    return slots, plan, lay.prefix_positions
+    plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=layout.start, private_copies=True)
+    note_layout_stats(layout, plan, recomputed, built.private_tokens)
+    return slots, plan, layout.prefix_positions

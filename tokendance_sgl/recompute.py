@@ -223,11 +223,11 @@ def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int,
             forward_replay(runner, build_prepass_batch(batch, runner, rows))
         kv = pool.get_kvcache()
         kb, vb = kv.get_key_buffer(layer), kv.get_value_buffer(layer)
-        old = torch.cat([sl for *_, sl in saved]).to(torch.int64)
+        old = torch.cat([kept for *_, kept in saved]).to(torch.int64)
         sizes = [e - s for _, s, e in rows]
         parts = [torch.split(x, sizes) for x in (kb[scratch], vb[scratch], kb[old], vb[old])]
         return list(zip(*parts))
     finally:
-        for idx, s, e, sl in saved:
-            rtt[idx, s:e] = sl
+        for idx, s, e, kept in saved:
+            rtt[idx, s:e] = kept
         pool.free(scratch)

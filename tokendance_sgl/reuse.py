@@ -83,7 +83,7 @@ def plan_layout(host: ReuseHost, req: Any, prefix_len: int, limit: int,
     policy = request_policy(host, req)
     # a round's copies carry the segment's last token (computed once per copy): the region covers it
     complete = policy.reuses_masters and host.collector.collective
-    ps = host.page_size
+    page_size = host.page_size
     spans = []
     last = prefix_len
     for s in sorted(plan.spans, key=lambda s: s.start):
@@ -97,8 +97,8 @@ def plan_layout(host: ReuseHost, req: Any, prefix_len: int, limit: int,
             break
         spans.append((a, b, s))
         last = s.end
-    if ps > 1 and spans:  # the composed region ends on a page boundary: the extend fills the rest
-        end = spans[-1][1] // ps * ps
+    if page_size > 1 and spans:  # the composed region ends on a page boundary: the extend fills the rest
+        end = spans[-1][1] // page_size * page_size
         spans = [(a, min(b, end), s) for a, b, s in spans if a < end]
     if not spans:
         return None
@@ -114,17 +114,17 @@ def gap_budget(host: ReuseHost, req: Any, pmap: PositionMap) -> int:
     return max(0, min(host.config.max_drift - pmap.total, room))
 
 
-def _build_region(host: ReuseHost, req: Any, lay: RowLayout, pinned: list):
+def _build_region(host: ReuseHost, req: Any, layout: RowLayout, pinned: list):
     """Pieces, compute spans, selections and the position map of an approximate (master-reading) region."""
-    policy = lay.policy
-    s0 = lay.region_start
-    p0 = lay.prefix_positions.position_of(s0)
-    base = host.bases.base_for(lay.base_key, p0, gap_budget(host, req, lay.prefix_positions))
-    positions = lay.prefix_positions.with_gap(s0, base - p0)
+    policy = layout.policy
+    s0 = layout.region_start
+    p0 = layout.prefix_positions.position_of(s0)
+    base = host.bases.base_for(layout.base_key, p0, gap_budget(host, req, layout.prefix_positions))
+    positions = layout.prefix_positions.with_gap(s0, base - p0)
     store = host.store
-    masters = store.master_copies([(store.get(ps_.key), positions.position_of(a)) for a, _, ps_ in lay.spans], pinned)
-    pieces, compute, select, tails, recomputed, pos = [], [], [], [], 0, lay.start
-    for (a, b, planned), seg in zip(lay.spans, masters):
+    masters = store.master_copies([(store.get(planned.key), positions.position_of(a)) for a, _, planned in layout.spans], pinned)
+    pieces, compute, select, tails, recomputed, pos = [], [], [], [], 0, layout.start
+    for (a, b, planned), seg in zip(layout.spans, masters):
         if seg is None:
             return None
         if a > pos:
@@ -142,28 +142,28 @@ def _build_region(host: ReuseHost, req: Any, lay: RowLayout, pinned: list):
             pieces.append(NewRun(b - a - n))
             compute.append((a + n, b))
         if policy.needs_scores:  # the round's shared choice for this segment, whatever base copy a row reads
-            select.append(SelectItem(a, n, policy, (lay.base_key, planned.key, str(policy)), offsets))
+            select.append(SelectItem(a, n, policy, (layout.base_key, planned.key, str(policy)), offsets))
         recomputed += len(offsets)
         pos = b
     return pieces, compute, select, tails, recomputed, positions
 
 
-def build_row(host: ReuseHost, req: Any, lay: RowLayout) -> Optional[Composed]:
-    """Composes ``req``'s rows ``[lay.start, lay.end)``; returns their slots, the row plan and the row's position
+def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed]:
+    """Composes ``req``'s rows ``[layout.start, layout.end)``; returns their slots, the row plan and the row's position
     map, or None when the pool cannot provide the slots (nothing is left allocated or locked)."""
     pinned: list = []
     tails: list = []
     built = None
     try:
-        if not lay.policy.reuses_masters:
-            pieces, compute, select = [NewRun(lay.end - lay.start)], [(lay.start, lay.end)], []
-            recomputed, positions = sum(b - a for a, b, _ in lay.spans), lay.prefix_positions
+        if not layout.policy.reuses_masters:
+            pieces, compute, select = [NewRun(layout.end - layout.start)], [(layout.start, layout.end)], []
+            recomputed, positions = sum(b - a for a, b, _ in layout.spans), layout.prefix_positions
         else:
-            got = _build_region(host, req, lay, pinned)
+            got = _build_region(host, req, layout, pinned)
             if got is None:
                 return None
             pieces, compute, select, tails, recomputed, positions = got
-        built = host.compose_row(req, lay.start, pieces, agent=lay.agent)
+        built = host.compose_row(req, layout.start, pieces, agent=layout.agent)
         if built is None:
             return None
     finally:
@@ -171,8 +171,8 @@ def build_row(host: ReuseHost, req: Any, lay: RowLayout) -> Optional[Composed]:
             host.store.unlock(seg)
         if built is None:
             release_tails(tails)
-    row_plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=lay.start, tails=tails)
-    note_layout_stats(lay, row_plan, recomputed, built.private_tokens)
+    row_plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=layout.start, tails=tails)
+    note_layout_stats(layout, row_plan, recomputed, built.private_tokens)
     return built.slots, row_plan, positions
 
 
@@ -182,8 +182,8 @@ def release_tails(tails: list) -> None:
         seg.tail_writer = None
 
 
-def note_layout_stats(lay: RowLayout, row_plan: RowPlan, recomputed: int, private_slots: int) -> None:
-    n = lay.end - lay.start
+def note_layout_stats(layout: RowLayout, row_plan: RowPlan, recomputed: int, private_slots: int) -> None:
+    n = layout.end - layout.start
     computed = row_plan.compute_tokens
-    lay.stats = {"host_tokens": n, "reused": n - computed, "recomputed": recomputed, "text": computed - recomputed,
+    layout.stats = {"host_tokens": n, "reused": n - computed, "recomputed": recomputed, "text": computed - recomputed,
                  "private_slots": private_slots}

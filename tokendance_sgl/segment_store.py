@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from tokendance_sgl.config import TreeConfig
+from tokendance_sgl.host import to_host
 from tokendance_sgl.ledger import PageLedger, slot_pages
 from tokendance_sgl.segments import SegmentDetector, content_hash
 
@@ -114,7 +115,7 @@ class SegmentStore:
                  alloc: Callable[[int], Optional[torch.Tensor]], free_pages: Callable[[np.ndarray], None]):
         self.ledger = ledger
         self.config = config
-        self.ps = page_size
+        self.page_size = page_size
         self.device = device
         self._alloc = alloc
         self._free_pages = free_pages
@@ -202,7 +203,7 @@ class SegmentStore:
             if existing.lock_ref > 0:  # cannot happen: a locked segment holds valid KV
                 raise AssertionError(f"locked segment without KV: {existing!r}")
             self.drop(existing)
-        pages = slot_pages(master, self.ps) if master is not None else np.empty(0, dtype=np.int64)
+        pages = slot_pages(master, self.page_size) if master is not None else np.empty(0, dtype=np.int64)
         if master is not None and not strong and not self.ledger.held_mask(pages).all():
             logger.debug("weak segment refused: its pages are not held by the tree")
             return None, False
@@ -263,7 +264,7 @@ class SegmentStore:
         if self._nodes.get(seg.key) is seg:
             del self._nodes[seg.key]
             self.detector.remove(seg.key)
-        freed = self._release_hold(seg) * self.ps if seg.holding else 0
+        freed = self._release_hold(seg) * self.page_size if seg.holding else 0
         seg.master = None
         seg.pages = np.empty(0, dtype=np.int64)
         seg.page_gens = None
@@ -347,13 +348,17 @@ class SegmentStore:
                            torch.cat([torch.full((seg.kv_len,), anchor - seg.anchor, dtype=torch.int64),
                                       torch.full((1,), anchor - seg.anchor + 1, dtype=torch.int64)])
                            for (seg, anchor, _), t in zip(todo.values(), tails)]).to(slots.device)
-        self.rerotate(src, slots, delta)
+        try:
+            self.rerotate(src, slots, delta)
+        except BaseException:  # nothing registered yet: the fresh slots go back (the caller unlocks `pinned`)
+            self._free_pages(slot_pages(slots, self.page_size))
+            raise
         for (key, (seg, anchor, idx)), part, t in zip(todo.items(), torch.split(slots, sizes), tails):
             stale = self._nodes.get(key)
             if stale is not None and stale.lock_ref == 0:
                 self.drop(stale)
             node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=anchor, round=self.current_round,
-                               agent=seg.agent, strong=True, master=part.clone(), pages=slot_pages(part, self.ps),
+                               agent=seg.agent, strong=True, master=part.clone(), pages=slot_pages(part, self.page_size),
                                copy_of=seg.copy_of or seg.key, tail_pending=bool(t))
             node.used_round = self.current_round
             self._hold(node)
@@ -420,6 +425,6 @@ class SegmentStore:
                 if seg.lock_ref > 0:
                     np.add.at(sl, seg.pages, 1)
             if seg.master is not None:
-                assert np.array_equal(np.unique(seg.master.cpu().numpy() // self.ps), seg.pages), seg
+                assert np.array_equal(np.unique(to_host(seg.master) // self.page_size), seg.pages), seg
             assert seg.copy_of is not None or seg.key in self.detector or len(seg.tokens) < self.detector.min_len, seg
         assert holding == self.n_holding, (holding, self.n_holding)

@@ -27,6 +27,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from tokendance_sgl.host import to_host
+
 __all__ = ["RecomputePolicy", "DEFAULT_POLICY", "DEFAULT_CHECK_LAYER", "parse_policy", "deviation_scores",
            "round_to_pages"]
 
@@ -75,9 +77,9 @@ class RecomputePolicy:
         if scores is None or len(scores) != n:
             raise ValueError(f"policy {self} needs {n} deviation scores, got {None if scores is None else len(scores)}")
         s = torch.as_tensor(scores, dtype=torch.float32).clone()
-        s[torch.as_tensor(base, dtype=torch.long)] = -math.inf  # the sink tokens are chosen already
+        s[torch.as_tensor(base, dtype=torch.long, device=s.device)] = -math.inf  # the sink tokens are chosen already
         extra = self.budget(n) - base.size
-        top = torch.topk(s, extra).indices.numpy() if extra > 0 else np.empty(0, np.int64)
+        top = to_host(torch.topk(s, extra).indices) if extra > 0 else np.empty(0, np.int64)
         return np.unique(np.concatenate([base, top.astype(np.int64)]))
 
     def __str__(self) -> str:
