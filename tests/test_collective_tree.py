@@ -305,7 +305,7 @@ def test_live_row_holds_its_composed_region_and_release_frees_only_its_own_slots
     assert seg.lock_ref == 1 and seg.row_refs == 1
     # protected: the segment's 8 master pages and the row's own 8 (4 + 1 recomputed + 3 new); 7 pages are both
     assert sim.tree.protected_size() == 16 and sim.tree.evictable_size() == 8  # the rest of the producer path
-    assert sim.tree.row_master_positions(req).tolist() == list(range(5, 12))
+    assert sim.master_positions(req).tolist() == list(range(5, 12))
     assert sim.tree.kv_bytes_by_agent() == {5: pytest.approx(8.0 * 15)}
     avail = sim.alloc.available_size()
     release_kv_cache(req, sim.tree, checkpoint=False)  # e.g. retraction: nothing goes into the tree

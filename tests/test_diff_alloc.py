@@ -56,7 +56,7 @@ def test_ps1_masters_recompute_and_new():
     assert not set(slots[private].tolist()) & set(master.tolist())
     rec = d.record("row")
     assert [(r.start, r.end) for r in rec.refs] == [(6, 8), (9, 13)]
-    assert rec.master_tokens() == 6 and rec.agent == 7
+    assert rec.master_positions().size == 6 and rec.agent == 7
     assert rec.end == 17  # the region ends after the new run
     # pop: the caller unlocks the segments the row read
     rec = d.pop_row("row")

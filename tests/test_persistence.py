@@ -50,7 +50,7 @@ def test_composed_row_persists_and_its_continuation_reuses_it_at_its_positions()
     copy = sim.tree.store.get(f"{seg.key}@14")
     assert sim.tree.store.counters["master_copies"] == copies_before + 1
     assert copy.kv_len == len(out0) == seg.kv_len + 1 and not copy.tail_pending
-    assert 10 + 8 in sim.tree.row_master_positions(r1).tolist()  # agent 1 reads the copy's last token
+    assert 10 + 8 in sim.master_positions(r1).tolist()  # agent 1 reads the copy's last token
     assert r2.td.row_plan.tails and not r1.td.row_plan.tails
     for req in done:
         sim.finish(req)
@@ -108,7 +108,7 @@ def test_position_map_steps_and_tensor_shift():
     m = PositionMap().with_gap(10, 4).with_gap(30, 2)
     assert m.rows == (10, 30) and m.shifts == (4, 6) and m.total == 6
     assert [m.position_of(r) for r in (9, 10, 29, 30, 31)] == [9, 14, 33, 36, 37]
-    assert m.up_to(30) == PositionMap((10,), (4,)) and m.breaks_in(20, 40) == [(10, 2)]
+    assert m.breaks_in(20, 40) == [(10, 2)] and m.breaks_in(0, 20) == [(10, 4)]
     pos = torch.arange(8, 33)
     m.shift_tensor(pos)
     assert pos.tolist() == [m.position_of(r) for r in range(8, 33)]

@@ -189,6 +189,11 @@ class Sim:
         self.running[req.rid] = req
         return req
 
+    def master_positions(self, req) -> np.ndarray:
+        """Row positions of ``req`` that read a master (its diff-allocator record)."""
+        rec = self.tree.diff.record(id(req.kv))
+        return np.empty(0, dtype=np.int64) if rec is None else rec.master_positions()
+
     def decode(self, req, token):
         p = req.kv.kv_committed_len
         row = self.pool.req_to_token[req.kv.req_pool_idx]

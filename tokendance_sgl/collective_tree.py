@@ -505,10 +505,6 @@ class CollectiveTree(RadixCache):
 
     # ================================================================== diagnostics
 
-    def row_master_positions(self, req: Any) -> np.ndarray:
-        rec = self.diff.record(id(req.kv))
-        return np.empty(0, dtype=np.int64) if rec is None else rec.master_positions()
-
     def kv_bytes_by_agent(self) -> dict:
         """Agent -> KV bytes its live rows hold beyond the cached prefix (see :mod:`tokendance_sgl.accounting`)."""
         return self.stats.kv_bytes_by_agent(self.diff)

@@ -103,8 +103,6 @@ class RowRecord:
             return np.empty(0, dtype=np.int64)
         return np.concatenate([np.arange(r.start, r.end, dtype=np.int64) for r in self.refs])
 
-    def master_tokens(self) -> int:
-        return sum(len(r) for r in self.refs)
 
 
 @dataclass

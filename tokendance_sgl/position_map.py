@@ -50,11 +50,6 @@ class PositionMap:
             return PositionMap(self.rows, self.shifts[:-1] + (self.shifts[-1] + gap,))
         return PositionMap(self.rows + (int(row),), self.shifts + (self.total + int(gap),))
 
-    def up_to(self, end: int) -> "PositionMap":
-        """The map restricted to rows ``< end``."""
-        k = int(np.searchsorted(np.asarray(self.rows, dtype=np.int64), end, side="left"))
-        return PositionMap(self.rows[:k], self.shifts[:k])
-
     def breaks_in(self, start: int, end: int) -> list[tuple[int, int]]:
         """``(offset from start, shift added there)`` for the breakpoints in rows ``[start, end)``."""
         out = []
