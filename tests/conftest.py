@@ -20,19 +20,20 @@ def model_path() -> str:
     return prepare_model()
 
 
-def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = ()):
+def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = (), env: tuple = ()):
     from tokendance_sgl.server import launch
 
-    key = (kv_backend, extra)
+    key = (kv_backend, extra, env)
     handle = _servers.get(key)
     if handle is None or not handle.alive():
         # A server inherits this process's environment: a TOKENDANCE_* setting left behind by an in-process test
         # would silently change its defaults (and the numbers the engine tests assert).
+        from tokendance_sgl.faults import ENV_FAULTS
         from tokendance_sgl.patches.kv_backend import ENV_MAX_GAP, ENV_RECOMPUTE
 
-        leaked = sorted(k for k in (ENV_RECOMPUTE, ENV_MAX_GAP) if k in os.environ)
+        leaked = sorted(k for k in (ENV_RECOMPUTE, ENV_MAX_GAP, ENV_FAULTS) if k in os.environ)
         assert not leaked, f"{leaked} set in the test process; the server would inherit them"
-        handle = launch(model_path, kv_backend=kv_backend, extra_args=list(extra), env=SERVER_ENV)
+        handle = launch(model_path, kv_backend=kv_backend, extra_args=list(extra), env={**SERVER_ENV, **dict(env)})
         _servers[key] = handle
     return handle
 
@@ -45,8 +46,9 @@ def radix_server(model_path):
 
 @pytest.fixture(scope="session")
 def server_factory(model_path):
-    """`server_factory(kv_backend, *extra_flags)` -> a shared running server for that configuration."""
-    return lambda kv_backend, *extra: _server(model_path, kv_backend, tuple(extra))
+    """`server_factory(kv_backend, *extra_flags, env={...})` -> a shared running server for that configuration."""
+    return lambda kv_backend, *extra, env=None: _server(model_path, kv_backend, tuple(extra),
+                                                        tuple(sorted((env or {}).items())))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -74,3 +74,18 @@ def test_gpu_defaults_turn_off_overlap_and_the_prefill_graph():
     assert gpu_defaults(gpu) == []  # already off
     cpu = SimpleNamespace(device="cpu", disable_overlap_schedule=False, cuda_graph_backend_prefill=None)
     assert gpu_defaults(cpu) == [] and not cpu.disable_overlap_schedule
+
+
+def test_fault_injection_spec_is_checked_at_start_up(monkeypatch):
+    from tokendance_sgl.config import TreeConfig
+    from tokendance_sgl.faults import ENV_FAULTS, Faults, InjectedFault
+
+    faults = Faults.parse("copy@1, prepass@3,prepass@4")
+    faults.check("copy", 0)
+    faults.check("compose", 1)
+    with pytest.raises(InjectedFault, match="prepass failure in round 4"):
+        faults.check("prepass", 4)
+    Faults.parse("").check("copy", 1)  # unset: nothing injected
+    monkeypatch.setenv(ENV_FAULTS, "kernel@1")
+    with pytest.raises(ValueError, match=f"{ENV_FAULTS}: 'kernel@1' is not SITE@ROUND"):
+        TreeConfig.from_env()

@@ -57,6 +57,7 @@ from tokendance_sgl.accounting import TreeStats
 from tokendance_sgl.bases import CanonicalBases
 from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.config import TreeConfig
+from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun
 from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, slot_pages
 from tokendance_sgl.planning import ns_key_of, plan_for, validate_request
@@ -103,6 +104,7 @@ class CollectiveTree(RadixCache):
                  bytes_per_token: Optional[float] = None):
         self.config = config if config is not None else TreeConfig.from_env()
         self.policy = parse_policy(self.config.recompute)
+        self.faults = Faults.parse(self.config.test_faults)
         page_size = params.page_size
         alloc = params.token_to_kv_pool_allocator
         size = getattr(alloc, "size", None) if alloc is not None else None
@@ -172,6 +174,7 @@ class CollectiveTree(RadixCache):
         if self.rope is None:
             raise RuntimeError("re-rotation needs the model's RoPE spec (CollectiveTree.rope is not set)")
         kv = self._kv_pool()
+        self.faults.check("copy", self.store.current_round)
         copy_rerotate_k(kv.k_buffer, kv.v_buffer, src, dst, delta, **self.rope.kernel_kwargs())
 
     # ================================================================== accounting (the ledger counts every page once)
@@ -325,6 +328,7 @@ class CollectiveTree(RadixCache):
             out = self.build_row(req, layout)
             if out is not None:
                 st.host_slots, st.row_plan, st.positions = out
+                self.faults.check("compose", self.store.current_round)
                 if layout.policy.reuses_masters:
                     st.namespace = approx_namespace(req.extra_key, layout.policy)
                 self.stats.note_load(layout.stats)
@@ -416,6 +420,25 @@ class CollectiveTree(RadixCache):
             self._drop_read(st, seg)
         self.stats.counters["privatized_tokens"] += int(positions.size)
         return True
+
+    def recompute_region(self, req: Any) -> Optional[tuple[int, int]]:
+        """After a failed pre-pass: ``req``'s composed region becomes its own (every row that reads a master gets a
+        private slot) and is to be computed in full at the matched prefix's positions, as a plain prefill would.
+        Returns the region's rows, or None (the row is left as it was) when the pool has no room."""
+        st = state_of(req)
+        plan, layout = st.row_plan, st.layout
+        rec = self.diff.record(id(req.kv))
+        masters = rec.master_positions() if rec is not None else np.empty(0, dtype=np.int64)
+        if masters.size and not self.privatize(req, masters):
+            return None
+        release_tails(plan.tails)
+        counters = self.stats.counters
+        counters["reused_tokens"] -= layout.end - layout.start - plan.compute_tokens
+        counters["rollbacks"] += 1
+        counters["prepass_fallbacks"] += 1
+        plan.tails, plan.select, plan.compute_spans = [], [], [(layout.start, layout.end)]
+        st.positions, st.namespace = layout.prefix_positions, st.match_ns
+        return layout.start, layout.end
 
     def _drop_read(self, st: RequestState, seg: Any) -> None:
         st.reads = [s for s in st.reads if s is not seg]

@@ -23,6 +23,7 @@ Late arrivals (a later scheduling step of the same round) find the round's bases
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Iterable, Optional, Protocol
 
@@ -32,6 +33,7 @@ import torch
 from tokendance_sgl.accounting import TreeStats
 from tokendance_sgl.bases import remember
 from tokendance_sgl.diff_alloc import coalesce
+from tokendance_sgl.faults import Faults
 from tokendance_sgl.position_map import PositionMap
 from tokendance_sgl.recompute import build_prepass_batch, forward_replay, pending_rows, run_probe
 from tokendance_sgl.request_state import row_plan_of, state_of
@@ -40,12 +42,15 @@ from tokendance_sgl.selection import deviation_scores
 
 __all__ = ["KVCollector", "CollectorHost"]
 
+logger = logging.getLogger(__name__)
+
 
 class CollectorHost(ReuseHost, Protocol):
     """What the collector needs on top of :class:`~tokendance_sgl.reuse.ReuseHost`."""
 
     disable: bool
     stats: TreeStats
+    faults: Faults
     token_to_kv_pool_allocator: Any
 
     def alloc_slots(self, n: int) -> Optional[torch.Tensor]: ...
@@ -55,6 +60,8 @@ class CollectorHost(ReuseHost, Protocol):
     def cached_prefix(self, req: Any) -> tuple[int, PositionMap]: ...
 
     def plan_for(self, req: Any) -> Any: ...
+
+    def recompute_region(self, req: Any) -> Optional[tuple[int, int]]: ...
 
 
 class KVCollector:
@@ -200,31 +207,72 @@ class KVCollector:
 
     def run_prepass(self, worker: Any, batch: Any) -> int:
         """Resolves pending selections, computes every pending span of the batch's requests in one forward, and
-        accounts the round's prefill work. Returns the pre-pass tokens."""
-        probe = self.select(worker, batch)
-        rows = pending_rows(batch)
+        accounts the round's prefill work. When that fails, every composed region of the batch is computed in full
+        instead (:meth:`_fall_back`). Returns the pre-pass tokens."""
+        runner = worker.model_runner
+        try:
+            probe = self.select(worker, batch)
+            rows = pending_rows(batch)
+            if rows:
+                self.host.faults.check("prepass", self.host.store.current_round)
+                forward_replay(runner, build_prepass_batch(batch, runner, rows))
+        except Exception:
+            logger.exception("tokendance: the pre-pass failed; computing the composed regions of the batch in full")
+            probe, rows = {}, self._fall_back(runner, batch)
         prepass: dict[int, int] = {}
-        if rows:
-            runner = worker.model_runner
-            replay = build_prepass_batch(batch, runner, rows)
-            forward_replay(runner, replay)
-            for i, s, e in rows:
-                prepass[i] = prepass.get(i, 0) + e - s
-            for req in replay.batch.reqs:
-                plan = row_plan_of(req)
-                plan.pending = False
-                for seg, _row in plan.tails:  # the copies' last tokens are computed now, for every row reading them
-                    seg.tail_pending, seg.tail_writer = False, None
-                self.host.stats.counters["tails_computed"] += len(plan.tails)
-                if not req.retracted_stain:
-                    # SGLang counted the whole composed region as cached; the recomputed rows were not.
-                    req.cached_tokens -= plan.compute_tokens
+        for i, s, e in rows:
+            prepass[i] = prepass.get(i, 0) + e - s
+        for i in prepass:
+            req = batch.reqs[i]
+            plan = row_plan_of(req)
+            plan.pending = False
+            for seg, _row in plan.tails:  # the copies' last tokens are computed now, for every row reading them
+                seg.tail_pending, seg.tail_writer = False, None
+            self.host.stats.counters["tails_computed"] += len(plan.tails)
+            if not req.retracted_stain:
+                # SGLang counted the whole composed region as cached; the recomputed rows were not.
+                req.cached_tokens -= plan.compute_tokens
         for i, req in enumerate(batch.reqs):
             plan = state_of(req).plan
             tokens, token_layers = probe.get(i, (0, 0))
             self.host.stats.note_prefill(plan.round if plan is not None else None, extend=int(batch.extend_lens[i]),
                                          prepass=prepass.get(i, 0), probe=tokens, probe_token_layers=token_layers)
         return sum(prepass.values())
+
+    def _fall_back(self, runner: Any, batch: Any) -> list[tuple[int, int, int]]:
+        """Computes the whole composed region of every pending row of ``batch`` exactly, in one forward through the
+        configured attention backend (each region is a plain extend over its cached prefix). A request whose region
+        cannot get private slots, or whose forward fails again, is aborted with an error; its row is then inserted
+        under a namespace nothing matches. Returns the rows computed."""
+        rows: list[tuple[int, int, int]] = []
+        for i, req in enumerate(batch.reqs):
+            plan = row_plan_of(req)
+            if plan is None or not plan.pending:
+                continue
+            span = self.host.recompute_region(req)
+            if span is None:
+                self._abort(req, "no KV slots to recompute its reused segments after a failed pre-pass")
+            else:
+                rows.append((i, *span))
+        try:
+            if rows:
+                forward_replay(runner, build_prepass_batch(batch, runner, rows), selective=False)
+        except Exception:
+            logger.exception("tokendance: computing the composed regions in full failed too")
+            for i, _s, _e in rows:
+                self._abort(batch.reqs[i], "its reused segments could not be computed (pre-pass failed twice)")
+            return []
+        return rows
+
+    def _abort(self, req: Any, why: str) -> None:
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        plan = row_plan_of(req)
+        release_tails(plan.tails)
+        plan.tails, plan.select, plan.pending = [], [], False
+        state_of(req).namespace = f"td:failed:{req.rid}"  # garbage KV: inserted where no request looks
+        req.to_finish = FINISH_ABORT(f"tokendance: request {req.rid}: {why}")
+        self.host.stats.counters["prepass_aborts"] += 1
 
 
 def run_prepass(worker: Any, batch: Any, collector_of: Callable[[Any], Optional[KVCollector]]) -> int:

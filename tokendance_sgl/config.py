@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from tokendance_sgl.faults import ENV_FAULTS, Faults
 from tokendance_sgl.segments import DEFAULT_MIN_SEGMENT_LEN
 from tokendance_sgl.selection import DEFAULT_POLICY, parse_policy
 
@@ -34,7 +35,8 @@ def _env_int(name: str, default: int) -> int:
 class TreeConfig:
     """Settings of the collective tree (environment: ``TOKENDANCE_MIN_SEGMENT_LEN``, ``TOKENDANCE_AUTO_REGISTER``,
     ``TOKENDANCE_DETECT``, ``TOKENDANCE_MAX_WEAK_SEGMENTS``, ``TOKENDANCE_STRICT_SEGMENTS``, ``TOKENDANCE_REUSE``,
-    ``TOKENDANCE_RECOMPUTE``, ``TOKENDANCE_BASE_ALIGN``, ``TOKENDANCE_MAX_GAP``, ``TOKENDANCE_MAX_DRIFT``)."""
+    ``TOKENDANCE_RECOMPUTE``, ``TOKENDANCE_BASE_ALIGN``, ``TOKENDANCE_MAX_GAP``, ``TOKENDANCE_MAX_DRIFT``,
+    ``TOKENDANCE_TEST_FAULTS``)."""
 
     min_segment_len: int = DEFAULT_MIN_SEGMENT_LEN  # shortest segment detection can find
     auto_register: bool = True  # register outputs of plain finished requests as weak segments
@@ -51,6 +53,7 @@ class TreeConfig:
     # the largest total shift (sum of the gaps of every composed region in one agent's history) a row may carry;
     # a region that would pass it runs at its own base with no gap. Rows never pass the model's context length.
     max_drift: int = 512
+    test_faults: str = ""  # steps made to fail, for tests (tokendance_sgl.faults)
 
     @classmethod
     def from_env(cls, overrides: Optional[dict] = None) -> "TreeConfig":
@@ -65,6 +68,7 @@ class TreeConfig:
             base_align=_env_int("TOKENDANCE_BASE_ALIGN", 1),
             max_gap=_env_int("TOKENDANCE_MAX_GAP", 64),
             max_drift=_env_int("TOKENDANCE_MAX_DRIFT", 512),
+            test_faults=os.environ.get(ENV_FAULTS, ""),
         )
         for k, v in (overrides or {}).items():
             if not hasattr(cfg, k):
@@ -75,6 +79,7 @@ class TreeConfig:
         if cfg.min_segment_len < 1:
             raise ValueError("min_segment_len must be >= 1")
         parse_policy(cfg.recompute)  # a clear error at start-up
+        Faults.parse(cfg.test_faults)
         if cfg.base_align < 1 or cfg.max_gap < 0 or cfg.max_drift < 0:
             raise ValueError("base_align must be >= 1, max_gap and max_drift >= 0")
         return cfg

@@ -151,7 +151,9 @@ def _selective_attention(runner, replay: Replay):
         del backend.forward_extend
 
 
-def forward_replay(runner, replay: Replay) -> None:
+def forward_replay(runner, replay: Replay, *, selective: bool = True) -> None:
+    """Runs the replay batch. ``selective=False``: each sequence must be one contiguous span ending at its
+    ``seq_lens``, and runs as a plain extend through the configured attention backend."""
     from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
 
     pre = replay.batch
@@ -161,6 +163,9 @@ def forward_replay(runner, replay: Replay) -> None:
     positions = replay.q_rows.to(fb.positions.dtype).clone()
     shift_positions(positions, pre.reqs, list(pre.extend_lens))
     fb.positions = positions
+    if not selective:
+        runner.forward(fb)
+        return
     with _selective_attention(runner, replay):
         runner.forward(fb)
 
