@@ -20,7 +20,10 @@ MLA and sliding-window models    no per-layer K/V pool to re-rotate / the window
 
 On a CUDA host the overlap scheduler and the prefill CUDA graph are turned off (:func:`gpu_defaults`): the
 collective step launches the master copies from the scheduler, which must be ordered with the forward, and the
-pre-pass is an extra forward that a captured prefill graph would not contain. Decode CUDA graphs stay on: the
+pre-pass is an extra forward that a captured prefill graph would not contain. Without overlap (and with PP 1, which
+is required) SGLang 0.5.23 runs the forward on the scheduler's own stream (``Scheduler.run_batch``; the forward
+stream is the schedule stream then), so the copy kernels launched from ``calc_priority`` and the probe and replay
+forwards launched from ``forward_batch_generation`` are stream-ordered with the forwards that read their slots. Decode CUDA graphs stay on: the
 position shift is written into ``ForwardBatch.positions`` before the graph runner copies them in.
 """
 
