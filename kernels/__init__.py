@@ -105,6 +105,16 @@ def plan_selective_attention(q_req: torch.Tensor, q_rows: torch.Tensor, batch: i
     return _triton_module("selective_attention").plan_selective_attention(q_req, q_rows, batch, block_m=block_m)
 
 
+def plan_selective_extend_attention(q: torch.Tensor, q_req: torch.Tensor, q_rows: torch.Tensor, batch: int) -> Any:
+    """The plan :func:`selective_extend_attention` would build for queries like ``q`` ``[n_q, heads, head_dim]``:
+    built once per forward and passed to every layer (``plan=``); None where the dispatcher runs torch."""
+    if not use_triton(q):
+        return None
+    mod = _triton_module("selective_attention")
+    block_m = mod.default_config(q.shape[-1], q.dtype, q.device)["block_m"]
+    return mod.plan_selective_attention(q_req, q_rows, batch, block_m=block_m)
+
+
 # ---- Dispatchers ------------------------------------------------------------------------------------------------
 
 

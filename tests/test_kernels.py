@@ -367,6 +367,21 @@ def test_selective_attention_non_contiguous_queries_and_plan_reuse():
     assert not torch.allclose(want, ref)
 
 
+def test_dispatcher_plans_once_per_forward(monkeypatch):
+    """The plan the pre-pass builds at its first layer and passes to every layer: the default block size on the
+    Triton path (the result equals the torch reference), none on the torch path."""
+    q, kb, vb, r2t, rpi, sl, q_req, q_rows = _attention_case(64, 64, 2, 3, torch.float32, seed=73)
+    ref = K.selective_extend_attention_ref(q, kb, vb, r2t, rpi, sl, q_req, q_rows, sm_scale=0.125)
+    monkeypatch.setenv("TOKENDANCE_KERNEL_BACKEND", "torch")
+    assert K.plan_selective_extend_attention(q, q_req, q_rows, rpi.numel()) is None
+    monkeypatch.setenv("TOKENDANCE_KERNEL_BACKEND", "triton")
+    plan = K.plan_selective_extend_attention(q, q_req, q_rows, rpi.numel())
+    assert plan is not None and plan.n_q == q.shape[0] and plan.batch == rpi.numel()
+    for _layer in range(2):
+        got = K.selective_extend_attention(q, kb, vb, r2t, rpi, sl, q_req, q_rows, sm_scale=0.125, plan=plan)
+        torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("impl", ["triton", "ref"])
 @pytest.mark.parametrize("group", [1, 3])
 def test_selective_attention_on_all_rows_equals_causal_sdpa(impl, group):

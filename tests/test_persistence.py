@@ -11,7 +11,7 @@ import torch
 import tokendance_sgl  # noqa: F401
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-from tokendance_sgl.position_map import PathPositions, PositionMap
+from tokendance_sgl.position_map import PathPositions, PositionMap, shift_batch
 from tree_sim import Sim, T, produce, tbl
 
 
@@ -110,8 +110,15 @@ def test_position_map_steps_and_tensor_shift():
     assert [m.position_of(r) for r in (9, 10, 29, 30, 31)] == [9, 14, 33, 36, 37]
     assert m.breaks_in(20, 40) == [(10, 2)] and m.breaks_in(0, 20) == [(10, 4)]
     pos = torch.arange(8, 33)
-    m.shift_tensor(pos)
+    shift_batch(pos, [m], [pos.numel()])
     assert pos.tolist() == [m.position_of(r) for r in range(8, 33)]
+    # a batch: identity, a map starting at row 0, the map above (decode-like and extend-like entries mixed)
+    z = PositionMap().with_gap(0, 3).with_gap(7, 1)
+    rows = [[5, 6], [0, 6, 7, 40], [9, 10, 31], [2]]
+    maps = [None, z, m, PositionMap()]
+    pos = torch.tensor([r for rr in rows for r in rr])
+    shift_batch(pos, maps, [len(rr) for rr in rows])
+    assert pos.tolist() == [(p.position_of(r) if p else r) for p, rr in zip(maps, rows) for r in rr]
     assert PositionMap().with_gap(5, 0) == PositionMap()
     with pytest.raises(ValueError):
         m.with_gap(20, 1)

@@ -86,18 +86,22 @@ class TreeStats:
         self.cum_bytes_by_agent[agent] = self.cum_bytes_by_agent.get(agent, 0.0) + nbytes
 
     @staticmethod
-    def live_row_tokens(diff: DiffAllocator) -> dict:
-        """Row key -> token-equivalents its live row holds: masters divided among the rows reading them, its
-        composed private slots and its tail past the cached prefix."""
-        out = diff.row_kv_tokens()
-        page_size = diff.page_size
-        for key, rec in diff.rows.items():
-            kv = rec.owner
-            allocated = int(getattr(kv, "kv_allocated_len", 0) or 0)
-            if allocated:
-                owned_from = max(int(getattr(kv, "cache_protected_len", 0) or 0), rec.end)
-                out[key] = out.get(key, 0.0) + max(0, -(-allocated // page_size) * page_size - owned_from)
+    def row_tokens(diff: DiffAllocator, key: Any) -> float:
+        """Token-equivalents the live row ``key`` holds: masters divided among the rows reading them, its composed
+        private slots and its tail past the cached prefix (costs the row's size)."""
+        rec = diff.rows[key]
+        out = diff.row_tokens(key)
+        kv = rec.owner
+        allocated = int(getattr(kv, "kv_allocated_len", 0) or 0)
+        if allocated:
+            owned_from = max(int(getattr(kv, "cache_protected_len", 0) or 0), rec.end)
+            page_size = diff.page_size
+            out += max(0, -(-allocated // page_size) * page_size - owned_from)
         return out
+
+    def live_row_tokens(self, diff: DiffAllocator) -> dict:
+        """Row key -> :meth:`row_tokens`, for every live row."""
+        return {key: self.row_tokens(diff, key) for key in diff.rows}
 
     def kv_bytes_by_agent(self, diff: DiffAllocator) -> dict:
         out: dict = {}

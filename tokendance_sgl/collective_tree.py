@@ -508,7 +508,7 @@ class CollectiveTree(RadixCache):
                                 int(getattr(req.kv, "kv_allocated_len", 0) or 0),
                                 float(sum(len(s) for s in plan.spans)) if plan is not None else 0.0, rec)
         if rec is not None:
-            toks = self.stats.live_row_tokens(self.diff).get(key, 0.0)
+            toks = self.stats.row_tokens(self.diff, key)
             self.stats.note_row_bytes(rec.agent, toks * self.diff.bytes_per_token)
             self.diff.pop_row(key)
         self._release_row(req)
@@ -580,3 +580,4 @@ class CollectiveTree(RadixCache):
         prot = (ref["rl"] + ref["sl"] + ref["w"]) > 0
         assert int(held.sum()) == ledger.n_held and int(prot.sum()) == ledger.n_prot, (int(held.sum()), ledger.n_held)
         assert not (prot & ~held).any()
+        self.diff.check()

@@ -78,7 +78,8 @@ class KVCollector:
 
     def collect(self, waiting: Iterable[Any]) -> int:
         """Plans the waiting requests of each round together: bases from the agents present, then every missing
-        master copy of every round in one batched re-rotation. Returns the number of copies made."""
+        master copy of every round in one batched re-rotation. A request is planned by the first step that sees it
+        waiting (a later step plans only the new arrivals). Returns the number of copies made."""
         host = self.host
         if not self.collective or host.disable or not host.config.reuse:
             return 0
@@ -86,6 +87,10 @@ class KVCollector:
         for req in waiting:
             if getattr(getattr(req, "kv", None), "holds_kv", False) or getattr(req, "finished_reason", None):
                 continue
+            st = state_of(req)
+            if st.collected:  # planned by an earlier step; its copies are made on demand if they went meanwhile
+                continue
+            st.collected = True
             host.plan_for(req)
             prefix_len, pmap = host.cached_prefix(req)
             layout = plan_layout(host, req, prefix_len, len(req.origin_input_ids), pmap)

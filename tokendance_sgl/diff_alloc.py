@@ -15,8 +15,9 @@ page**: a fresh page is allocated, the master tokens that are reused are copied 
 dst)`` and the private tokens get the page's other slots.
 
 :meth:`DiffAllocator.privatize` turns master positions of a built row into the row's own (a ``deviation`` choice
-made after composition). Per-agent accounting (:meth:`row_kv_tokens`): the row's master slots weighted by
-``1/refcount`` (``refcount``: the live rows referencing that slot) plus its private slots.
+made after composition). Per-agent accounting (:meth:`row_tokens`): the row's master slots weighted by
+``1/refcount`` (``refcount``: the live rows referencing that slot) plus its private slots. The refcounts are kept
+as rows gain and lose references (one host array indexed by slot), so accounting for a row costs its own size.
 
 This module imports no sglang: unit tests drive it with a real SGLang allocator or a fake.
 """
@@ -91,6 +92,8 @@ class RowRecord:
     private_tokens: int = 0  # slots of the composed region that are the row's own (diffs, new tokens)
     end: int = 0  # first row position after the composed region
     owner: Any = None  # keeps the keyed object alive (ids are only unique among live objects)
+    counted: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # its distinct master slots,
+    # as counted in the allocator's refcounts
 
     def segs(self) -> list:
         seen: dict = {}
@@ -112,6 +115,12 @@ class BuiltRow:
     private_tokens: int  # slots allocated for the span (whole pages when page_size > 1)
     private_positions: np.ndarray  # offsets (within the span) of the positions with private slots
     copies: int  # master tokens copied into copy-on-write pages
+
+
+def _distinct_slots(rec: RowRecord) -> np.ndarray:
+    if not rec.refs:
+        return np.empty(0, dtype=np.int64)
+    return np.unique(np.concatenate([to_host(r.slots, torch.int64) for r in rec.refs]))
 
 
 def _seg_id(seg: Hashable) -> int:
@@ -191,6 +200,7 @@ class DiffAllocator:
         self.copy_fn = copy_fn
         self.alloc_fn = alloc_fn
         self.rows: dict[Hashable, RowRecord] = {}
+        self._refcount = np.zeros(0, dtype=np.int32)  # slot -> live rows whose master references include it
 
     # ------------------------------------------------------------------ records
 
@@ -217,24 +227,44 @@ class DiffAllocator:
 
     def pop_row(self, key: Hashable) -> Optional[RowRecord]:
         """Forgets the row; returns its record."""
-        return self.rows.pop(key, None)
+        rec = self.rows.pop(key, None)
+        if rec is not None:
+            self._refcount[rec.counted] -= 1
+            rec.counted = rec.counted[:0]
+        return rec
 
     def clear(self) -> None:
         self.rows.clear()
+        self._refcount = np.zeros(0, dtype=np.int32)
+
+    def _recount(self, rec: RowRecord) -> None:
+        """The row's references changed: its distinct master slots are counted again."""
+        now = _distinct_slots(rec)
+        if now.size and int(now[-1]) >= self._refcount.size:
+            grown = np.zeros(max(int(now[-1]) + 1, 2 * self._refcount.size), dtype=np.int32)
+            grown[: self._refcount.size] = self._refcount
+            self._refcount = grown
+        self._refcount[rec.counted] -= 1
+        self._refcount[now] += 1
+        rec.counted = now
 
     def add_master_ref(
         self, key: Hashable, start: int, end: int, seg: Hashable, slots, *, agent=None, owner=None
     ) -> MasterRef:
         """Marks row positions ``[start, end)`` (holding ``slots``) as belonging to ``seg``."""
+        ref = self._append_ref(self.ensure_record(key, agent=agent, owner=owner), start, end, seg, slots)
+        self._recount(self.rows[key])
+        return ref
+
+    def _append_ref(self, rec: RowRecord, start: int, end: int, seg: Hashable, slots) -> MasterRef:
         slots = _as_cpu_i64(slots)
         if end - start != slots.numel():
             raise ValueError(f"master ref [{start}, {end}) needs {end - start} slots, got {slots.numel()}")
         if end <= start:
             raise ValueError("empty master ref")
-        rec = self.ensure_record(key, agent=agent, owner=owner)
         for r in rec.refs:
             if r.start < end and start < r.end:
-                raise ValueError(f"master ref [{start}, {end}) overlaps [{r.start}, {r.end}) of row {key!r}")
+                raise ValueError(f"master ref [{start}, {end}) overlaps [{r.start}, {r.end}) of row {rec.key!r}")
         ref = MasterRef(int(start), int(end), seg, slots)
         rec.refs.append(ref)
         rec.refs.sort(key=lambda r: r.start)
@@ -268,6 +298,7 @@ class DiffAllocator:
         if hit != pos.size:
             raise ValueError(f"privatize: {pos.size - hit} of the positions are not master references of row {key!r}")
         rec.refs = kept
+        self._recount(rec)
         rec.private_tokens += int(pos.size)
         after = {_seg_id(s) for s in rec.segs()}
         return [s for k, s in before.items() if k not in after]
@@ -319,7 +350,8 @@ class DiffAllocator:
             for run in np.split(kept_pos, breaks):
                 a, b = int(run[0]), int(run[-1]) + 1
                 seg = pieces[int(piece_of[a])].seg
-                self.add_master_ref(key, start_pos + a, start_pos + b, seg, torch.from_numpy(src[a:b].copy()))
+                self._append_ref(rec, start_pos + a, start_pos + b, seg, torch.from_numpy(src[a:b].copy()))
+            self._recount(rec)
         rec.private_tokens += n_alloc
         rec.end = max(rec.end, start_pos + len(src))
         used_segs: dict = {}
@@ -380,28 +412,24 @@ class DiffAllocator:
     # ------------------------------------------------------------------ accounting
 
     def master_refcounts(self) -> dict[int, int]:
-        """slot -> number of live rows whose master references include it."""
-        counts: dict[int, int] = {}
+        """slot -> number of live rows whose master references include it (diagnostics: walks the pool)."""
+        nz = np.nonzero(self._refcount)[0]
+        return dict(zip(nz.tolist(), self._refcount[nz].tolist()))
+
+    def check(self) -> None:
+        """The kept refcounts equal a recount of every live row's references (AssertionError if not)."""
+        want = np.zeros(self._refcount.size, dtype=np.int32)
         for rec in self.rows.values():
-            seen = set()
-            for r in rec.refs:
-                for s in r.slots.tolist():
-                    if s not in seen:
-                        seen.add(s)
-                        counts[s] = counts.get(s, 0) + 1
-        return counts
+            slots = _distinct_slots(rec)
+            assert np.array_equal(slots, rec.counted), f"row {rec.key!r}: counted slots differ from its references"
+            want[slots] += 1
+        assert np.array_equal(want, self._refcount), "master refcounts differ from the live rows' references"
+
+    def row_tokens(self, key: Hashable) -> float:
+        """Token-equivalents row ``key`` holds: its master slots weighted by 1/refcount plus its private slots."""
+        rec = self.rows[key]
+        return float((1.0 / self._refcount[rec.counted]).sum()) + rec.private_tokens
 
     def row_kv_tokens(self) -> dict[Hashable, float]:
-        """Row key -> token-equivalents it holds: master slots weighted by 1/refcount plus private slots."""
-        counts = self.master_refcounts()
-        out: dict[Hashable, float] = {}
-        for key, rec in self.rows.items():
-            seen = set()
-            shared = 0.0
-            for r in rec.refs:
-                for s in r.slots.tolist():
-                    if s not in seen:
-                        seen.add(s)
-                        shared += 1.0 / counts[s]
-            out[key] = shared + rec.private_tokens
-        return out
+        """Row key -> :meth:`row_tokens`, for every live row."""
+        return {key: self.row_tokens(key) for key in self.rows}

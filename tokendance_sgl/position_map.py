@@ -15,12 +15,12 @@ positions the cached KV was computed for. Exact paths (the default namespace) ha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["PositionMap", "PathPositions"]
+__all__ = ["PositionMap", "PathPositions", "shift_batch"]
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,30 @@ class PositionMap:
             prev = s
         return out
 
-    def shift_tensor(self, positions: torch.Tensor) -> None:
-        """In place: ``positions`` hold rows of this map (a position equals its row before shifting)."""
-        if not self.rows:
-            return
-        rows = torch.tensor(self.rows, dtype=positions.dtype, device=positions.device)
-        shifts = torch.tensor((0,) + tuple(self.shifts), dtype=positions.dtype, device=positions.device)
-        positions += shifts[torch.bucketize(positions, rows, right=True)]
+
+_STRIDE = 1 << 32  # rows of one request stay below this (positions are int64)
+
+
+def shift_batch(positions: torch.Tensor, maps: Sequence[Optional[PositionMap]], lengths: Sequence[int]) -> None:
+    """In place, for a whole batch at once: ``positions`` holds ``lengths[k]`` entries of request ``k`` (each equal
+    to its row), and ``maps[k]`` (None: identity) is applied to them. The host builds one boundary per breakpoint;
+    the device runs one bucketize and one gather, whatever the number of requests."""
+    keys: list[int] = []
+    values: list[int] = []
+    for k, pmap in enumerate(maps):
+        rows = pmap.rows if pmap else ()
+        if not rows or rows[0] != 0:
+            keys.append(k * _STRIDE)  # every request starts with a boundary of its own (shift 0 before its steps)
+            values.append(0)
+        keys.extend(k * _STRIDE + r for r in rows)
+        values.extend(pmap.shifts if pmap else ())
+    if len(keys) == len(maps):
+        return  # no breakpoint anywhere
+    dev, dt = positions.device, positions.dtype
+    owner = torch.repeat_interleave(torch.arange(len(maps), device=dev, dtype=torch.int64),
+                                    torch.tensor(list(lengths), device=dev), output_size=positions.numel())
+    at = torch.bucketize(owner * _STRIDE + positions.to(torch.int64), torch.tensor(keys, device=dev), right=True) - 1
+    positions += torch.tensor(values, device=dev, dtype=dt)[at]
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from tokendance_sgl.position_map import shift_batch
 from tokendance_sgl.request_state import row_plan_of
 
 __all__ = ["shift_positions", "pending_rows", "Replay", "build_prepass_batch", "forward_replay", "run_probe"]
@@ -35,13 +36,10 @@ __all__ = ["shift_positions", "pending_rows", "Replay", "build_prepass_batch", "
 
 def shift_positions(positions: torch.Tensor, reqs, lengths: list[int]) -> None:
     """In place: ``positions`` holds ``lengths[i]`` consecutive entries per request ``reqs[i]`` (a position equals its
-    row before shifting); each request's position map (``req.td.positions``) is applied to its entries."""
-    off = 0
-    for req, n in zip(reqs, lengths):
-        st = getattr(req, "td", None)
-        if st is not None and st.positions and n:
-            st.positions.shift_tensor(positions[off : off + n])
-        off += n
+    row before shifting); each request's position map (``req.td.positions``) is applied to its entries, for the
+    whole batch in one device operation (:func:`~tokendance_sgl.position_map.shift_batch`)."""
+    shift_batch(positions, [st.positions if (st := getattr(req, "td", None)) is not None else None for req in reqs],
+                lengths)
 
 
 def pending_rows(batch) -> list[tuple[int, int, int]]:
@@ -87,9 +85,9 @@ def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]) -> Repl
 
     pre = copy(batch)
     pre.reqs = reqs
-    pre.input_ids = torch.tensor(
-        [r.full_untruncated_fill_ids[int(t)] for r, rr in zip(reqs, q_rows) for t in rr], dtype=torch.int64,
-        device=device)
+    pre.input_ids = torch.from_numpy(np.concatenate([
+        np.asarray(r.full_untruncated_fill_ids[int(rr[0]) : int(rr[-1]) + 1], dtype=np.int64)[rr - rr[0]]
+        for r, rr in zip(reqs, q_rows)])).to(device)
     pre.prefill_input_ids_cpu = None
     pre.req_pool_indices = batch.req_pool_indices[idx]
     pre.req_pool_indices_cpu = pool_idx_cpu
@@ -129,19 +127,24 @@ def _selective_attention(runner, replay: Replay):
     own with ``kernels.selective_extend_attention`` (Triton on GPU, torch on CPU)."""
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-    from tokendance_sgl.kernels import selective_extend_attention
+    from tokendance_sgl.kernels import plan_selective_extend_attention, selective_extend_attention
 
     backend = runner.attn_backend
     pool = runner.token_to_kv_pool
     rtt = runner.req_to_token_pool.req_to_token
+    plan: list = []  # the query plan, built by the first layer and shared by every other
 
     def forward_extend(q, k, v, layer, forward_batch, save_kv_cache=True, **_kw):
         if save_kv_cache and k is not None:
             pool.set_kv_buffer(layer, KVWriteLoc.for_layer(forward_batch, layer), k, v)
+        q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        if not plan:
+            plan.append(plan_selective_extend_attention(q, replay.q_req, replay.q_rows,
+                                                        forward_batch.req_pool_indices.numel()))
         o = selective_extend_attention(
-            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), pool.get_key_buffer(layer.layer_id),
-            pool.get_value_buffer(layer.layer_id), rtt, forward_batch.req_pool_indices, forward_batch.seq_lens,
-            replay.q_req, replay.q_rows, sm_scale=layer.scaling, logit_cap=float(getattr(layer, "logit_cap", 0) or 0))
+            q, pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id), rtt,
+            forward_batch.req_pool_indices, forward_batch.seq_lens, replay.q_req, replay.q_rows,
+            sm_scale=layer.scaling, logit_cap=float(getattr(layer, "logit_cap", 0) or 0), plan=plan[0])
         return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     backend.forward_extend = forward_extend

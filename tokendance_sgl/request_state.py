@@ -145,6 +145,8 @@ class RequestState:
     registered: Optional[str] = None
     # the last segment-table warning logged for it (logged once)
     warned: Optional[str] = None
+    # a collective step has planned it (KVCollector.collect plans each waiting request once)
+    collected: bool = False
 
     @property
     def composed(self) -> bool:
