@@ -2,7 +2,7 @@
 
     python benchmarks/tables.py [--quick] [--mode auto|full|quick] [--target FILE ...]
 
-Reads benchmarks/results/{concurrency,storage,prefill,fidelity}[_quick].json and writes a Markdown block between
+Reads benchmarks/results/{concurrency,storage,prefill,fidelity,overhead}[_quick].json and writes a Markdown block between
 the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
 (the default) takes, per benchmark, the newer of the full-size and the quick JSON.  It is named to sort after the measuring scripts, so ``tokendance-sgl bench``
@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- BEGIN tokendance-sgl benchmark results (written by benchmarks/tables.py from the JSON; do not edit) -->"
 END = "<!-- END tokendance-sgl benchmark results -->"
-BENCHMARKS = ("concurrency", "storage", "prefill", "fidelity")
+BENCHMARKS = ("concurrency", "storage", "prefill", "fidelity", "overhead")
 TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill": 1.9}
 MiB = 2**20
 STORAGE_MEASURES = ("held_kv_per_agent_bytes", "row_kv_per_agent_bytes", "shared_kv_per_agent_bytes",
@@ -259,7 +259,29 @@ def details(data: dict) -> list[str]:
                              f"{x['greedy']:.2f}", str(x["uncached_tokens"]), copies])
         out += table(["backend", "policy", "fraction recomputed", "top-1", "KL", "greedy", "uncached tokens",
                       "copy slots made for the round"], rows)
+    out += overhead_table(data.get("overhead"))
     return out
+
+
+def overhead_table(o: dict | None) -> list[str]:
+    if not o:
+        return []
+    out = ["", f"**Scheduler time per round** ({provenance(o)}). The cache calls SGLang's scheduler makes, over its "
+               f"real allocator and request pool with a fake forward (no model); groups of {o['segments']} agents "
+               f"gather each other's outputs every round; median over rounds 1..{o['rounds'] - 1}, ms per round "
+               f"(/ radix):", ""]
+    backends = list(dict.fromkeys(r["backend"] for r in o["rows"]))
+    rows = []
+    for n, hist in dict.fromkeys((r["agents"], r["history"]) for r in o["rows"]):
+        row = [str(n), str(hist)]
+        for b in backends:
+            r = next(x for x in o["rows"] if (x["backend"], x["agents"], x["history"]) == (b, n, hist))
+            ms = f"{r['median_round_s'] * 1e3:.1f}"
+            row.append(ms if b == "radix" else f"{ms} ({xr(r['vs_radix'])})")
+        rows.append(row)
+    out += table(["agents", "history tokens", *backends], rows)
+    growth = ", ".join(f"{b} {g:.2f}" for b, g in o["growth_exponent"].items() if g is not None)
+    return out + ["", f"Growth exponent of the time in agents x history tokens (log-log fit): {growth}."]
 
 
 def render(data: dict) -> str:

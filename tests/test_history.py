@@ -214,3 +214,17 @@ def test_small_pool_evicts_paths_and_full_still_equals_exact(small_pool, radix_r
         s["max_total_num_tokens"], s
     ok = requests.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}}, timeout=600)
     assert ok.status_code == 200
+
+
+def test_small_chunked_prefill_keeps_full_exact_and_every_prepass_forward_within_it(server_factory, radix_run,
+                                                                                       model_path):
+    """``--chunked-prefill-size 96``: prompts are prefilled in chunks and every pre-pass forward (here ``full``
+    recomputes each composed region, hundreds of tokens) holds at most 96 query tokens; outputs equal radix's."""
+    url = server_factory("tokendance", "--chunked-prefill-size", "96").base_url
+    full = _run(url, model_path, policy="full")
+    for key, a in _requests(full).items():
+        assert a.output_ids == _requests(radix_run)[key].output_ids, key
+    s = _stats(url)
+    assert 0 < s["prepass_largest_forward"] <= 96 and s["prepass_forwards"] > s["rows_composed"], s
+    assert s["rows"] == 0 and s["available_size"] + s["evictable_size"] + s["protected_size"] == \
+        s["max_total_num_tokens"], s

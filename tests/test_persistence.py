@@ -12,6 +12,7 @@ import tokendance_sgl  # noqa: F401
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from tokendance_sgl.position_map import PathPositions, PositionMap, shift_batch
+from tokendance_sgl.recompute import split_rows
 from tree_sim import Sim, T, produce, tbl
 
 
@@ -170,3 +171,16 @@ def test_injected_failure_rolls_back_and_the_request_is_prefilled_normally(where
     sim.check()
     sim.tree.evict(EvictParams(num_tokens=10_000))
     assert sim.alloc.available_size() == sim.total >= avail
+
+
+def test_split_rows_caps_every_forward():
+    rows = [(0, 10, 100), (0, 120, 125), (2, 0, 7), (3, 5, 305)]
+    assert split_rows(rows, None) == [rows] and split_rows([], 64) == []
+    for limit in (1, 7, 64, 500):
+        parts = split_rows(rows, limit)
+        assert all(sum(e - s for _, s, e in p) <= limit for p in parts)
+        assert all(sum(e - s for _, s, e in p) == limit for p in parts[:-1])  # full forwards but the last
+        flat = [r for p in parts for r in p]
+        for i in {r[0] for r in rows}:  # each request's rows, in order, exactly once
+            got = [t for j, s, e in flat if j == i for t in range(s, e)]
+            assert got == [t for j, s, e in rows if j == i for t in range(s, e)]

@@ -26,11 +26,12 @@ __all__ = ["TreeStats", "COUNTERS"]
 # forwards for deviation selection (tokens, tokens x layers), selections measured, selections reused from the round
 # (no probe), positions turned private after a selection, copies' last tokens computed (once per copy), compositions
 # rolled back after a failure (the request was prefilled normally), pre-pass failures among them (the composed region
-# was then computed in full); requests aborted because neither the pre-pass nor its fallback could run.
+# was then computed in full); requests aborted because neither the pre-pass nor its fallback could run; pre-pass
+# forwards run and the query tokens of the largest (at most --chunked-prefill-size).
 COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens", "composed_private_slots",
             "load_back_fallbacks", "paths_inserted", "collect_steps", "collect_copy_calls", "probe_tokens",
             "probe_token_layers", "selections", "selections_shared", "privatized_tokens", "tails_computed", "rollbacks",
-            "prepass_fallbacks", "prepass_aborts")
+            "prepass_fallbacks", "prepass_aborts", "prepass_forwards", "prepass_largest_forward")
 
 _PREFILL_KEYS = ("extend_tokens", "prepass_tokens", "probe_tokens", "computed_tokens", "token_layers")
 

@@ -10,6 +10,7 @@ from typing import Any
 from tokendance_sgl.collective_tree import CollectiveTree
 from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.config import TreeConfig
+from tokendance_sgl.metrics import attach
 from tokendance_sgl.support import model_refusals, refusals
 
 logger = logging.getLogger(__name__)
@@ -52,4 +53,5 @@ def build_collective_tree(ctx: Any, cls: type = CollectiveTree) -> CollectiveTre
         tree.store.rerotate = tree.rerotate_into
     if runner is not None:
         tree.stats.num_layers = int(getattr(runner.model_config, "num_hidden_layers", 0) or 0)
+    attach(tree)  # the tree whose counters /metrics exports (tokendance_sgl.metrics)
     return tree

@@ -35,7 +35,8 @@ from tokendance_sgl.bases import remember
 from tokendance_sgl.diff_alloc import coalesce
 from tokendance_sgl.faults import Faults
 from tokendance_sgl.position_map import PositionMap
-from tokendance_sgl.recompute import build_prepass_batch, forward_replay, pending_rows, run_probe
+from tokendance_sgl.recompute import (build_prepass_batch, forward_limit, forward_replay, pending_rows, run_probe,
+                                      split_rows)
 from tokendance_sgl.request_state import row_plan_of, state_of
 from tokendance_sgl.reuse import ReuseHost, gap_budget, plan_layout, release_tails
 from tokendance_sgl.selection import deviation_scores
@@ -220,7 +221,7 @@ class KVCollector:
             rows = pending_rows(batch)
             if rows:
                 self.host.faults.check("prepass", self.host.store.current_round)
-                forward_replay(runner, build_prepass_batch(batch, runner, rows))
+                self._forward(runner, batch, rows, selective=True)
         except Exception:
             logger.exception("tokendance: the pre-pass failed; computing the composed regions of the batch in full")
             probe, rows = {}, self._fall_back(runner, batch)
@@ -244,6 +245,15 @@ class KVCollector:
                                          prepass=prepass.get(i, 0), probe=tokens, probe_token_layers=token_layers)
         return sum(prepass.values())
 
+    def _forward(self, runner: Any, batch: Any, rows: list, *, selective: bool) -> None:
+        """The replay forwards of ``rows``: at most ``--chunked-prefill-size`` query tokens each."""
+        counters = self.host.stats.counters
+        for part in split_rows(rows, forward_limit(runner)):
+            forward_replay(runner, build_prepass_batch(batch, runner, part), selective=selective)
+            counters["prepass_forwards"] += 1
+            counters["prepass_largest_forward"] = max(counters["prepass_largest_forward"],
+                                                      sum(e - s for _, s, e in part))
+
     def _fall_back(self, runner: Any, batch: Any) -> list[tuple[int, int, int]]:
         """Computes the whole composed region of every pending row of ``batch`` exactly, in one forward through the
         configured attention backend (each region is a plain extend over its cached prefix). A request whose region
@@ -261,7 +271,7 @@ class KVCollector:
                 rows.append((i, *span))
         try:
             if rows:
-                forward_replay(runner, build_prepass_batch(batch, runner, rows), selective=False)
+                self._forward(runner, batch, rows, selective=False)
         except Exception:
             logger.exception("tokendance: computing the composed regions in full failed too")
             for i, _s, _e in rows:

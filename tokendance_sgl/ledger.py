@@ -62,6 +62,7 @@ class PageLedger:
         for name in (*_KINDS, "tot", "lk"):
             setattr(self, name, np.zeros(n, dtype=np.int32))
         self.gen = np.zeros(n, dtype=np.int64)
+        self._mark = np.zeros(n, dtype=np.int64)  # scratch of _distinct
         self.n_held = 0
         self.n_prot = 0
 
@@ -95,6 +96,17 @@ class PageLedger:
         self.ensure(pages)
         return self.lk[pages] > 0
 
+    def _distinct(self, pages: np.ndarray) -> bool:
+        """Whether ``pages`` has no repeated page (O(n), no sort: each page marks its index in a scratch array)."""
+        if pages.size < 2:
+            return True
+        mark = self._mark
+        if mark.size < self.tot.size:
+            mark = self._mark = np.zeros(self.tot.size, dtype=np.int64)
+        idx = np.arange(pages.size)
+        mark[pages] = idx
+        return bool((mark[pages] == idx).all())
+
     def _change(self, pages: np.ndarray, kind: str, delta: int) -> np.ndarray:
         """Adds ``delta`` holders (or locks) of ``kind`` to ``pages``; returns the pages no one holds any more."""
         if pages.size == 0:
@@ -102,23 +114,27 @@ class PageLedger:
         if pages.min() < 0:
             raise ValueError("negative page id")
         self._grow(int(pages.max()))
+        if not self._distinct(pages):  # each page once, with its multiplicity as the delta
+            pages, times = np.unique(pages, return_counts=True)
+            step = times.astype(np.int32) * delta
+        else:
+            step = delta
         arr = getattr(self, kind)
-        u = pages if np.unique(pages).size == pages.size else np.unique(pages)
-        h0, p0 = self.tot[u] > 0, self.lk[u] > 0
-        np.add.at(arr, pages, delta)
-        if delta < 0 and (arr[u] < 0).any():
-            np.add.at(arr, pages, -delta)
+        h0, p0 = self.tot[pages] > 0, self.lk[pages] > 0
+        after = arr[pages] + step
+        if delta < 0 and (after < 0).any():
             raise AssertionError(f"page ledger underflow in {kind}")
+        arr[pages] = after
         holds, locks = _KINDS[kind]
         if holds:
-            np.add.at(self.tot, pages, delta)
+            self.tot[pages] += step
         if locks:
-            np.add.at(self.lk, pages, delta)
-        h1, p1 = self.tot[u] > 0, self.lk[u] > 0
-        self.n_held += int(h1.sum()) - int(h0.sum())
-        self.n_prot += int(p1.sum()) - int(p0.sum())
+            self.lk[pages] += step
+        h1, p1 = self.tot[pages] > 0, self.lk[pages] > 0
+        self.n_held += int(np.count_nonzero(h1)) - int(np.count_nonzero(h0))
+        self.n_prot += int(np.count_nonzero(p1)) - int(np.count_nonzero(p0))
         if delta < 0:
-            freed = u[h0 & ~h1]
+            freed = pages[h0 & ~h1]
             if freed.size:
                 self.gen[freed] += 1
             return freed

@@ -31,7 +31,8 @@ import torch
 from tokendance_sgl.position_map import shift_batch
 from tokendance_sgl.request_state import row_plan_of
 
-__all__ = ["shift_positions", "pending_rows", "Replay", "build_prepass_batch", "forward_replay", "run_probe"]
+__all__ = ["shift_positions", "pending_rows", "forward_limit", "split_rows", "Replay", "build_prepass_batch",
+           "forward_replay", "run_probe"]
 
 
 def shift_positions(positions: torch.Tensor, reqs, lengths: list[int]) -> None:
@@ -40,6 +41,32 @@ def shift_positions(positions: torch.Tensor, reqs, lengths: list[int]) -> None:
     whole batch in one device operation (:func:`~tokendance_sgl.position_map.shift_batch`)."""
     shift_batch(positions, [st.positions if (st := getattr(req, "td", None)) is not None else None for req in reqs],
                 lengths)
+
+
+def forward_limit(runner) -> Optional[int]:
+    """The most query tokens one replay or probe forward may hold: SGLang's ``--chunked-prefill-size`` (None: no
+    limit)."""
+    size = getattr(getattr(runner, "server_args", None), "chunked_prefill_size", None)
+    return int(size) if size is not None and int(size) > 0 else None
+
+
+def split_rows(rows: list[tuple[int, int, int]], limit: Optional[int]) -> list[list[tuple[int, int, int]]]:
+    """``rows`` (``(i, start, end)``, each request's in row order) cut into forwards of at most ``limit`` query
+    tokens; a span longer than what is left of a forward continues in the next one."""
+    if limit is None:
+        return [rows] if rows else []
+    parts: list[list[tuple[int, int, int]]] = [[]]
+    room = limit
+    for i, s, e in rows:
+        while s < e:
+            if room == 0:
+                parts.append([])
+                room = limit
+            m = min(e, s + room)
+            parts[-1].append((i, s, m))
+            room -= m - s
+            s = m
+    return [p for p in parts if p]
 
 
 def pending_rows(batch) -> list[tuple[int, int, int]]:
@@ -227,8 +254,9 @@ def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int,
             saved.append((idx, s, e, rtt[idx, s:e].clone()))
             rtt[idx, s:e] = scratch[off : off + e - s].to(rtt.dtype)
             off += e - s
-        with _stop_after_layer(runner.model, layer):
-            forward_replay(runner, build_prepass_batch(batch, runner, rows))
+        for part in split_rows(rows, forward_limit(runner)):  # the scratch rows stay mapped across the parts
+            with _stop_after_layer(runner.model, layer):
+                forward_replay(runner, build_prepass_batch(batch, runner, part))
         kv = pool.get_kvcache()
         kb, vb = kv.get_key_buffer(layer), kv.get_value_buffer(layer)
         old = torch.cat([kept for *_, kept in saved]).to(torch.int64)

@@ -1,0 +1,267 @@
+"""Scheduler-side CPU time per round at scale, for radix, pic and tokendance: SGLang's real request pool, KV
+allocator and request lifecycle (``init_next_round_input``, ``init_load_back``, ``checkpoint_kv_cache``,
+``release_kv_cache``) over each backend's cache, with a fake forward (no model, no KV buffers).
+
+    python benchmarks/overhead.py [--quick] [--agents 16 32 64] [--history 1024 2048 4096] [--segments 16]
+                                  [--rounds 3] [--backends radix pic tokendance]
+
+The workload has the paper's shape: every agent keeps its whole history (its cached path) and each round appends a
+block with the outputs of the round before of every agent of its group (groups of ``--segments`` agents, one
+all-gather each; a segment table as the frontend sends it) and its own answer; output lengths are chosen so that the last round's prompt holds ``--history`` tokens. A
+round admits every agent (the collective step first, for the reuse backends), then finishes them. Timed: the cache
+calls the scheduler makes (match, collective step, composition / load-back, allocation with eviction, checkpoint,
+release); not timed: the fake forward (the re-rotation and copy kernels are no-ops here, they are device work on a
+GPU) and the harness. Reported per backend and size: the median over the rounds >= 1 of the round's scheduler time,
+its ratio to radix, and the growth exponent of the time in agents x history tokens (a log-log fit).
+
+Writes benchmarks/results/overhead[_quick].json and .png.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from array import array
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+NAME = "overhead"
+PERSONA, TASK = 64, 16
+
+
+def parse_args(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the size `make bench` runs (the default sizes; no model)")
+    p.add_argument("--backends", nargs="+", default=list(C.ALL_BACKENDS), choices=list(C.ALL_BACKENDS))
+    p.add_argument("--out-dir", type=Path, default=None, help=f"where results go (default {C.RESULTS})")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--agents", type=int, nargs="+", default=None, help="N values (default 16 32 64)")
+    p.add_argument("--history", type=int, nargs="+", default=None,
+                   help="tokens of an agent's last-round prompt (default 1024 2048 4096)")
+    p.add_argument("--segments", type=int, default=16, help="gathered outputs per round block (default 16)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --quick: 3)")
+    return p.parse_args(argv)
+
+
+class Harness:
+    """One cache over SGLang's request pool and allocator; ``kv`` is not kept (nothing reads it)."""
+
+    def __init__(self, backend: str, pool_tokens: int, rows: int, ctx: int):
+        from sglang.srt.runtime_context import get_context, get_serving
+
+        try:
+            get_serving()
+        except Exception:  # release_kv_cache reads the serving config: publish SGLang's defaults once
+            get_context().override_server_args().install()
+        from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+        from sglang.srt.mem_cache.radix_cache import RadixCache
+
+        from tokendance_sgl.collective_tree import CollectiveTree
+        from tokendance_sgl.config import TreeConfig
+        from tokendance_sgl.pic import PicCache
+
+        self.pool = ReqToTokenPool(size=rows, max_context_len=ctx, device="cpu", enable_memory_saver=False)
+        self.alloc = TokenToKVPoolAllocator(size=pool_tokens, dtype=torch.float32, device="cpu", kvcache=None,
+                                            need_sort=False)
+        params = CacheInitParams(disable=False, req_to_token_pool=self.pool, token_to_kv_pool_allocator=self.alloc,
+                                 page_size=1)
+        if backend == "radix":
+            self.tree = RadixCache(params)
+        else:
+            cls = CollectiveTree if backend == "tokendance" else PicCache
+            self.tree = cls(params, TreeConfig(), copy_fn=lambda src, dst: None, bytes_per_token=8.0)
+            self.tree.rerotate_into = lambda src, dst, delta: None  # device work on a GPU: not scheduler time
+            self.tree.store.rerotate = self.tree.rerotate_into
+        self.backend = backend
+        self.timed = dict.fromkeys(("match", "collect", "load_back", "alloc", "checkpoint", "release"), 0.0)
+
+    def _t(self, phase: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.timed[phase] += time.perf_counter() - t0
+        return out
+
+    def _alloc(self, n: int):
+        def go():
+            self.alloc.evict_to_free_tokens(self.tree, n) if hasattr(self.alloc, "evict_to_free_tokens") else None
+            return self.alloc.alloc(n)
+        out = self._t("alloc", go)
+        if out is None:
+            raise RuntimeError(f"the pool ran out ({n} tokens wanted): raise pool_tokens")
+        return out
+
+    def round(self, prompts: list, tables: list, outputs: list) -> None:
+        """Admits every agent's prompt, 'computes' it, appends its output and finishes it."""
+        from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
+        from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
+        from sglang.srt.mem_cache.common import checkpoint_kv_cache, release_kv_cache
+        from sglang.srt.sampling.sampling_params import SamplingParams
+
+        reqs = [Req(f"r{id(p)}-{i}", "", array("q", p), SamplingParams(max_new_tokens=len(o), custom_params=t))
+                for i, (p, t, o) in enumerate(zip(prompts, tables, outputs))]
+        collector = getattr(self.tree, "collector", None)
+        if collector is not None:
+            self._t("collect", collector.collect, reqs)
+        for req in reqs:
+            self._t("match", req.init_next_round_input, self.tree)
+            self.pool.alloc([req])
+            pin = self.tree.lock(req.last_node)
+            if req.host_hit_length > 0:
+                loaded, node = self._t("load_back", self.tree.init_load_back, InitLoadBackParams(
+                    best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req))
+                req.last_node = node
+                if loaded:
+                    req.prefix_len += loaded
+                    req.kv.cache_protected_len = req.prefix_len
+            req.lock = self.tree.lock(req.last_node)
+            self.tree.unlock(pin)
+            n, start = len(req.origin_input_ids), req.prefix_len
+            rest = self._alloc(n - start)
+            idx = req.kv.req_pool_idx
+            if start:
+                self.pool.write((idx, slice(0, start)), self.tree.prefix_device_indices(req))
+            self.pool.write((idx, slice(start, n)), rest)
+            plan = getattr(getattr(req, "td", None), "row_plan", None)
+            if plan is not None:  # the pre-pass (fake forward)
+                plan.pending = False
+                for seg, _row in plan.tails:
+                    seg.tail_pending, seg.tail_writer = False, None
+            req.kv.kv_allocated_len = req.kv.kv_committed_len = n
+            req.extend_end = n
+            req.output_ids.append(outputs[reqs.index(req)][0])
+            self._t("checkpoint", checkpoint_kv_cache, req, self.tree)
+        for req, out in zip(reqs, outputs):  # decode (fake): the output's slots, then finish
+            n = req.kv.kv_committed_len
+            slots = self._alloc(len(out) - 1)
+            self.pool.write((req.kv.req_pool_idx, slice(n, n + len(out) - 1)), slots)
+            req.output_ids.extend(out[1:])
+            req.kv.kv_allocated_len = req.kv.kv_committed_len = n + len(out) - 1
+            req.finished_reason = FINISH_LENGTH(length=len(out))
+            self._t("release", release_kv_cache, req, self.tree, checkpoint=True)
+
+
+def output_length(history: int, segments: int, rounds: int) -> int:
+    """L such that the last round's prompt holds about ``history`` tokens (module docstring)."""
+    return max(16, (history - PERSONA - (rounds - 1) * TASK) // ((rounds - 1) * segments + rounds - 1))
+
+
+def run_size(backend: str, n: int, history: int, segments: int, rounds: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    seg_len = output_length(history, segments, rounds)
+    toks = lambda k: rng.integers(100, 49000, size=k).tolist()  # noqa: E731
+    pool_tokens = n * (history + 2 * seg_len) * 2 + 4096
+    h = Harness(backend, pool_tokens, rows=n + 1, ctx=history + 4 * seg_len + 256)
+    prompts = [toks(PERSONA) for _ in range(n)]
+    last_out: list = [None] * n
+    per_round, prompt_tokens = [], []
+    for r in range(rounds):
+        tables, full = [], []
+        for i in range(n):
+            p = list(prompts[i])
+            if last_out[i] is not None:
+                p += last_out[i]  # its own answer stays in its history
+            table = {"td_round": r, "td_agent": i, "td_out_seg": f"r{r}/a{i}"}
+            if r > 0:  # the block: the last round's outputs of every agent of its group, in the group's order
+                ids, starts, ends = [], [], []
+                group = i // segments * segments
+                for a in range(group, min(group + segments, n)):
+                    ids.append(f"r{r - 1}/a{a}")
+                    starts.append(len(p))
+                    p += last_out[a]
+                    ends.append(len(p))
+                table.update(td_seg_ids=ids, td_seg_starts=starts, td_seg_ends=ends)
+            p += toks(TASK)
+            tables.append(table)
+            full.append(p)
+        outs = [toks(seg_len) for _ in range(n)]
+        before = sum(h.timed.values())
+        h.round(full, tables, outs)
+        per_round.append(sum(h.timed.values()) - before)
+        prompt_tokens.append(statistics.mean(len(p) for p in full))
+        prompts, last_out = full, outs
+    return {"backend": backend, "agents": n, "history": history, "segment_tokens": seg_len,
+            "segments": min(segments, n), "round_s": per_round, "prompt_tokens_by_round": prompt_tokens,
+            "median_round_s": statistics.median(per_round[1:]), "phases_s": dict(h.timed),
+            "reused_tokens": h.tree.stats.counters["reused_tokens"] if backend != "radix" else 0}
+
+
+def growth_exponent(rows: list) -> float | None:
+    if len(rows) < 2:
+        return None
+    x = np.log([r["agents"] * r["history"] for r in rows])
+    y = np.log([r["median_round_s"] for r in rows])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def plot(rows: list, backends: list, quick: bool, out_dir):
+    plt = C.pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for be in backends:
+        mine = sorted((r for r in rows if r["backend"] == be), key=lambda r: r["agents"] * r["history"])
+        a.loglog([r["agents"] * r["history"] for r in mine], [r["median_round_s"] * 1e3 for r in mine], "o-", label=be)
+    a.set_xlabel("agents x history tokens")
+    a.set_ylabel("scheduler time per round (ms)")
+    a.set_title("Scheduler-side time per round (fake forward)")
+    a.legend()
+    for be in backends:
+        if be == "radix":
+            continue
+        mine = sorted((r for r in rows if r["backend"] == be), key=lambda r: (r["agents"], r["history"]))
+        b.plot([f"{r['agents']}x{r['history'] // 1024}k" for r in mine], [r["vs_radix"] for r in mine], "o-", label=be)
+    b.axhline(2.0, color="grey", ls="--", lw=1, label="target (2x radix)")
+    b.set_ylabel("scheduler time / radix's")
+    b.set_xlabel("agents x history")
+    b.set_title("Ratio to radix, same run")
+    b.tick_params(axis="x", rotation=45)
+    b.legend()
+    return C.save_figure(fig, NAME, quick, out_dir)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    log = C.Log(NAME)
+    agents = args.agents or [16, 32, 64]
+    history = args.history or [1024, 2048, 4096]
+    rounds = args.rounds or 3
+    backends = list(args.backends)
+    sizes = [(n, hist) for n in agents for hist in history]
+    rows = []
+    for n, hist in C.progress(sizes, desc="sizes"):
+        for be in backends:
+            rows.append(run_size(be, n, hist, args.segments, rounds))
+            log(f"{be:10s} N={n:3d} history={hist:5d}: {rows[-1]['median_round_s'] * 1e3:8.1f} ms per round")
+    for r in rows:
+        base = next((x for x in rows if x["backend"] == "radix" and (x["agents"], x["history"]) ==
+                     (r["agents"], r["history"])), None)
+        r["vs_radix"] = C.ratio(r["median_round_s"], base["median_round_s"]) if base else None
+    growth = {be: growth_exponent([r for r in rows if r["backend"] == be]) for be in backends}
+    data = {"benchmark": NAME, "quick": args.quick, "environment": C.environment(), "rounds": rounds, "segments": args.segments,
+            "rows": rows, "growth_exponent": growth,
+            "notes": "scheduler-side cache calls only, fake forward; median over rounds >= 1; ratios within one run"}
+    path = C.write_json(NAME, args.quick, data, args.out_dir)
+    png = None if args.no_plot else plot(rows, backends, args.quick, args.out_dir)
+    log(f"wrote {path}" + (f" and {png}" if png else ""))
+    print("\nsummary (ms per round; x radix):")
+    for n, hist in sizes:
+        cells = []
+        for be in backends:
+            r = next(x for x in rows if (x["backend"], x["agents"], x["history"]) == (be, n, hist))
+            cells.append(f"{be} {r['median_round_s'] * 1e3:.1f}" + (f" ({r['vs_radix']:.2f}x)" if be != "radix" else ""))
+        print(f"  N={n:3d} history={hist:5d}: " + ", ".join(cells))
+    print("  growth exponent in agents x tokens: " + ", ".join(f"{be} {g:.2f}" for be, g in growth.items() if g))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
