@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--history", type=int, nargs="+", default=None,
                    help="tokens of an agent's last-round prompt (default 1024 2048 4096)")
     p.add_argument("--segments", type=int, default=16, help="gathered outputs per round block (default 16)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --quick: 3)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 4: three measured)")
     return p.parse_args(argv)
 
 
@@ -204,27 +204,34 @@ def growth_exponent(rows: list) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
+COLORS = {"radix": "tab:blue", "pic": "tab:orange", "tokendance": "tab:green"}
+STYLES = ("-", "--", ":")
+
+
 def plot(rows: list, backends: list, quick: bool, out_dir):
+    """Left: time per round against agents (one colour per backend, one line style per history length). Right: the
+    ratio to radix against agents at each history length."""
     plt = C.pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    histories = sorted({r["history"] for r in rows}, reverse=True)
     for be in backends:
-        mine = sorted((r for r in rows if r["backend"] == be), key=lambda r: r["agents"] * r["history"])
-        a.loglog([r["agents"] * r["history"] for r in mine], [r["median_round_s"] * 1e3 for r in mine], "o-", label=be)
-    a.set_xlabel("agents x history tokens")
+        for hist, ls in zip(histories, STYLES):
+            mine = sorted((r for r in rows if r["backend"] == be and r["history"] == hist), key=lambda r: r["agents"])
+            a.plot([r["agents"] for r in mine], [r["median_round_s"] * 1e3 for r in mine], ls, marker="o",
+                   color=COLORS.get(be), label=f"{be}, {hist} tokens")
+            if be != "radix":
+                b.plot([r["agents"] for r in mine], [r["vs_radix"] for r in mine], ls, marker="o", color=COLORS.get(be),
+                       label=f"{be}, {hist} tokens")
+    a.set_xlabel("agents")
     a.set_ylabel("scheduler time per round (ms)")
-    a.set_title("Scheduler-side time per round (fake forward)")
-    a.legend()
-    for be in backends:
-        if be == "radix":
-            continue
-        mine = sorted((r for r in rows if r["backend"] == be), key=lambda r: (r["agents"], r["history"]))
-        b.plot([f"{r['agents']}x{r['history'] // 1024}k" for r in mine], [r["vs_radix"] for r in mine], "o-", label=be)
-    b.axhline(2.0, color="grey", ls="--", lw=1, label="target (2x radix)")
-    b.set_ylabel("scheduler time / radix's")
-    b.set_xlabel("agents x history")
-    b.set_title("Ratio to radix, same run")
-    b.tick_params(axis="x", rotation=45)
-    b.legend()
+    a.set_title("Scheduler-side cache time per round (fake forward)")
+    a.legend(fontsize=7)
+    b.axhline(2.0, color="grey", ls="--", lw=1, label="target: 2x radix")
+    b.set_ylim(bottom=0)
+    b.set_xlabel("agents")
+    b.set_ylabel("time / radix's time (same run)")
+    b.set_title("Ratio to radix")
+    b.legend(fontsize=7)
     return C.save_figure(fig, NAME, quick, out_dir)
 
 
@@ -233,7 +240,7 @@ def main(argv=None) -> int:
     log = C.Log(NAME)
     agents = args.agents or [16, 32, 64]
     history = args.history or [1024, 2048, 4096]
-    rounds = args.rounds or 3
+    rounds = args.rounds or 4
     backends = list(args.backends)
     sizes = [(n, hist) for n in agents for hist in history]
     rows = []

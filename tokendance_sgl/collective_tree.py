@@ -60,14 +60,14 @@ from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun
 from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, slot_pages
-from tokendance_sgl.planning import ns_key_of, plan_for, validate_request
+from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
 from tokendance_sgl.request_state import RequestState, SegmentPlan, state_of
 from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
 from tokendance_sgl.segment_store import SegmentStore
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
-from tokendance_sgl.segments import SegmentTableError, parse_segment_table
+from tokendance_sgl.segments import SegmentTableError
 
 logger = logging.getLogger(__name__)
 
@@ -226,8 +226,8 @@ class CollectiveTree(RadixCache):
             return IncLockRefResult(delta=0)
         turning, ev0 = self._lock_turning(node, 0), self.evictable_size()
         super().inc_lock_ref(node)
-        for n in turning:
-            self.ledger.lock_radix(self.radix_holds.pages(n))
+        if turning:  # one ledger update for the whole path
+            self.ledger.lock_radix(np.concatenate([self.radix_holds.pages(n) for n in turning]))
         return IncLockRefResult(delta=self.evictable_size() - ev0)
 
     def dec_lock_ref(self, node: TreeNode, params: Optional[DecLockRefParams] = None) -> DecLockRefResult:
@@ -235,8 +235,8 @@ class CollectiveTree(RadixCache):
             return DecLockRefResult(delta=0)
         turning, ev0 = self._lock_turning(node, 1), self.evictable_size()
         super().dec_lock_ref(node, params)
-        for n in turning:
-            self.ledger.unlock_radix(self.radix_holds.pages(n))
+        if turning:
+            self.ledger.unlock_radix(np.concatenate([self.radix_holds.pages(n) for n in turning]))
         return DecLockRefResult(delta=self.evictable_size() - ev0)
 
     def evict(self, params: EvictParams) -> EvictResult:
@@ -472,7 +472,7 @@ class CollectiveTree(RadixCache):
         if len(out) == 0:
             return
         try:
-            table = parse_segment_table(getattr(req.sampling_params, "custom_params", None), None)
+            table = table_of(req)
         except SegmentTableError as e:
             logger.warning("request %s: ignoring its segment table at registration: %s", getattr(req, "rid", "?"), e)
             table = None

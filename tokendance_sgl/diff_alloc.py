@@ -262,13 +262,18 @@ class DiffAllocator:
             raise ValueError(f"master ref [{start}, {end}) needs {end - start} slots, got {slots.numel()}")
         if end <= start:
             raise ValueError("empty master ref")
-        for r in rec.refs:
-            if r.start < end and start < r.end:
-                raise ValueError(f"master ref [{start}, {end}) overlaps [{r.start}, {r.end}) of row {rec.key!r}")
         ref = MasterRef(int(start), int(end), seg, slots)
-        rec.refs.append(ref)
-        rec.refs.sort(key=lambda r: r.start)
+        self._merge_refs(rec, [ref])
         return ref
+
+    @staticmethod
+    def _merge_refs(rec: RowRecord, new: list) -> None:
+        """Adds non-empty, mutually disjoint ``new`` refs (sorted by start) to the record; refuses an overlap."""
+        refs = sorted(rec.refs + new, key=lambda r: r.start) if rec.refs else new
+        for a, b in zip(refs, refs[1:]):
+            if b.start < a.end:
+                raise ValueError(f"master ref [{b.start}, {b.end}) overlaps [{a.start}, {a.end}) of row {rec.key!r}")
+        rec.refs = refs
 
     def privatize(self, key: Hashable, positions: Sequence[int], fresh: torch.Tensor) -> list:
         """Row positions that read a master become the row's own: ``fresh`` (one new slot per position, same order)
@@ -347,10 +352,10 @@ class DiffAllocator:
         kept_pos = np.nonzero(keep)[0]
         if kept_pos.size:  # master references: maximal runs of kept positions from one piece
             breaks = np.nonzero((np.diff(kept_pos) != 1) | (np.diff(piece_of[kept_pos]) != 0))[0] + 1
-            for run in np.split(kept_pos, breaks):
-                a, b = int(run[0]), int(run[-1]) + 1
-                seg = pieces[int(piece_of[a])].seg
-                self._append_ref(rec, start_pos + a, start_pos + b, seg, torch.from_numpy(src[a:b].copy()))
+            firsts = kept_pos[np.concatenate([[0], breaks])].tolist()
+            ends = (kept_pos[np.concatenate([breaks - 1, [kept_pos.size - 1]])] + 1).tolist()
+            self._merge_refs(rec, [MasterRef(start_pos + a, start_pos + b, pieces[int(piece_of[a])].seg,
+                                             torch.from_numpy(src[a:b].copy())) for a, b in zip(firsts, ends)])
             self._recount(rec)
         rec.private_tokens += n_alloc
         rec.end = max(rec.end, start_pos + len(src))

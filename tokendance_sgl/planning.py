@@ -114,6 +114,20 @@ def _detected_spans(store: SegmentStore, prompt, ns_key: str, rnd: Optional[int]
     return spans
 
 
+def table_of(req: Any) -> Any:
+    """``req``'s segment table (None: it has none), parsed once per request; raises :class:`SegmentTableError`."""
+    st = state_of(req)
+    n = len(req.origin_input_ids)
+    if st.table is None or st.table[0] != n:
+        try:
+            st.table = (n, parse_segment_table(getattr(req.sampling_params, "custom_params", None), n), None)
+        except SegmentTableError as e:
+            st.table = (n, None, e)
+    if st.table[2] is not None:
+        raise st.table[2]
+    return st.table[1]
+
+
 def plan_for(store: SegmentStore, config: Any, req: Any, *, force: bool = False) -> SegmentPlan:
     """Which registered segments ``req``'s prompt contains (``req.td.plan``); cheap when nothing changed."""
     st = state_of(req)
@@ -122,7 +136,7 @@ def plan_for(store: SegmentStore, config: Any, req: Any, *, force: bool = False)
     if not force and plan is not None and plan.epoch == store.epoch and plan.prompt_len == len(prompt):
         return plan
     try:
-        table = parse_segment_table(getattr(req.sampling_params, "custom_params", None), len(prompt))
+        table = table_of(req)
     except SegmentTableError as e:
         st.plan = SegmentPlan(None, None, None, ns_key_of(req), "none", [], str(e), store.epoch, len(prompt))
         _warn_once(req, st.plan.error + "; serving the request without segments")

@@ -147,6 +147,8 @@ class RequestState:
     warned: Optional[str] = None
     # a collective step has planned it (KVCollector.collect plans each waiting request once)
     collected: bool = False
+    # its segment table as parsed once: (prompt length, table or None, SegmentTableError or None)
+    table: Optional[tuple] = None
 
     @property
     def composed(self) -> bool:
