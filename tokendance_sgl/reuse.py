@@ -39,7 +39,7 @@ from tokendance_sgl.request_state import RowLayout, RowPlan, SelectItem, state_o
 from tokendance_sgl.segment_store import SegmentStore
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
 
-__all__ = ["ReuseHost", "plan_layout", "build_row", "request_policy", "gap_budget", "release_tails", "Composed"]
+__all__ = ["prepass_tokens", "ReuseHost", "plan_layout", "build_row", "request_policy", "gap_budget", "release_tails", "Composed"]
 
 Composed = tuple[torch.Tensor, RowPlan, PositionMap]  # region slots, pre-pass plan, the row's position map
 
@@ -174,6 +174,20 @@ def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed
     row_plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=layout.start, tails=tails)
     note_layout_stats(layout, row_plan, recomputed, built.private_tokens)
     return built.slots, row_plan, positions
+
+
+def prepass_tokens(layout: RowLayout) -> int:
+    """At most what the pre-pass computes for ``layout`` (before it is composed): the text between its segments, each
+    segment's recompute budget, the tokens past a segment's KV and the copy's last token."""
+    policy = layout.policy
+    if not policy.reuses_masters:
+        return layout.end - layout.start
+    total, pos = 0, layout.start
+    for a, b, planned in layout.spans:
+        n = min(b - a, planned.kv_len)
+        total += (a - pos) + policy.budget(n) + (b - a - n) + 1
+        pos = b
+    return min(total, layout.end - layout.start)
 
 
 def release_tails(tails: list) -> None:
