@@ -38,6 +38,25 @@ def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = (), env: 
     return handle
 
 
+@pytest.fixture
+def own_server(model_path):
+    """`own_server(kv_backend, *extra_flags, env={...})` -> a server for one test's configuration, stopped when the
+    test ends, so that few servers live at once (each holds GBs; the session's shared ones stay up)."""
+    started = []
+
+    def start(kv_backend, *extra, env=None):
+        key = (kv_backend, tuple(extra), tuple(sorted((env or {}).items())))
+        handle = _server(model_path, *key)
+        started.append(key)
+        return handle
+
+    yield start
+    for key in started:
+        handle = _servers.pop(key, None)
+        if handle is not None:
+            handle.stop()
+
+
 @pytest.fixture(scope="session")
 def radix_server(model_path):
     """A running `python -m sglang.launch_server --kv-backend radix` on CPU (object with .base_url)."""

@@ -37,13 +37,8 @@ def _run(url, model_path):
     return {(r.round, a.agent): a for r in res.rounds for a in r.agents}
 
 
-@pytest.fixture(scope="module")
-def faulty(server_factory):
-    return server_factory("tokendance", env={ENV_FAULTS: FAULTS})
-
-
-def test_failed_steps_roll_back_and_run_as_plain_prefill(faulty, radix_server, model_path):
-    url = faulty.base_url
+def test_failed_steps_roll_back_and_run_as_plain_prefill(own_server, radix_server, model_path):
+    url = own_server("tokendance", env={ENV_FAULTS: FAULTS}).base_url
     stock = _run(radix_server.base_url, model_path)
     before = _stats(url)
     ours = _run(url, model_path)

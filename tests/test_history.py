@@ -216,11 +216,11 @@ def test_small_pool_evicts_paths_and_full_still_equals_exact(small_pool, radix_r
     assert ok.status_code == 200
 
 
-def test_small_chunked_prefill_keeps_full_exact_and_every_prepass_forward_within_it(server_factory, radix_run,
+def test_small_chunked_prefill_keeps_full_exact_and_every_prepass_forward_within_it(own_server, radix_run,
                                                                                        model_path):
     """``--chunked-prefill-size 96``: prompts are prefilled in chunks and every pre-pass forward (here ``full``
     recomputes each composed region, hundreds of tokens) holds at most 96 query tokens; outputs equal radix's."""
-    url = server_factory("tokendance", "--chunked-prefill-size", "96").base_url
+    url = own_server("tokendance", "--chunked-prefill-size", "96").base_url
     full = _run(url, model_path, policy="full")
     for key, a in _requests(full).items():
         assert a.output_ids == _requests(radix_run)[key].output_ids, key

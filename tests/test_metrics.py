@@ -24,8 +24,8 @@ def _scrape(url) -> dict:
     return out
 
 
-def test_metrics_endpoint_exports_the_tokendance_counters(server_factory, model_path):
-    url = server_factory("tokendance", "--enable-metrics").base_url
+def test_metrics_endpoint_exports_the_tokendance_counters(own_server, model_path):
+    url = own_server("tokendance", "--enable-metrics").base_url
     flush_cache(url)
     wl = HistoryWorkload("ga", 3, 2, seed=2, turns=1, tokenizer=model_path, private_tokens=(40, 60),
                          task_tokens=(10, 14))

@@ -8,6 +8,7 @@ server, so both servers see identical prompts in every round.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -64,8 +65,18 @@ def _payload(rec, *, policy=None, keep_out_seg=True):
 
 
 def _post_round(url, payloads):
-    with ThreadPoolExecutor(len(payloads)) as pool:
-        return [b for b, _ in pool.map(lambda p: _post_generate(url, p, 1800.0), payloads)]
+    """The round's requests, released to the scheduler together: generation is paused while they are sent (they wait
+    in the tokenizer manager), so which agents share a batch -- and so the round's pilots -- does not depend on
+    arrival timing."""
+    requests.post(url + "/pause_generation", json={"mode": "in_place"}, timeout=120).raise_for_status()
+    try:
+        with ThreadPoolExecutor(len(payloads)) as pool:
+            futures = [pool.submit(_post_generate, url, p, 1800.0) for p in payloads]
+            time.sleep(1.0)  # every request is waiting behind the pause
+            requests.post(url + "/continue_generation", json={}, timeout=120).raise_for_status()
+            return [f.result()[0] for f in futures]
+    finally:
+        requests.post(url + "/continue_generation", json={}, timeout=120)
 
 
 def _stats(url):

@@ -255,16 +255,20 @@ class KVCollector:
                                                       sum(e - s for _, s, e in part))
 
     def _fall_back(self, runner: Any, batch: Any) -> list[tuple[int, int, int]]:
-        """Computes the whole composed region of every pending row of ``batch`` exactly, in one forward through the
-        configured attention backend (each region is a plain extend over its cached prefix). A request whose region
-        cannot get private slots, or whose forward fails again, is aborted with an error; its row is then inserted
-        under a namespace nothing matches. Returns the rows computed."""
+        """Computes the whole composed region of every pending row of ``batch`` exactly, through the configured
+        attention backend (each region is a plain extend over its cached prefix; forwards capped as in
+        :meth:`_forward`). A request whose region cannot get private slots, or whose forward fails again, is aborted
+        with an error; its row is then inserted under a namespace nothing matches. Returns the rows computed."""
         rows: list[tuple[int, int, int]] = []
         for i, req in enumerate(batch.reqs):
             plan = row_plan_of(req)
             if plan is None or not plan.pending:
                 continue
-            span = self.host.recompute_region(req)
+            try:
+                span = self.host.recompute_region(req)
+            except Exception:
+                logger.exception("tokendance: request %s: its composed region cannot be made its own", req.rid)
+                span = None
             if span is None:
                 self._abort(req, "no KV slots to recompute its reused segments after a failed pre-pass")
             else:
