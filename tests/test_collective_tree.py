@@ -369,9 +369,8 @@ class TreeMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        # reuse composes rows at page size 1 only (larger pages: rows are composed by `admit(compose=True)`)
-        self.sim = Sim(ps=self.PS, pool_tokens=self.POOL, rows=6,
-                       config=TreeConfig(min_segment_len=4, reuse=self.PS == 1))
+        # with pages, composed rows copy on write the row pages that mix master tokens with their own
+        self.sim = Sim(ps=self.PS, pool_tokens=self.POOL, rows=6, config=TreeConfig(min_segment_len=4))
         self.round = 0
         self.registered: dict[str, list[int]] = {}  # reference model: finished td_out_seg ids -> output tokens
         self.pins: list = []
@@ -522,9 +521,16 @@ class TreeMachinePaged(TreeMachine):
     POOL = 128
 
 
+class TreeMachinePaged16(TreeMachine):
+    PS = 16
+    POOL = 512
+
+
 _settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestTreeMachine = TreeMachine.TestCase
 TestTreeMachine.settings = _settings
 TestTreeMachinePaged = TreeMachinePaged.TestCase
 TestTreeMachinePaged.settings = _settings
+TestTreeMachinePaged16 = TreeMachinePaged16.TestCase
+TestTreeMachinePaged16.settings = _settings

@@ -226,5 +226,6 @@ def test_small_chunked_prefill_keeps_full_exact_and_every_prepass_forward_within
         assert a.output_ids == _requests(radix_run)[key].output_ids, key
     s = _stats(url)
     assert 0 < s["prepass_largest_forward"] <= 96 and s["prepass_forwards"] > s["rows_composed"], s
+    assert s["prepass_lead_tokens"] > 0, s  # `full` regions run as a plain extend through the attention backend
     assert s["rows"] == 0 and s["available_size"] + s["evictable_size"] + s["protected_size"] == \
         s["max_total_num_tokens"], s

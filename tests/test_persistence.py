@@ -13,6 +13,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from tokendance_sgl.position_map import PathPositions, PositionMap, shift_batch
 from tokendance_sgl.recompute import split_rows
+from tokendance_sgl.request_state import RowPlan
 from tree_sim import Sim, T, produce, tbl
 
 
@@ -184,3 +185,75 @@ def test_split_rows_caps_every_forward():
         for i in {r[0] for r in rows}:  # each request's rows, in order, exactly once
             got = [t for j, s, e in flat if j == i for t in range(s, e)]
             assert got == [t for j, s, e in rows if j == i for t in range(s, e)]
+
+
+def test_take_lead_leaves_the_rows_after_the_first_segment():
+    plan = RowPlan(compute_spans=[(10, 25), (30, 31), (40, 50)], probe_start=10, lead_end=20)
+    assert plan.take_lead() == (10, 20)
+    assert plan.compute_spans == [(20, 25), (30, 31), (40, 50)] and plan.probe_start == 20
+    assert plan.compute_tokens == 26  # the lead still counts as computed by the pre-pass
+    assert plan.take_lead() is None  # taken once
+    exact = RowPlan(compute_spans=[(10, 50)], probe_start=10, lead_end=50)  # `full`: the whole region
+    assert exact.take_lead() == (10, 50) and exact.compute_spans == [] and exact.compute_tokens == 40
+    assert RowPlan(compute_spans=[(10, 12)], probe_start=10).take_lead() is None
+    with pytest.raises(ValueError, match="leading rows"):
+        RowPlan(compute_spans=[(12, 20)], probe_start=10, lead_end=15)
+
+
+def test_a_region_reserves_its_private_slots_until_it_is_composed():
+    """PrefillAdder's slot reserve (patches/region_slots.py) grows by the region's private slots before init_load_back
+    and not after, and only on a collective tree."""
+    from types import SimpleNamespace
+
+    from tokendance_sgl.patches.region_slots import _around_reserve
+    from tokendance_sgl.request_state import RequestState, RowLayout
+    from tokendance_sgl.reuse import prepass_tokens
+    from tokendance_sgl.selection import parse_policy
+
+    planned = SimpleNamespace(kv_len=40)
+    layout = RowLayout(start=100, end=190, policy=parse_policy("sink:2"), spans=[(110, 150, planned), (150, 190, planned)],
+                       base_key=0)
+    want = prepass_tokens(layout)
+    assert want == 10 + 2 * (2 + 1)  # the text before the first segment, then each segment's budget and last token
+    tree = SimpleNamespace(collector=object(), region_slots=prepass_tokens)
+    req = SimpleNamespace(td=RequestState(layout=layout), prefix_len=100, host_hit_length=90)
+    original = lambda adder, r, **kw: 3  # noqa: E731
+    assert _around_reserve(original, SimpleNamespace(tree_cache=tree), req) == 3 + want
+    req.prefix_len += req.host_hit_length  # composed: its slots are allocated, nothing more to reserve
+    assert _around_reserve(original, SimpleNamespace(tree_cache=tree), req) == 3
+    req.prefix_len = 100
+    assert _around_reserve(original, SimpleNamespace(tree_cache=SimpleNamespace(collector=None)), req) == 3
+
+
+@pytest.mark.parametrize("ps", [4, 16])
+def test_pages_share_whole_master_pages_and_copy_on_write_the_rest(ps):
+    """``page_size > 1``: readers whose segment starts at the same offset of a page share one copy's whole pages;
+    a reader at another offset gets a copy of its own alignment; the pages a row mixes (its text next to the segment)
+    are copied on write. Every row reads its own tokens (fake KV) and the pool balances, busy and idle."""
+    L = 6 * ps + 3
+    sim = Sim(ps=ps, pool_tokens=64 * ps)
+    out0 = T(L, 500)
+    produce(sim, T(ps + 2, 100), out0, round_=0, agent=0, out="r0/a0")
+    # agents 2 and 1 at offset 1 of a page, agent 3 at offset 3; agent 2 (the longest private part) opens the base
+    starts = {2: 3 * ps + 1, 1: 2 * ps + 1, 3: 2 * ps + 3}
+    reqs = {}
+    for agent, a in starts.items():
+        prompt = T(a, 1000 * agent) + out0 + T(ps + 1, 60)
+        req = sim.admit_reused(prompt, tbl(round_=1, agent=agent, spans=[("r0/a0", a, a + L)], out=f"r1/a{agent}"),
+                               first=7)
+        assert req is not None and req.td.composed, req.td
+        reqs[agent] = req
+        sim.check()
+    copies = [s for s in sim.tree.store.segments() if s.copy_of is not None]
+    assert sorted({s.key.rsplit("/", 1)[1] for s in copies}) == ["1", "3"]  # one copy per alignment
+    shared = [set(sim.tree.diff.record(id(reqs[a].kv)).counted.tolist()) for a in (1, 2)]
+    assert len(shared[0] & shared[1]) >= 4 * ps  # whole pages of one copy, read by both
+    counters = sim.tree.stats.counters
+    assert counters["cow_pages"] >= 3 and counters["cow_tokens"] > 0
+    for req in reqs.values():
+        assert (sim.master_positions(req) // ps != (sim.master_positions(req) - 1) // ps).sum() >= 1
+        sim.finish(req)
+        sim.check()
+    assert sim.tree.report()["rows"] == 0
+    sim.tree.evict(EvictParams(num_tokens=10_000))
+    sim.check()

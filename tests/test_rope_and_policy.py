@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,7 +138,7 @@ def test_deviation_policies_choose_the_most_deviating_tokens():
 
 
 def test_deviation_scores_and_page_rounding():
-    from tokendance_sgl.selection import deviation_scores, round_to_pages
+    from tokendance_sgl.selection import by_page, deviation_scores
 
     k = torch.ones(4, 2, 8)
     v = torch.ones(4, 2, 8)
@@ -146,6 +147,12 @@ def test_deviation_scores_and_page_rounding():
     v2[0] += 0.5
     s = deviation_scores(k2, v2, k, v)
     assert s[1] == 0 and s[3] == 0 and s[2] > s[0] > 0
-    # offsets 1 and 6 of a run starting at row 14, pages of 4 rows: rows 15 (page 3) and 20 (page 5)
-    assert round_to_pages([1, 6], 14, 10, 4).tolist() == [0, 1, 6, 7, 8, 9]
-    assert round_to_pages([1, 6], 14, 10, 1).tolist() == [1, 6]
+    # a run of 12 tokens from row 14, pages of 4 rows (offsets 0-1 | 2-5 | 6-9 | 10-11); offset 0 is a sink token
+    scores = np.array([-np.inf, 5, 0, 4, 0, 0, 3, 3, 3, 3, 0, 0], dtype=np.float32)
+    assert by_page(scores, 4, 14, 4).tolist() == [6, 7, 8, 9]  # one page (total 12) instead of offsets 1, 3, 6, 7
+    assert by_page(scores, 5, 14, 4).tolist() == [1, 6, 7, 8, 9]  # then the best token of the next page
+    p = parse_policy("sink:1+deviation:0.34")  # budget 1 + ceil(0.34 * 12) - ... = 5 tokens
+    token_wise, paged = p.choose(12, scores), p.choose(12, scores, pages=(14, 4))
+    assert token_wise.size == paged.size == p.budget(12)
+    pages_of = lambda off: len(set(((14 + off) // 4).tolist()))  # noqa: E731
+    assert pages_of(paged) < pages_of(token_wise), (token_wise, paged)

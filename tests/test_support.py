@@ -25,7 +25,6 @@ REFUSED = [
     ({"kv_cache_dtype": "fp8_e4m3"}, "--kv-cache-dtype"),
     ({"enable_dp_attention": True}, "--enable-dp-attention"),
     ({"pp_size": 2}, "--pp-size"),
-    ({"page_size": 16}, "--page-size"),
 ]
 
 
@@ -42,6 +41,8 @@ def test_refused_flag_is_named(fields, flag, backend):
 def test_supported_configuration_passes():
     args = ServerArgs(model_path="/nonexistent", attention_backend="torch_native", tp_size=2)
     assert refusals(args, "tokendance", parse_policy("sink:4")) == []  # TP works with a static policy
+    for ps in (4, 16):  # pages: copy-on-write diffs
+        assert refusals(ServerArgs(model_path="/x", page_size=ps), "tokendance", parse_policy("deviation:0.15")) == []
     check_modes(TokenDanceSettings(kv_backend="radix"), ServerArgs(model_path="/x", page_size=16))  # radix: stock
 
 

@@ -36,8 +36,6 @@ def build_collective_tree(ctx: Any, cls: type = CollectiveTree) -> CollectiveTre
     backend = "pic" if cls.collector_class is not KVCollector else "tokendance"
     server_args = getattr(ctx, "server_args", None)
     refused = refusals(server_args, backend, tree.policy) if server_args is not None else []
-    if tree.page_size > 1 and not any("--page-size" in m for m in refused):
-        refused.append(f"--page-size {tree.page_size}: segment reuse needs --page-size 1")
     model_config = getattr(ctx, "model_config", None)
     hf = getattr(model_config, "hf_config", None)
     if hf is not None:

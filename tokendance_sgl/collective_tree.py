@@ -63,7 +63,7 @@ from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, slot_pages
 from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
 from tokendance_sgl.request_state import RequestState, SegmentPlan, state_of
-from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
+from tokendance_sgl.reuse import Composed, build_row, plan_layout, prepass_tokens, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
 from tokendance_sgl.segment_store import SegmentStore
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
@@ -356,6 +356,10 @@ class CollectiveTree(RadixCache):
         """Composes ``req``'s reused region (:func:`tokendance_sgl.reuse.build_row`; the ``pic`` backend overrides)."""
         return build_row(self, req, layout)
 
+    def region_slots(self, layout: Any) -> int:
+        """At most the private slots composing ``layout`` allocates (PrefillAdder reserves them before admission)."""
+        return prepass_tokens(layout)
+
     def load_back_is_cache_owned(self) -> bool:
         return True  # the composed region is the tree's: the live row holds its pages in the ledger
 
@@ -394,6 +398,8 @@ class CollectiveTree(RadixCache):
                     self.store.unlock(s)
         if built is not None:
             self._hold_row(st, key, built.slots)
+            self.stats.counters["cow_pages"] += built.copied_pages
+            self.stats.counters["cow_tokens"] += built.copies
         return built
 
     def _hold_row(self, st: RequestState, key: int, slots: torch.Tensor) -> None:
@@ -402,24 +408,32 @@ class CollectiveTree(RadixCache):
         st.held_pages = np.concatenate([st.held_pages, pages])
         self._live[key] = st
 
-    def privatize(self, req: Any, positions: np.ndarray) -> bool:
-        """Gives row positions of ``req`` that read a master private diff slots (written into its ``req_to_token``
-        row; their KV is then recomputed). False (nothing changed) when the pool has no room."""
-        positions = np.asarray(positions, dtype=np.int64)
-        if positions.size == 0:
-            return True
-        fresh = self.alloc_slots(int(positions.size))
-        if fresh is None:
-            return False
+    def privatize(self, req: Any, positions: np.ndarray) -> Optional[np.ndarray]:
+        """Gives the row positions of ``req`` that read a master private diff slots (written into its ``req_to_token``
+        row; their KV is then recomputed). With pages, whole row pages are copied on write: the master's KV is copied
+        into the fresh page and only ``positions`` are recomputed. Positions that are the row's own already stay as
+        they are. Returns the positions that became private (none: an empty array), or None (nothing changed) when
+        the pool has no room."""
         st, kv = state_of(req), req.kv
-        released = self.diff.privatize(id(kv), positions, fresh)
+        widened, _own = self.diff.master_pages_of(id(kv), np.asarray(positions, dtype=np.int64))
+        if widened.size == 0:
+            return widened
+        fresh = self.alloc_slots(int(widened.size))
+        if fresh is None:
+            return None
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
-        row[torch.from_numpy(positions).to(row.device)] = fresh.to(row.dtype)
+        where = torch.from_numpy(widened).to(row.device)
+        if self.page_size > 1:  # copy on write: the page keeps the master's KV except at the recomputed positions
+            self.diff.copy_fn(row[where].to(torch.int64), fresh.to(torch.int64))
+            self.stats.counters["cow_pages"] += int(widened.size) // self.page_size
+            self.stats.counters["cow_tokens"] += int(widened.size)
+        released = self.diff.privatize(id(kv), widened, fresh)
+        row[where] = fresh.to(row.dtype)
         self._hold_row(st, id(kv), fresh)
         for seg in released:
             self._drop_read(st, seg)
-        self.stats.counters["privatized_tokens"] += int(positions.size)
-        return True
+        self.stats.counters["privatized_tokens"] += int(widened.size)
+        return widened
 
     def recompute_region(self, req: Any) -> Optional[tuple[int, int]]:
         """After a failed pre-pass: ``req``'s composed region becomes its own (every row that reads a master gets a
@@ -429,7 +443,7 @@ class CollectiveTree(RadixCache):
         plan, layout = st.row_plan, st.layout
         rec = self.diff.record(id(req.kv))
         masters = rec.master_positions() if rec is not None else np.empty(0, dtype=np.int64)
-        if masters.size and not self.privatize(req, masters):
+        if masters.size and self.privatize(req, masters) is None:
             return None
         release_tails(plan.tails)
         counters = self.stats.counters
@@ -437,6 +451,7 @@ class CollectiveTree(RadixCache):
         counters["rollbacks"] += 1
         counters["prepass_fallbacks"] += 1
         plan.tails, plan.select, plan.compute_spans = [], [], [(layout.start, layout.end)]
+        plan.lead_end = plan.lead_done = 0
         st.positions, st.namespace = layout.prefix_positions, st.match_ns
         return layout.start, layout.end
 
@@ -542,6 +557,7 @@ class CollectiveTree(RadixCache):
             "rows": len(self.diff.rows),
             "recompute_policy": str(self.policy),
             "diff_slots": int(sum(r.private_tokens for r in self.diff.rows.values())),
+            "diff_pages": int(sum(r.private_tokens for r in self.diff.rows.values())) // self.page_size,
             "cached_path_nodes_shifted": len(self.path_positions),
             **self.stats.report(self.diff.bytes_per_token),
         }

@@ -14,8 +14,11 @@ Three moments of a scheduling step (each driven from a hook in ``patches/``):
   from one probe forward (all segments and pilots of the batch together), compared with the shared master; the top
   tokens become the recompute positions of every agent reading that master. The rows then get private diff slots
   there.
-* :meth:`KVCollector.run_prepass` -- the batched pre-pass: every agent's chosen positions and text between
-  segments in ONE replay forward (:mod:`tokendance_sgl.recompute`), then the round's prefill work is accounted.
+* :meth:`KVCollector.run_prepass` -- the batched pre-pass. First the text before each row's first reused segment
+  (at the cached prefix's own positions) as a plain extend through the configured attention backend; then the
+  selection above; then every agent's chosen positions and the text between segments in ONE replay forward
+  (:mod:`tokendance_sgl.recompute`); then the round's prefill work is accounted. Every forward holds at most
+  ``--chunked-prefill-size`` query tokens.
 
 Late arrivals (a later scheduling step of the same round) find the round's bases, copies and choices and reuse them.
 ``pic`` (:mod:`tokendance_sgl.pic`) skips the collective step: every request is its own pilot.
@@ -56,7 +59,7 @@ class CollectorHost(ReuseHost, Protocol):
 
     def alloc_slots(self, n: int) -> Optional[torch.Tensor]: ...
 
-    def privatize(self, req: Any, positions: np.ndarray) -> bool: ...
+    def privatize(self, req: Any, positions: np.ndarray) -> Optional[np.ndarray]: ...
 
     def cached_prefix(self, req: Any) -> tuple[int, PositionMap]: ...
 
@@ -105,7 +108,7 @@ class KVCollector:
             for layout, budget in lays:
                 p0 = layout.prefix_positions.position_of(layout.region_start)
                 shift = host.bases.base_for(key, p0, budget) - p0 + layout.prefix_positions.total
-                wants.extend((host.store.get(page_size.key), a + shift) for a, _, page_size in layout.spans)
+                wants.extend((host.store.get(planned.key), a + shift, a) for a, _, planned in layout.spans)
         before = host.store.counters["master_copies"]
         pinned: list = []
         try:
@@ -150,6 +153,7 @@ class KVCollector:
         host = self.host
         counters = host.stats.counters
         probe_tokens: dict[int, tuple[int, int]] = {}
+        pages = host.page_size > 1 and host.config.page_select
         by_layer: dict = defaultdict(list)
         for (layer, i), items in pilots.items():
             plan = row_plan_of(batch.reqs[i])
@@ -163,7 +167,7 @@ class KVCollector:
                     a = it.start - s
                     scores = deviation_scores(k_new[a : a + it.n], v_new[a : a + it.n], k_old[a : a + it.n],
                                               v_old[a : a + it.n])
-                    off = it.policy.choose(it.n, scores)
+                    off = it.policy.choose(it.n, scores, pages=(it.start, host.page_size) if pages else None)
                     chosen[id(it)] = off
                     if it.sel_key is not None:
                         remember(self.choices, it.sel_key, off)
@@ -195,10 +199,13 @@ class KVCollector:
                 counters["selections_shared"] += int(off is not None)
             extra = np.setdiff1d(off, it.static) if off is not None else np.empty(0, np.int64)
             positions = it.start + extra
-            if positions.size and not plan.private_copies and not host.privatize(req, positions):
-                positions = positions[:0]  # no room: read the master there
-            if positions.size and plan.tails:  # a privatized last token is this row's own: another row computes it
-                mine = [t for t in plan.tails if t[1] in set(positions.tolist())]
+            private = positions
+            if positions.size and not plan.private_copies:
+                private = host.privatize(req, positions)
+                if private is None:
+                    positions = private = positions[:0]  # no room: read the master there
+            if private.size and plan.tails:  # a privatized last token is this row's own: another row computes it
+                mine = [t for t in plan.tails if t[1] in set(private.tolist())]
                 release_tails(mine)
                 plan.tails = [t for t in plan.tails if t not in mine]
             if positions.size:
@@ -217,11 +224,13 @@ class KVCollector:
         instead (:meth:`_fall_back`). Returns the pre-pass tokens."""
         runner = worker.model_runner
         try:
+            lead = self._lead(runner, batch)
             probe = self.select(worker, batch)
             rows = pending_rows(batch)
             if rows:
                 self.host.faults.check("prepass", self.host.store.current_round)
                 self._forward(runner, batch, rows, selective=True)
+            rows = lead + rows
         except Exception:
             logger.exception("tokendance: the pre-pass failed; computing the composed regions of the batch in full")
             probe, rows = {}, self._fall_back(runner, batch)
@@ -244,6 +253,19 @@ class KVCollector:
             self.host.stats.note_prefill(plan.round if plan is not None else None, extend=int(batch.extend_lens[i]),
                                          prepass=prepass.get(i, 0), probe=tokens, probe_token_layers=token_layers)
         return sum(prepass.values())
+
+    def _lead(self, runner: Any, batch: Any) -> list[tuple[int, int, int]]:
+        """Computes the leading rows of every pending row plan (``RowPlan.lead_end``) as a plain extend over its
+        cached prefix; returns them."""
+        rows = []
+        for i, req in enumerate(batch.reqs):
+            plan = row_plan_of(req)
+            if plan is not None and plan.pending and (span := plan.take_lead()) is not None:
+                rows.append((i, *span))
+        if rows:
+            self._forward(runner, batch, rows, selective=False)
+            self.host.stats.counters["prepass_lead_tokens"] += sum(e - s for _, s, e in rows)
+        return rows
 
     def _forward(self, runner: Any, batch: Any, rows: list, *, selective: bool) -> None:
         """The replay forwards of ``rows``: at most ``--chunked-prefill-size`` query tokens each."""

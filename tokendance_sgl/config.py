@@ -36,7 +36,7 @@ class TreeConfig:
     """Settings of the collective tree (environment: ``TOKENDANCE_MIN_SEGMENT_LEN``, ``TOKENDANCE_AUTO_REGISTER``,
     ``TOKENDANCE_DETECT``, ``TOKENDANCE_MAX_WEAK_SEGMENTS``, ``TOKENDANCE_STRICT_SEGMENTS``, ``TOKENDANCE_REUSE``,
     ``TOKENDANCE_RECOMPUTE``, ``TOKENDANCE_BASE_ALIGN``, ``TOKENDANCE_MAX_GAP``, ``TOKENDANCE_MAX_DRIFT``,
-    ``TOKENDANCE_TEST_FAULTS``)."""
+    ``TOKENDANCE_TEST_FAULTS``, ``TOKENDANCE_PAGE_SELECT``)."""
 
     min_segment_len: int = DEFAULT_MIN_SEGMENT_LEN  # shortest segment detection can find
     auto_register: bool = True  # register outputs of plain finished requests as weak segments
@@ -54,6 +54,8 @@ class TreeConfig:
     # a region that would pass it runs at its own base with no gap. Rows never pass the model's context length.
     max_drift: int = 512
     test_faults: str = ""  # steps made to fail, for tests (tokendance_sgl.faults)
+    # page_size > 1: deviation picks its budget page by page (fewer pages copied on write), not token by token
+    page_select: bool = True
 
     @classmethod
     def from_env(cls, overrides: Optional[dict] = None) -> "TreeConfig":
@@ -69,6 +71,7 @@ class TreeConfig:
             max_gap=_env_int("TOKENDANCE_MAX_GAP", 64),
             max_drift=_env_int("TOKENDANCE_MAX_DRIFT", 512),
             test_faults=os.environ.get(ENV_FAULTS, ""),
+            page_select=_env_bool("TOKENDANCE_PAGE_SELECT", True),
         )
         for k, v in (overrides or {}).items():
             if not hasattr(cfg, k):

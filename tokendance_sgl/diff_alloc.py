@@ -58,11 +58,13 @@ class MasterRun:
     """A run of row positions whose KV comes from a segment's master slots.
 
     ``slots[i]`` is the master slot of the run's i-th token. ``recompute`` lists offsets (0-based, within the run)
-    that get private diff slots instead (their KV is recomputed for this row)."""
+    that get private diff slots instead (their KV is recomputed for this row). ``host``: the same slots on the host,
+    when the caller has them (no device read then)."""
 
     seg: Hashable
     slots: torch.Tensor
     recompute: Sequence[int] = ()
+    host: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.slots.numel())
@@ -78,7 +80,7 @@ class MasterRef:
     start: int
     end: int
     seg: Hashable
-    slots: torch.Tensor  # CPU int64, len == end - start
+    slots: np.ndarray  # host int64, len == end - start
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -115,12 +117,13 @@ class BuiltRow:
     private_tokens: int  # slots allocated for the span (whole pages when page_size > 1)
     private_positions: np.ndarray  # offsets (within the span) of the positions with private slots
     copies: int  # master tokens copied into copy-on-write pages
+    copied_pages: int = 0  # copy-on-write pages (pages that received master tokens)
 
 
 def _distinct_slots(rec: RowRecord) -> np.ndarray:
     if not rec.refs:
         return np.empty(0, dtype=np.int64)
-    return np.unique(np.concatenate([to_host(r.slots, torch.int64) for r in rec.refs]))
+    return np.unique(np.concatenate([r.slots for r in rec.refs]))
 
 
 def _seg_id(seg: Hashable) -> int:
@@ -139,10 +142,10 @@ def coalesce(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _as_cpu_i64(t) -> torch.Tensor:
+def _host_i64(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
-        return t.detach().to(device="cpu", dtype=torch.int64)
-    return torch.as_tensor(list(t), dtype=torch.int64)
+        return to_host(t, torch.int64).copy()
+    return np.asarray(list(t), dtype=np.int64)
 
 
 def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,7 +159,7 @@ def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     for i, p in enumerate(pieces):
         n = len(p)
         if isinstance(p, MasterRun):
-            slots = to_host(p.slots, torch.int64)
+            slots = p.host if p.host is not None else to_host(p.slots, torch.int64)
             if n and (slots < 0).any():
                 raise ValueError("master slots must be >= 0")
             src[off : off + n], reuse[off : off + n], piece_of[off : off + n] = slots, True, i
@@ -257,9 +260,9 @@ class DiffAllocator:
         return ref
 
     def _append_ref(self, rec: RowRecord, start: int, end: int, seg: Hashable, slots) -> MasterRef:
-        slots = _as_cpu_i64(slots)
-        if end - start != slots.numel():
-            raise ValueError(f"master ref [{start}, {end}) needs {end - start} slots, got {slots.numel()}")
+        slots = _host_i64(slots)
+        if end - start != slots.size:
+            raise ValueError(f"master ref [{start}, {end}) needs {end - start} slots, got {slots.size}")
         if end <= start:
             raise ValueError("empty master ref")
         ref = MasterRef(int(start), int(end), seg, slots)
@@ -277,13 +280,17 @@ class DiffAllocator:
 
     def privatize(self, key: Hashable, positions: Sequence[int], fresh: torch.Tensor) -> list:
         """Row positions that read a master become the row's own: ``fresh`` (one new slot per position, same order)
-        replaces the master slot there; the caller writes it into the row. ``page_size == 1`` only. Returns the
-        segments the row no longer references at all."""
-        if self.page_size != 1:
-            raise NotImplementedError("privatize after composition needs page_size 1")
+        replaces the master slot there; the caller writes it into the row (and, with pages, copies the master's KV
+        into it). With ``page_size > 1`` the positions must be whole row pages (:meth:`master_pages_of`). Returns
+        the segments the row no longer references at all."""
+        ps = self.page_size
         pos = np.unique(np.asarray(positions, dtype=np.int64))
         if pos.size != len(positions) or int(fresh.numel()) != pos.size:
             raise ValueError("privatize needs distinct positions and one fresh slot per position")
+        if ps > 1:
+            blocks = pos.reshape(-1, ps) if pos.size % ps == 0 else None
+            if blocks is None or (blocks[:, 0] % ps).any() or not (blocks == blocks[:, :1] + np.arange(ps)).all():
+                raise ValueError("privatize with pages needs whole row pages")
         rec = self.rows.get(key)
         if rec is None:
             raise ValueError(f"row {key!r} has no master references")
@@ -307,6 +314,18 @@ class DiffAllocator:
         rec.private_tokens += int(pos.size)
         after = {_seg_id(s) for s in rec.segs()}
         return [s for k, s in before.items() if k not in after]
+
+    def master_pages_of(self, key: Hashable, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``positions`` of row ``key`` that read a master, widened to whole row pages (a kept master page always
+        is one: :meth:`build_row`), and the others (already the row's own). Sorted."""
+        rec = self.rows.get(key)
+        pos = np.unique(np.asarray(positions, dtype=np.int64))
+        masters = rec.master_positions() if rec is not None else np.empty(0, dtype=np.int64)
+        hit = np.isin(pos, masters)
+        if self.page_size == 1:
+            return pos[hit], pos[~hit]
+        pages = np.unique(pos[hit] // self.page_size)
+        return masters[np.isin(masters // self.page_size, pages)], pos[~hit]
 
     # ------------------------------------------------------------------ composition
 
@@ -347,7 +366,7 @@ class DiffAllocator:
         fresh = self._alloc(n_alloc)
         if fresh is None:
             return None
-        out, copies = self._fill_private(src, reuse, ~keep, private_positions, priv_pages, fresh)
+        out, copies, copied_pages = self._fill_private(src, reuse, ~keep, private_positions, priv_pages, fresh)
         rec = self.ensure_record(key, agent=agent, owner=owner)
         kept_pos = np.nonzero(keep)[0]
         if kept_pos.size:  # master references: maximal runs of kept positions from one piece
@@ -355,7 +374,7 @@ class DiffAllocator:
             firsts = kept_pos[np.concatenate([[0], breaks])].tolist()
             ends = (kept_pos[np.concatenate([breaks - 1, [kept_pos.size - 1]])] + 1).tolist()
             self._merge_refs(rec, [MasterRef(start_pos + a, start_pos + b, pieces[int(piece_of[a])].seg,
-                                             torch.from_numpy(src[a:b].copy())) for a, b in zip(firsts, ends)])
+                                             src[a:b].copy()) for a, b in zip(firsts, ends)])
             self._recount(rec)
         rec.private_tokens += n_alloc
         rec.end = max(rec.end, start_pos + len(src))
@@ -364,7 +383,7 @@ class DiffAllocator:
             used_segs.setdefault(_seg_id(pieces[i].seg), pieces[i].seg)
         dev = fresh.device if fresh.numel() else getattr(self.allocator, "device", "cpu")
         return BuiltRow(slots=torch.from_numpy(out).to(dev), segs=list(used_segs.values()), private_tokens=n_alloc,
-                        private_positions=private_positions, copies=copies)
+                        private_positions=private_positions, copies=copies, copied_pages=copied_pages)
 
     def _kept_master_positions(self, src: np.ndarray, reuse: np.ndarray, piece_of: np.ndarray) -> np.ndarray:
         """Which positions keep their master slot: every reused one at page size 1; with pages, only whole row
@@ -385,14 +404,14 @@ class DiffAllocator:
                 keep[a:b] = False  # copy on write: the whole row page becomes private
         return keep
 
-    def _fill_private(self, src, reuse, private, private_positions, priv_pages, fresh) -> tuple[np.ndarray, int]:
+    def _fill_private(self, src, reuse, private, private_positions, priv_pages, fresh) -> tuple[np.ndarray, int, int]:
         """The region's slots: masters where kept, fresh slots elsewhere; with pages, the reused master tokens of a
-        copied page are copied into it (``copy_fn``). Returns the slots and the tokens copied."""
+        copied page are copied into it (``copy_fn``). Returns the slots, the tokens copied and the pages copied."""
         page_size = self.page_size
         out = src.copy()
         if page_size == 1:
             out[private] = to_host(fresh)
-            return out, 0
+            return out, 0, 0
         copies_src: list[int] = []
         copies_dst: list[int] = []
         if len(private_positions):
@@ -412,7 +431,7 @@ class DiffAllocator:
             dev = fresh.device
             self.copy_fn(torch.tensor(copies_src, dtype=torch.int64, device=dev),
                          torch.tensor(copies_dst, dtype=torch.int64, device=dev))
-        return out, len(copies_src)
+        return out, len(copies_src), int(np.unique(np.asarray(copies_dst, dtype=np.int64) // page_size).size)
 
     # ------------------------------------------------------------------ accounting
 

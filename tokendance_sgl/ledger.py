@@ -120,25 +120,30 @@ class PageLedger:
         else:
             step = delta
         arr = getattr(self, kind)
-        h0, p0 = self.tot[pages] > 0, self.lk[pages] > 0
         after = arr[pages] + step
         if delta < 0 and (after < 0).any():
             raise AssertionError(f"page ledger underflow in {kind}")
         arr[pages] = after
         holds, locks = _KINDS[kind]
-        if holds:
-            self.tot[pages] += step
+        freed = pages[:0]
+        if holds:  # only the counts that change are read
+            self.n_held += self._moved(self.tot, pages, step, delta)
+            if delta < 0:
+                freed = pages[self.tot[pages] == 0]
+                if freed.size:
+                    self.gen[freed] += 1
         if locks:
-            self.lk[pages] += step
-        h1, p1 = self.tot[pages] > 0, self.lk[pages] > 0
-        self.n_held += int(np.count_nonzero(h1)) - int(np.count_nonzero(h0))
-        self.n_prot += int(np.count_nonzero(p1)) - int(np.count_nonzero(p0))
-        if delta < 0:
-            freed = pages[h0 & ~h1]
-            if freed.size:
-                self.gen[freed] += 1
-            return freed
-        return pages[:0]
+            self.n_prot += self._moved(self.lk, pages, step, delta)
+        return freed
+
+    @staticmethod
+    def _moved(counts: np.ndarray, pages: np.ndarray, step, delta: int) -> int:
+        """Adds ``step`` to ``counts[pages]``; returns how many pages went from 0 to > 0 (minus those that went to 0)."""
+        before = counts[pages]
+        counts[pages] = before + step
+        if delta > 0:
+            return int(np.count_nonzero(before == 0))
+        return -int(np.count_nonzero(before + step == 0))
 
     # radix holders
     def add_radix(self, pages):

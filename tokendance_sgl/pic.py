@@ -25,7 +25,7 @@ from tokendance_sgl.collective_tree import CollectiveTree
 from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.diff_alloc import NewRun, coalesce
 from tokendance_sgl.request_state import RowLayout, RowPlan, SelectItem
-from tokendance_sgl.reuse import Composed, build_row, note_layout_stats
+from tokendance_sgl.reuse import Composed, build_row, lead_end, note_layout_stats
 
 __all__ = ["PicCache", "build_pic_row"]
 
@@ -41,6 +41,9 @@ class PicCache(CollectiveTree):
 
     def build_row(self, req: Any, layout: RowLayout) -> Optional[Composed]:
         return build_pic_row(self, req, layout)
+
+    def region_slots(self, layout: RowLayout) -> int:
+        return layout.end - layout.start  # every row of the region is private
 
 
 def build_pic_row(tree: CollectiveTree, req: Any, layout: RowLayout) -> Optional[Composed]:
@@ -79,6 +82,7 @@ def build_pic_row(tree: CollectiveTree, req: Any, layout: RowLayout) -> Optional
     finally:
         for seg in pinned:
             tree.store.unlock(seg)
-    plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=layout.start, private_copies=True)
+    plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=layout.start, private_copies=True,
+                   lead_end=lead_end(layout))
     note_layout_stats(layout, plan, recomputed, built.private_tokens)
     return slots, plan, layout.prefix_positions

@@ -102,10 +102,17 @@ class RowPlan:
     pending: bool = True  # compute_spans not run yet
     select: list = field(default_factory=list)  # SelectItems still to resolve before the pre-pass
     probe_start: int = 0  # first row a selection probe computes (the end of the cached prefix)
+    # rows [probe_start, lead_end): text before the first reused segment, at the prefix's positions; the worker
+    # computes them first, as a plain extend through the configured attention backend (0: none)
+    lead_end: int = 0
+    lead_done: int = 0  # leading rows computed already (taken out of compute_spans, still counted as computed)
     private_copies: bool = False  # every composed row is private (pic): a selection needs no new slots
     tails: list = field(default_factory=list)  # (copy, row): copies whose pending last token this row computes
 
     def __post_init__(self) -> None:
+        if self.lead_end and not (self.compute_spans and self.compute_spans[0][0] == self.probe_start
+                                  and self.compute_spans[0][1] >= self.lead_end):
+            raise ValueError(f"the leading rows [{self.probe_start}, {self.lead_end}) must open the compute spans")
         prev = -1
         for s, e in self.compute_spans:
             if not (0 <= s < e) or s < prev:
@@ -114,7 +121,16 @@ class RowPlan:
 
     @property
     def compute_tokens(self) -> int:
-        return sum(e - s for s, e in self.compute_spans)
+        return sum(e - s for s, e in self.compute_spans) + self.lead_done
+
+    def take_lead(self) -> Optional[tuple[int, int]]:
+        """The leading rows (None: none), now taken out of the spans left to compute; a probe starts after them."""
+        a, b = self.probe_start, self.lead_end
+        if b <= a:
+            return None
+        self.compute_spans = [(max(s, b), e) for s, e in self.compute_spans if e > b]
+        self.probe_start, self.lead_end, self.lead_done = b, 0, b - a
+        return a, b
 
 
 @dataclass

@@ -39,7 +39,7 @@ from tokendance_sgl.request_state import RowLayout, RowPlan, SelectItem, state_o
 from tokendance_sgl.segment_store import SegmentStore
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
 
-__all__ = ["prepass_tokens", "ReuseHost", "plan_layout", "build_row", "request_policy", "gap_budget", "release_tails", "Composed"]
+__all__ = ["prepass_tokens", "lead_end", "ReuseHost", "plan_layout", "build_row", "request_policy", "gap_budget", "release_tails", "Composed"]
 
 Composed = tuple[torch.Tensor, RowPlan, PositionMap]  # region slots, pre-pass plan, the row's position map
 
@@ -122,7 +122,8 @@ def _build_region(host: ReuseHost, req: Any, layout: RowLayout, pinned: list):
     base = host.bases.base_for(layout.base_key, p0, gap_budget(host, req, layout.prefix_positions))
     positions = layout.prefix_positions.with_gap(s0, base - p0)
     store = host.store
-    masters = store.master_copies([(store.get(planned.key), positions.position_of(a)) for a, _, planned in layout.spans], pinned)
+    masters = store.master_copies([(store.get(planned.key), positions.position_of(a), a) for a, _, planned in layout.spans],
+                                  pinned)
     pieces, compute, select, tails, recomputed, pos = [], [], [], [], 0, layout.start
     for (a, b, planned), seg in zip(layout.spans, masters):
         if seg is None:
@@ -132,7 +133,7 @@ def _build_region(host: ReuseHost, req: Any, layout: RowLayout, pinned: list):
             compute.append((pos, a))
         n = min(b - a, seg.kv_len)  # master tokens (the segment itself lacks its last token: computed as text)
         offsets = policy.offsets(n)
-        pieces.append(MasterRun(seg, seg.master[:n], recompute=offsets))
+        pieces.append(MasterRun(seg, seg.master[:n], recompute=offsets, host=seg.host[:n]))
         compute.extend((a + int(o), a + int(o) + 1) for o in offsets)
         if seg.tail_pending and n == len(seg.tokens) and seg.tail_writer is None and n - 1 not in offsets:
             seg.tail_writer = id(req.kv)  # this row computes the copy's last token, into the copy, for the round
@@ -166,14 +167,26 @@ def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed
         built = host.compose_row(req, layout.start, pieces, agent=layout.agent)
         if built is None:
             return None
+        if tails and built.private_positions.size:  # copied on write (pages): its last token is this row's own
+            own = set((layout.start + built.private_positions).tolist())
+            release_tails([t for t in tails if t[1] in own])
+            tails = [t for t in tails if t[1] not in own]
     finally:
         for seg in pinned:
             host.store.unlock(seg)
         if built is None:
             release_tails(tails)
-    row_plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=layout.start, tails=tails)
+    row_plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=layout.start, tails=tails,
+                       lead_end=lead_end(layout))
     note_layout_stats(layout, row_plan, recomputed, built.private_tokens)
     return built.slots, row_plan, positions
+
+
+def lead_end(layout: RowLayout) -> int:
+    """The end of the region's rows at the cached prefix's own positions that precede every reused KV (text before
+    the first segment; the whole region when the policy reuses nothing): they are computed as a plain extend."""
+    end = layout.region_start if layout.policy.reuses_masters else layout.end
+    return end if end > layout.start else 0
 
 
 def prepass_tokens(layout: RowLayout) -> int:

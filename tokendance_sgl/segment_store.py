@@ -14,7 +14,8 @@ Kinds:
   registration (the ledger's per-page generations); locking it makes it hold its pages until the last unlock.
 
 A **copy** is the master of a segment re-rotated to another anchor (key ``"<key>@<anchor>"``, ``copy_of`` set): one
-per segment and canonical base, made for all agents of a round in ONE batched copy + re-rotation
+per segment and canonical base (and, when ``page_size > 1``, per page alignment of its readers: key
+``"<key>@<anchor>/<align>"``, its first token at offset ``align`` of its first page), made for all agents of a round in ONE batched copy + re-rotation
 (:meth:`SegmentStore.master_copies`). A segment's master lacks its last token (the producing request never computed
 that token's KV); a copy gets a slot for it, computed once per copy and round by the first row that reads it
 (``tail_pending``/``tail_writer``), instead of once per agent.
@@ -63,6 +64,7 @@ class SegmentNode:
     agent: Optional[int]
     strong: bool
     master: Optional[torch.Tensor] = None  # slot of tokens[i] for i < kv_len (int64, tree device)
+    host: Optional[np.ndarray] = None  # the same slots on the host (int64, read once when the master was made)
     pages: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     holding: bool = False  # counted in the page ledger as a holder of `pages`
     lock_ref: int = 0
@@ -124,7 +126,8 @@ class SegmentStore:
         self.pending_ids: dict[str, Optional[int]] = {}  # td_out_seg announced, not registered yet
         self.current_round = 0
         self.epoch = 0  # advances on every change a plan depends on
-        self.counters = {"master_copies": 0, "rotated_tokens": 0}
+        # copies made, tokens re-rotated into them, slots of their pages before and after their tokens (page_size > 1)
+        self.counters = {"master_copies": 0, "rotated_tokens": 0, "copy_pad_slots": 0}
         self.reset()
 
     def reset(self) -> None:
@@ -203,12 +206,13 @@ class SegmentStore:
             if existing.lock_ref > 0:  # cannot happen: a locked segment holds valid KV
                 raise AssertionError(f"locked segment without KV: {existing!r}")
             self.drop(existing)
-        pages = slot_pages(master, self.page_size) if master is not None else np.empty(0, dtype=np.int64)
+        host = to_host(master, torch.int64).copy() if master is not None else None
+        pages = np.unique(host // self.page_size) if host is not None else np.empty(0, dtype=np.int64)
         if master is not None and not strong and not self.ledger.held_mask(pages).all():
             logger.debug("weak segment refused: its pages are not held by the tree")
             return None, False
         node = SegmentNode(key=key, tokens=toks, ns_key=ns_key, anchor=int(anchor), round=rnd, agent=agent,
-                           strong=bool(strong), master=master, pages=pages)
+                           strong=bool(strong), master=master, host=host, pages=pages)
         if master is not None:
             if strong:
                 self._hold(node)
@@ -265,7 +269,7 @@ class SegmentStore:
             del self._nodes[seg.key]
             self.detector.remove(seg.key)
         freed = self._release_hold(seg) * self.page_size if seg.holding else 0
-        seg.master = None
+        seg.master = seg.host = None
         seg.pages = np.empty(0, dtype=np.int64)
         seg.page_gens = None
         self.epoch += 1
@@ -303,69 +307,77 @@ class SegmentStore:
 
     # ------------------------------------------------------------------ re-rotated copies
 
-    def master_copies(self, wants: Sequence[tuple[Optional[SegmentNode], int]], pinned: list) -> list:
-        """For every ``(segment, anchor)``: the segment's master K rotated for position ``anchor`` -- the segment
-        itself, or its copy at that anchor. The copies that do not exist yet are made together: one allocation and
-        ONE batched copy + re-rotation for all of them. Returned nodes (and the sources of new copies) are locked
-        and appended to ``pinned``; the caller unlocks them. An entry is None when the segment has no KV or the
-        pool has no room."""
+    def master_copies(self, wants: Sequence[tuple], pinned: list) -> list:
+        """For every ``(segment, anchor[, align])``: the segment's master K rotated for position ``anchor`` whose
+        first token sits at offset ``align`` of a pool page (``align``: the row position the reader puts it at,
+        modulo the page size; 0 when pages are single slots) -- the segment itself, or its copy at that anchor and
+        alignment. A reader at a matching offset maps every whole page of the run onto the copy's pages; other
+        readers copy on write. The copies that do not exist yet are made together: one allocation and ONE batched
+        copy + re-rotation for all of them. Returned nodes (and the sources of new copies) are locked and appended
+        to ``pinned``; the caller unlocks them. An entry is None when the segment has no KV or the pool has no
+        room."""
+        ps = self.page_size
         out: list = [None] * len(wants)
-        todo: dict[str, tuple[SegmentNode, int, list]] = {}
-        for i, (seg, anchor) in enumerate(wants):
+        todo: dict[str, tuple[SegmentNode, int, int, list]] = {}
+        for i, (seg, anchor, *rest) in enumerate(wants):
             if seg is None or not self.has_kv(seg):
                 continue
-            if seg.copy_of is None and seg.anchor == anchor:
+            align = int(rest[0]) % ps if rest else 0
+            if seg.copy_of is None and seg.anchor == anchor and int(seg.host[0]) % ps == align:
                 self._pin(seg, pinned)
                 out[i] = seg
                 continue
-            key = f"{seg.copy_of or seg.key}@{anchor}"
+            key = f"{seg.copy_of or seg.key}@{anchor}" + (f"/{align}" if ps > 1 else "")
             node = self._nodes.get(key)
             if node is not None and self.has_kv(node) and node.kv_len >= seg.kv_len:
                 node.round = max(node.round, self.current_round)
                 self._pin(node, pinned)
                 out[i] = node
             elif key in todo:
-                todo[key][2].append(i)
+                todo[key][3].append(i)
             else:
-                todo[key] = (seg, int(anchor), [i])
+                todo[key] = (seg, int(anchor), align, [i])
         if not todo:
             return out
         if self.rerotate is None:
             raise RuntimeError("re-rotation needs the model's RoPE (the store has no rerotate function)")
-        for seg, _, _ in todo.values():
+        for seg, *_ in todo.values():
             self._pin(seg, pinned)  # the allocation below may evict
         # an incomplete master (one token short) gets its last slot too, filled with the previous token's K/V one
         # position on until a row computes it
-        tails = [int(seg.kv_len == len(seg.tokens) - 1) for seg, _, _ in todo.values()]
-        sizes = [seg.kv_len + t for (seg, _, _), t in zip(todo.values(), tails)]
-        slots = self._alloc(sum(sizes))
+        tails = [int(seg.kv_len == len(seg.tokens) - 1) for seg, *_ in todo.values()]
+        sizes = [seg.kv_len + t for (seg, *_), t in zip(todo.values(), tails)]
+        spans = [-(-(align + n) // ps) * ps for (_, _, align, _), n in zip(todo.values(), sizes)]  # whole pages
+        slots = self._alloc(sum(spans))
         if slots is None:
             return out
         slots = slots.to(torch.int64)
+        blocks = torch.split(slots, spans)
+        parts = [blk[align : align + n] for blk, (_, _, align, _), n in zip(blocks, todo.values(), sizes)]
         src = torch.cat([torch.cat([seg.master, seg.master[-1:]]) if t else seg.master
-                         for (seg, _, _), t in zip(todo.values(), tails)])
-        delta = torch.cat([torch.full((seg.kv_len,), anchor - seg.anchor, dtype=torch.int64) if not t else
-                           torch.cat([torch.full((seg.kv_len,), anchor - seg.anchor, dtype=torch.int64),
-                                      torch.full((1,), anchor - seg.anchor + 1, dtype=torch.int64)])
-                           for (seg, anchor, _), t in zip(todo.values(), tails)]).to(slots.device)
+                         for (seg, *_), t in zip(todo.values(), tails)])
+        delta = torch.cat([torch.full((n,), anchor - seg.anchor, dtype=torch.int64) + (torch.arange(n) == n - 1) * t
+                           for (seg, anchor, _, _), n, t in zip(todo.values(), sizes, tails)]).to(slots.device)
         try:
-            self.rerotate(src, slots, delta)
+            self.rerotate(src, torch.cat(parts), delta)
         except BaseException:  # nothing registered yet: the fresh slots go back (the caller unlocks `pinned`)
             self._free_pages(slot_pages(slots, self.page_size))
             raise
-        for (key, (seg, anchor, idx)), part, t in zip(todo.items(), torch.split(slots, sizes), tails):
+        hosts = np.split(to_host(slots, torch.int64), np.cumsum(spans)[:-1])
+        for (key, (seg, anchor, align, idx)), part, host, n, t in zip(todo.items(), parts, hosts, sizes, tails):
             stale = self._nodes.get(key)
             if stale is not None and stale.lock_ref == 0:
                 self.drop(stale)
             node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=anchor, round=self.current_round,
-                               agent=seg.agent, strong=True, master=part.clone(), pages=slot_pages(part, self.page_size),
-                               copy_of=seg.copy_of or seg.key, tail_pending=bool(t))
+                               agent=seg.agent, strong=True, master=part.clone(), host=host[align : align + n].copy(),
+                               pages=np.unique(host // ps), copy_of=seg.copy_of or seg.key, tail_pending=bool(t))
             node.used_round = self.current_round
             self._hold(node)
             self._nodes[key] = node
             self.epoch += 1
             self.counters["master_copies"] += 1
-            self.counters["rotated_tokens"] += len(part)
+            self.counters["rotated_tokens"] += n
+            self.counters["copy_pad_slots"] += host.size - n
             self._pin(node, pinned)
             for i in idx:
                 out[i] = node

@@ -15,7 +15,9 @@ Policies (``--td-recompute POLICY``, ``TOKENDANCE_RECOMPUTE``, or per request ``
   agent (the collective step); ``pic`` does it for every request in its own context.
 * combinations joined by ``+``: ``sink:4+deviation:0.15`` recomputes the sink tokens and the top 15 % of the rest.
 
-With ``page_size > 1`` the chosen offsets are widened to whole pages of the row (:func:`round_to_pages`).
+With ``page_size > 1`` a recomputed token makes its row page the row's own (copied on write); ``deviation`` then
+takes its budget page by page (:func:`by_page`, ``TOKENDANCE_PAGE_SELECT``, on by default), so the same number of
+recomputed tokens costs fewer copied pages.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from tokendance_sgl.host import to_host
 
 __all__ = ["RecomputePolicy", "DEFAULT_POLICY", "DEFAULT_CHECK_LAYER", "parse_policy", "deviation_scores",
-           "round_to_pages"]
+           "by_page"]
 
 DEFAULT_POLICY = "sink:4"
 DEFAULT_CHECK_LAYER = 1
@@ -68,9 +70,12 @@ class RecomputePolicy:
         k = min(self.k, n)
         return k + (min(n - k, math.ceil(self.ratio * n - 1e-9)) if self.ratio > 0 else 0)
 
-    def choose(self, n: int, scores: Optional[torch.Tensor | np.ndarray] = None) -> np.ndarray:
+    def choose(self, n: int, scores: Optional[torch.Tensor | np.ndarray] = None, *,
+               pages: Optional[tuple[int, int]] = None) -> np.ndarray:
         """The sorted offsets to recompute among ``n`` tokens; ``scores`` (one per token, higher = deviates more) is
-        required when :attr:`needs_scores`."""
+        required when :attr:`needs_scores`. ``pages=(row_start, page_size)``: the same budget, taken page by page of
+        the row (the run starts at row position ``row_start``), the pages whose tokens deviate most in total first,
+        so fewer pages are copied on write (:func:`by_page`)."""
         base = self.offsets(n)
         if not self.needs_scores:
             return base
@@ -79,6 +84,8 @@ class RecomputePolicy:
         s = torch.as_tensor(scores, dtype=torch.float32).clone()
         s[torch.as_tensor(base, dtype=torch.long, device=s.device)] = -math.inf  # the sink tokens are chosen already
         extra = self.budget(n) - base.size
+        if pages is not None and pages[1] > 1 and extra > 0:
+            return np.unique(np.concatenate([base, by_page(to_host(s, torch.float32), extra, *pages)]))
         top = to_host(torch.topk(s, extra).indices) if extra > 0 else np.empty(0, np.int64)
         return np.unique(np.concatenate([base, top.astype(np.int64)]))
 
@@ -135,12 +142,18 @@ def deviation_scores(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tens
     return (dk + dv) / norm.clamp_min(1e-12)
 
 
-def round_to_pages(offsets: np.ndarray, row_start: int, n: int, page_size: int) -> np.ndarray:
-    """Widens offsets (within a run of ``n`` tokens starting at row position ``row_start``) to every offset of the
-    run that shares a row page with a chosen one."""
-    offsets = np.asarray(offsets, dtype=np.int64)
-    if page_size <= 1 or offsets.size == 0:
-        return offsets
-    pages = np.unique((row_start + offsets) // page_size)
-    all_off = np.arange(n, dtype=np.int64)
-    return all_off[np.isin((row_start + all_off) // page_size, pages)]
+def by_page(scores: np.ndarray, budget: int, row_start: int, page_size: int) -> np.ndarray:
+    """``budget`` offsets among ``scores`` (``-inf``: not a candidate), whole row pages at a time: pages in order of
+    their candidates' total score, every candidate of a page taken (the last page: its best candidates)."""
+    cand = np.nonzero(np.isfinite(scores))[0]
+    page = (row_start + cand) // page_size
+    total = np.bincount(page - page.min(), weights=scores[cand]) if cand.size else np.empty(0)
+    out: list = []
+    for p in np.argsort(-total, kind="stable") + (page.min() if cand.size else 0):
+        if budget <= 0:
+            break
+        mine = cand[page == p]
+        mine = mine[np.argsort(-scores[mine], kind="stable")][:budget]
+        out.append(mine)
+        budget -= mine.size
+    return np.sort(np.concatenate(out)) if out else np.empty(0, dtype=np.int64)

@@ -64,8 +64,6 @@ def refusals(args: Any, backend: str, policy: RecomputePolicy) -> list[str]:
         out.append(f"--enable-dp-attention / --attn-dp-size: DP attention {why}")
     if int(_get(args, "pp_size", 1)) > 1:
         out.append(f"--pp-size {args.pp_size}: pipeline parallelism {why}")
-    if int(_get(args, "page_size", 1)) > 1:
-        out.append(f"--page-size {args.page_size}: segment reuse needs --page-size 1")
     if int(_get(args, "tp_size", 1)) > 1 and policy.needs_scores:
         out.append(f"--tp-size {args.tp_size} with --td-recompute {policy}: deviation selection needs tp-size 1 "
                    f"(each rank would score its own KV heads); use sink:K")
