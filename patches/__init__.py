@@ -20,11 +20,10 @@ def register_all() -> None:
     else:
         # Scheduler (and detokenizer) processes. The forward hooks act only on requests carrying a row plan.
         from tokendance_sgl.patches import (collective_round, metrics, positions, prepass_budget, recompute_prepass,
-                                            region_slots, segment_admission)
+                                            segment_admission)
 
         segment_admission.register_hooks()
         prepass_budget.register_hooks()
-        region_slots.register_hooks()
         metrics.register_hooks()
         collective_round.register_hooks()
         recompute_prepass.register_hooks()

@@ -1,4 +1,4 @@
-"""Segment reuse at ``--page-size`` 4 through the real engine, on the history workload (one turn per round).
+"""Segment reuse at ``--page-size`` 4 and 16 through the real engine, on the history workload (one turn per round).
 
 * ``full`` equals radix (page size 1, exact) token for token;
 * ``sink:4`` and ``deviation:0.15`` stay within a margin of their page-size-1 fidelity (teacher-forced against exact
@@ -40,7 +40,7 @@ def reference(server_factory, radix_server, exact_url, model_path):
     return _run(radix_server.base_url, model_path, **KW), fid
 
 
-@pytest.mark.parametrize("ps", [4])  # 16: deviation:0.15 read no master on this workload (open, issue 17)
+@pytest.mark.parametrize("ps", [4, 16])
 def test_pages_full_is_exact_and_policies_keep_their_fidelity(ps, own_server, reference, exact_url, model_path,
                                                               record_property):
     radix, ref = reference
@@ -54,6 +54,7 @@ def test_pages_full_is_exact_and_policies_keep_their_fidelity(ps, own_server, re
         got[policy] = top1, kl = _fidelity(exact_url, _run(url, model_path, policy=policy, logprobs=True, **KW))
         s = _stats(url)
         assert s["reused_tokens"] > before["reused_tokens"], (policy, s)  # masters were read, not recomputed
+        assert s["prepass_fallbacks"] == before["prepass_fallbacks"], (policy, s)  # no pre-pass failed
         assert top1 >= ref[policy][0] - TOP1_MARGIN and kl <= ref[policy][1] + KL_MARGIN, (policy, got, ref)
     record_property("fidelity", {"page_size": ps, "paged": got, "page_size_1": ref})
     print(f"page size {ps} fidelity (top-1, KL): {got}; page size 1: {ref}")

@@ -200,31 +200,6 @@ def test_take_lead_leaves_the_rows_after_the_first_segment():
         RowPlan(compute_spans=[(12, 20)], probe_start=10, lead_end=15)
 
 
-def test_a_region_reserves_its_private_slots_until_it_is_composed():
-    """PrefillAdder's slot reserve (patches/region_slots.py) grows by the region's private slots before init_load_back
-    and not after, and only on a collective tree."""
-    from types import SimpleNamespace
-
-    from tokendance_sgl.patches.region_slots import _around_reserve
-    from tokendance_sgl.request_state import RequestState, RowLayout
-    from tokendance_sgl.reuse import prepass_tokens
-    from tokendance_sgl.selection import parse_policy
-
-    planned = SimpleNamespace(kv_len=40)
-    layout = RowLayout(start=100, end=190, policy=parse_policy("sink:2"), spans=[(110, 150, planned), (150, 190, planned)],
-                       base_key=0)
-    want = prepass_tokens(layout)
-    assert want == 10 + 2 * (2 + 1)  # the text before the first segment, then each segment's budget and last token
-    tree = SimpleNamespace(collector=object(), region_slots=prepass_tokens)
-    req = SimpleNamespace(td=RequestState(layout=layout), prefix_len=100, host_hit_length=90)
-    original = lambda adder, r, **kw: 3  # noqa: E731
-    assert _around_reserve(original, SimpleNamespace(tree_cache=tree), req) == 3 + want
-    req.prefix_len += req.host_hit_length  # composed: its slots are allocated, nothing more to reserve
-    assert _around_reserve(original, SimpleNamespace(tree_cache=tree), req) == 3
-    req.prefix_len = 100
-    assert _around_reserve(original, SimpleNamespace(tree_cache=SimpleNamespace(collector=None)), req) == 3
-
-
 @pytest.mark.parametrize("ps", [4, 16])
 def test_pages_share_whole_master_pages_and_copy_on_write_the_rest(ps):
     """``page_size > 1``: readers whose segment starts at the same offset of a page share one copy's whole pages;

@@ -92,8 +92,8 @@ def test_pool_too_small_for_a_round(small_pool, model_path):
     assert all(len(a.output_ids) > 0 for r in res.rounds for a in r.agents)
     s = _assert_idle_and_healthy(url)
     # masters of finished rounds were evicted under pressure: far fewer segments than the 24 registered outputs
-    # are still resident, and the tree never held more than the pool.
-    assert s["known_ids"] >= 16 and s["holding"] < 24, s
+    # are still resident (their re-rotated copies aside), and the tree never held more than the pool.
+    assert s["known_ids"] >= 16 and s["holding"] - s["master_copies_resident"] < 24, s
     assert s["rows_composed"] > 0 or s["load_back_fallbacks"] > 0
 
 

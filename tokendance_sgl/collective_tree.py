@@ -63,7 +63,7 @@ from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, slot_pages
 from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
 from tokendance_sgl.request_state import RequestState, SegmentPlan, state_of
-from tokendance_sgl.reuse import Composed, build_row, plan_layout, prepass_tokens, release_tails, request_policy
+from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
 from tokendance_sgl.segment_store import SegmentStore
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
@@ -147,7 +147,10 @@ class CollectiveTree(RadixCache):
             self.diff.clear()
 
     def alloc_slots(self, n: int) -> Optional[torch.Tensor]:
-        """Slots for composed rows and copies: evict like SGLang's ``alloc_token_slots`` does, then allocate."""
+        """Slots for composed rows and copies (``n``: whole pages): evict like SGLang's ``alloc_token_slots`` does,
+        then allocate."""
+        if n % self.page_size:
+            raise ValueError(f"{n} slots asked of a pool of {self.page_size}-token pages")
         self.pool.evict_to_free_tokens(self, n)
         return self.pool.alloc(n)
 
@@ -356,10 +359,6 @@ class CollectiveTree(RadixCache):
         """Composes ``req``'s reused region (:func:`tokendance_sgl.reuse.build_row`; the ``pic`` backend overrides)."""
         return build_row(self, req, layout)
 
-    def region_slots(self, layout: Any) -> int:
-        """At most the private slots composing ``layout`` allocates (PrefillAdder reserves them before admission)."""
-        return prepass_tokens(layout)
-
     def load_back_is_cache_owned(self) -> bool:
         return True  # the composed region is the tree's: the live row holds its pages in the ledger
 
@@ -415,7 +414,7 @@ class CollectiveTree(RadixCache):
         they are. Returns the positions that became private (none: an empty array), or None (nothing changed) when
         the pool has no room."""
         st, kv = state_of(req), req.kv
-        widened, _own = self.diff.master_pages_of(id(kv), np.asarray(positions, dtype=np.int64))
+        widened = self.diff.master_pages_of(id(kv), np.asarray(positions, dtype=np.int64))
         if widened.size == 0:
             return widened
         fresh = self.alloc_slots(int(widened.size))
@@ -556,8 +555,8 @@ class CollectiveTree(RadixCache):
             "protected": self.protected_size(),
             "rows": len(self.diff.rows),
             "recompute_policy": str(self.policy),
-            "diff_slots": int(sum(r.private_tokens for r in self.diff.rows.values())),
-            "diff_pages": int(sum(r.private_tokens for r in self.diff.rows.values())) // self.page_size,
+            "diff_slots": self.diff.private_tokens(),
+            "diff_pages": self.diff.private_tokens() // self.page_size,
             "cached_path_nodes_shifted": len(self.path_positions),
             **self.stats.report(self.diff.bytes_per_token),
         }

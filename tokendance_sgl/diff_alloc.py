@@ -315,17 +315,20 @@ class DiffAllocator:
         after = {_seg_id(s) for s in rec.segs()}
         return [s for k, s in before.items() if k not in after]
 
-    def master_pages_of(self, key: Hashable, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``positions`` of row ``key`` that read a master, widened to whole row pages (a kept master page always
-        is one: :meth:`build_row`), and the others (already the row's own). Sorted."""
+    def private_tokens(self) -> int:
+        """Private (diff and new) slots of every live row."""
+        return int(sum(r.private_tokens for r in self.rows.values()))
+
+    def master_pages_of(self, key: Hashable, positions: np.ndarray) -> np.ndarray:
+        """``positions`` of row ``key`` that read a master (the others are the row's own already), widened to whole
+        row pages (a kept master page always is one: :meth:`build_row`). Sorted."""
         rec = self.rows.get(key)
         pos = np.unique(np.asarray(positions, dtype=np.int64))
         masters = rec.master_positions() if rec is not None else np.empty(0, dtype=np.int64)
-        hit = np.isin(pos, masters)
+        hit = pos[np.isin(pos, masters)]
         if self.page_size == 1:
-            return pos[hit], pos[~hit]
-        pages = np.unique(pos[hit] // self.page_size)
-        return masters[np.isin(masters // self.page_size, pages)], pos[~hit]
+            return hit
+        return masters[np.isin(masters // self.page_size, np.unique(hit // self.page_size))]
 
     # ------------------------------------------------------------------ composition
 

@@ -46,8 +46,8 @@ def snapshot(tree: Any) -> dict:
     by_agent = tree.kv_bytes_by_agent()
     return {
         **{k: counters[k] for k in EXPORTED if k in counters},
-        "diff_slots": int(sum(r.private_tokens for r in tree.diff.rows.values())),
-        "master_slots": int(sum(s.kv_len for s in tree.store.segments() if s.holding)),
+        "diff_slots": tree.diff.private_tokens(),
+        "master_slots": tree.store.master_slots(),
         "kv_bytes_per_agent": float(sum(by_agent.values()) / len(by_agent)) if by_agent else 0.0,
     }
 

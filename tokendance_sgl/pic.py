@@ -42,9 +42,6 @@ class PicCache(CollectiveTree):
     def build_row(self, req: Any, layout: RowLayout) -> Optional[Composed]:
         return build_pic_row(self, req, layout)
 
-    def region_slots(self, layout: RowLayout) -> int:
-        return layout.end - layout.start  # every row of the region is private
-
 
 def build_pic_row(tree: CollectiveTree, req: Any, layout: RowLayout) -> Optional[Composed]:
     """Rows ``[layout.start, layout.end)`` of ``req`` as private slots holding the segments' KV re-rotated to their true

@@ -236,16 +236,18 @@ def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int,
               alloc: Callable[[int], Optional[torch.Tensor]], pool: Any) -> Optional[list[tuple]]:
     """Computes the check layer's K/V of rows ``[s, e)`` of request ``batch.reqs[i]`` for every ``(i, s, e)`` of
     ``rows``, in its real context, in ONE forward through layers ``0..layer`` (attending to the request's row before
-    ``s``; the rows themselves go to scratch slots from ``alloc``, so the row's slots -- shared masters included --
-    are untouched; ``pool`` frees them). Returns per row ``(k_new, v_new, k_old, v_old)`` (``[e - s, heads,
+    ``s``; the rows themselves go to scratch slots from ``alloc``, whole pages of ``pool``, so the row's slots --
+    shared masters included -- are untouched; ``pool`` frees them). Returns per row ``(k_new, v_new, k_old, v_old)`` (``[e - s, heads,
     head_dim]``; ``old`` = what the row holds now), or None when the pool has no room for the scratch slots."""
     runner = worker.model_runner
     rtt = runner.req_to_token_pool.req_to_token
     n = sum(e - s for _, s, e in rows)
-    scratch = alloc(n)
-    if scratch is None:
+    ps = getattr(pool, "page_size", 1)
+    pages = alloc(-(-n // ps) * ps)
+    if pages is None:
         return None
-    scratch = scratch.to(torch.int64)
+    pages = pages.to(torch.int64)
+    scratch = pages[:n]
     saved = []
     try:
         off = 0
@@ -266,4 +268,4 @@ def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int,
     finally:
         for idx, s, e, kept in saved:
             rtt[idx, s:e] = kept
-        pool.free(scratch)
+        pool.free(pages)

@@ -407,6 +407,10 @@ class SegmentStore:
 
     # ------------------------------------------------------------------ diagnostics
 
+    def master_slots(self) -> int:
+        """KV slots held by masters and their re-rotated copies."""
+        return int(sum(s.kv_len for s in self._nodes.values() if s.holding))
+
     def stats(self) -> dict:
         segs = list(self._nodes.values())
         return {
@@ -419,7 +423,7 @@ class SegmentStore:
             "known_ids": len(self.ids),
             "master_copies_resident": sum(s.copy_of is not None for s in segs),
             "master_copy_slots": int(sum(s.kv_len for s in segs if s.copy_of is not None and s.holding)),
-            "master_slots": int(sum(s.kv_len for s in segs if s.holding)),
+            "master_slots": self.master_slots(),
             "rounds_seen": self.current_round + 1 if self.ids or self.pending_ids else 0,
             **self.counters,
         }
