@@ -183,12 +183,17 @@ def workload_sizes(args) -> dict:
     return out
 
 
-def make_workload(args, n_agents: int, n_rounds: int, max_new_tokens: int, **kw):
-    from tokendance_sgl.workloads import make_workload as mk
+def make_workload(args, n_agents: int, n_rounds: int, max_new_tokens: int, *, history: bool = False, **kw):
+    """The seeded workload of ``args``; ``history``: every agent keeps its whole chat history
+    (:class:`tokendance_sgl.history.HistoryWorkload`, one assistant turn per round)."""
+    from tokendance_sgl.history import HistoryWorkload
+    from tokendance_sgl.workloads import Workload
 
     opts = {"seed": args.seed, **workload_sizes(args), **kw}
-    return mk(args.style, n_agents=n_agents, n_rounds=n_rounds, tokenizer=args.model, max_new_tokens=max_new_tokens,
-              **opts)
+    if history:
+        opts.setdefault("turns", 1)
+    return (HistoryWorkload if history else Workload)(args.style, n_agents=n_agents, n_rounds=n_rounds,
+                                                      tokenizer=args.model, max_new_tokens=max_new_tokens, **opts)
 
 
 def resolve_backends(requested: list[str], log: Callable[[str], None]) -> tuple[list[str], dict[str, str]]:

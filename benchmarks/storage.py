@@ -1,31 +1,24 @@
-"""KV bytes per agent against the number of agents N and the output length, for radix, pic and tokendance.
+"""KV held per agent, round by round, on the history workload: radix, pic and tokendance (at page sizes 1 and 16).
 
-    python benchmarks/storage.py [--quick] [--backends radix pic tokendance] [--agents 4 8]
-                                 [--output-lengths 32] [--pool 32768]
+    python benchmarks/storage.py [--quick] [--backends radix pic tokendance] [--agents 4 8 16] [--rounds 3]
+                                 [--max-new-tokens 48] [--page-sizes 1 16] [--workload history|last-round]
 
-For every backend (one server each, a pool large enough that nothing is evicted) and every setting: flush, run
-rounds 0 .. R-2 of the seeded GenerativeAgents-like workload with ``max_new_tokens = L`` (the output length, which
-is also the length of every segment of the next round's shared block), then the measured last round, whose
-requests generate ``--hold-tokens`` tokens (EOS ignored) so that all its rows are alive together for a few decode
-steps.  Bytes = slots x the K+V bytes of one token over all layers.  Measures, all per agent (/ N):
+Every agent keeps its whole chat history and each round appends everyone's last answers (``--workload history``,
+the paper's shape; ``last-round``: only the last round's block, the earlier workload). Every output has
+``--max-new-tokens`` tokens (EOS ignored), so every backend builds the same prompts. One server per backend and page
+size (``--page-sizes`` applies to tokendance; radix and pic run at page size 1), a pool large enough that nothing is
+evicted; for each N the cache is flushed and ``--rounds`` rounds run. Measured per round, per agent (bytes = slots x
+the K+V bytes of one token over all layers):
 
-* **held at the peak of the round** (the same for every backend): the largest ``used_slots - evictable_size``
-  polled from ``/tokendance/stats`` during the measured round: the KV the round's requests hold (their own slots,
-  the prefixes and masters they lock), without cache kept only for later hits.
-* **pool used at the end of the round** (the same for every backend): ``used_slots`` at idle after the round.  It
-  counts everything the cache keeps: private prefixes, the shared block (radix: one copy per agent in its tree;
-  tokendance: the masters and their re-rotated copies) and earlier rounds' content; rows' private slots are freed
-  by then (so pic's per-request copies no longer show here).
-* **row KV per agent** (docs/architecture.md, "Metrics"): the slots a round's row held for its prompt and output, master
-  slots divided among the rows that shared them.  tokendance/pic report it (``kv_per_agent_by_round``); a radix
-  row holds every token of its prompt and output itself, so its value is ``prompt + generated`` tokens.
-* **shared block of the row**: the same row KV for the row's segment spans alone (the last round's outputs it
-  reads): radix and pic rows hold each of those tokens; a tokendance row holds its recomputed positions (diff slots)
-  plus its share of the masters.  This is the region the paper's diff-aware storage compresses.
-* also recorded: the round increment (growth of ``used_slots`` over the round, per agent) and the row KV beyond
-  the agent's own cached prefix (``kv_bytes_by_agent_cumulative``; radix: its uncached tokens).
+* **row** -- the KV a round's row holds for its prompt and output: tokendance/pic from ``kv_per_agent_by_round`` of
+  ``/tokendance/stats`` (master slots divided among the rows sharing them, diff pages whole); a radix row holds every
+  token of its prompt and output itself;
+* **shared history** -- the same for the row's gathered spans alone (everyone's answers so far): the region the
+  paper's diff-aware storage compresses; a radix or pic row holds each of those tokens;
+* **held at the peak** -- the largest ``used_slots - evictable_size`` polled during the round, / N;
+* **copied pages** (tokendance at page size > 1) -- row pages copied on write in the round, and their tokens.
 
-Compression = radix / tokendance and pic / tokendance of each measure.  Output lengths are swept at the middle N.
+Compression = baseline / tokendance of each measure, in the same run; page price = tokendance at page P / page 1.
 Writes benchmarks/results/storage[_quick].json and .png.
 """
 
@@ -41,245 +34,201 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 NAME = "storage"
+MEASURES = ("row_kv_per_agent_bytes", "shared_kv_per_agent_bytes", "held_kv_per_agent_bytes")
+LABELS = {"row_kv_per_agent_bytes": "row", "shared_kv_per_agent_bytes": "shared history of the row",
+          "held_kv_per_agent_bytes": "held at the peak / N"}
 
 
 def parse_args(argv=None):
     p = C.base_parser(__doc__)
-    p.add_argument("--agents", type=int, nargs="+", default=None,
-                   help="N values at the default output length (default 4 8 16 24; --quick: 4 8 16)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default output length L (default 32; --quick: 16)")
-    p.add_argument("--output-lengths", type=int, nargs="+", default=None,
-                   help="output lengths swept at --lengths-agents (default 16 32 64; --quick: 32 64)")
-    p.add_argument("--lengths-agents", type=int, default=None, help="N of the output-length sweep (default 16)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds per run; measured after the last (default 2)")
-    p.add_argument("--hold-tokens", type=int, default=8,
-                   help="new tokens (EOS ignored) of the measured round's requests, so that all rows are alive "
-                        "together for a few decode steps while the pool is polled (default 8)")
-    p.add_argument("--pool", type=int, default=None, help="--max-total-tokens of every server (default 65536; "
-                                                           "--quick: 32768); must hold a run without eviction")
+    p.add_argument("--agents", type=int, nargs="+", default=None, help="N values (default 4 8 16 32; --quick: 4 8)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 4; --quick: 3)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="output length (default 64; --quick: 48)")
+    p.add_argument("--page-sizes", type=int, nargs="+", default=[1, 16], help="tokendance page sizes (default 1 16)")
+    p.add_argument("--workload", choices=("history", "last-round"), default="history")
+    p.add_argument("--pool", type=int, default=None, help="--max-total-tokens of every server (default 131072; "
+                                                           "--quick: 65536); must hold a run without eviction")
     a = p.parse_args(argv)
-    a.agents = a.agents or ([4, 8, 16] if a.quick else [4, 8, 16, 24])
-    a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 32)
-    a.output_lengths = a.output_lengths or ([32, 64] if a.quick else [16, 32, 64])
-    a.lengths_agents = a.lengths_agents or 16
-    a.pool = a.pool or (32768 if a.quick else 65536)
+    a.agents = a.agents or ([4, 8] if a.quick else [4, 8, 16, 32])
+    a.rounds = a.rounds or (3 if a.quick else 4)
+    a.max_new_tokens = a.max_new_tokens or (48 if a.quick else 64)
+    a.pool = a.pool or (65536 if a.quick else 131072)
     if a.rounds < 2:
         p.error("--rounds must be >= 2")
     return a
 
 
-def grid(args) -> list[tuple[int, int]]:
-    g = [(n, args.max_new_tokens) for n in args.agents]
-    g += [(args.lengths_agents, L) for L in args.output_lengths if (args.lengths_agents, L) not in g]
-    return g
+def configs(args) -> list[tuple[str, str, int]]:
+    """(result key, backend, page size): tokendance once per page size, the baselines at page size 1."""
+    out = []
+    for b in args.backends:
+        for ps in (args.page_sizes if b == "tokendance" else [1]):
+            out.append((b if ps == 1 else f"{b}@{ps}", b, ps))
+    return out
 
 
-def measure(args, srv, n: int, L: int, bpt: int, log) -> dict:
-    w = C.make_workload(args, n, args.rounds, L)
-    run = C.run_rounds(srv, w, max_new_tokens=L, last_round={"max_new_tokens": args.hold_tokens, "ignore_eos": True},
-                       poll=0.1)
-    last, prev = run["rounds"][-1], run["rounds"][-2]
-    s, s_prev = last["stats_after"], prev["stats_after"]
-    res = run["_result"].rounds[-1]
-    evicted = s["used_slots"] < prev["stats_after"]["used_slots"]
-    rec = {
-        "n_agents": n,
-        "output_length": L,
-        "prompt_tokens_per_agent": statistics.fmean(a.prompt_tokens for a in res.agents),
-        "shared_tokens_per_agent": statistics.fmean(a.shared_tokens for a in res.agents),
-        "uncached_tokens_per_agent": statistics.fmean(a.prompt_tokens - a.cached_tokens for a in res.agents),
-        "used_slots": s["used_slots"],
-        "used_slots_before_round": s_prev["used_slots"],
-        "max_total_num_tokens": s["max_total_num_tokens"],
-        "peak_held_slots": last["peak_held_slots"],
-        "peak_used_slots": last["peak_used_slots"],
-        "stats_samples_in_round": last["stats_samples"],
-        "held_kv_per_agent_bytes": last["peak_held_slots"] / n * bpt,
-        "pool_kv_per_agent_bytes": s["used_slots"] / n * bpt,
-        "round_increment_per_agent_bytes": (s["used_slots"] - s_prev["used_slots"]) / n * bpt,
-        "possible_eviction": bool(evicted or s["available_size"] < 0.05 * s["max_total_num_tokens"]),
-        "latency_s": [r["latency_s"] for r in run["rounds"]],
-    }
-    for k in ("master_slots", "master_copy_slots", "diff_slots", "segments", "reused_tokens", "recomputed_tokens"):
-        if k in s:
-            rec[k] = s[k]
-    # docs/architecture.md, "Metrics": the slots a round's row held for its prompt and output, masters divided among their sharers.
-    kr = row_kv_from_stats(s, s_prev, args.rounds - 1)
-    kr_shared = row_kv_from_stats(s, s_prev, args.rounds - 1, field="shared_held_tokens")
-    if kr is not None:
-        rec["row_kv_per_agent_bytes"] = kr * bpt
-        rec["row_kv_source"] = "kv_per_agent_by_round of /tokendance/stats (increase over the round)"
-    else:
-        rec["row_kv_per_agent_bytes"] = statistics.fmean(a.prompt_tokens + a.generated_tokens for a in res.agents) * bpt
-        rec["row_kv_source"] = "prompt + generated tokens per agent (a radix row holds every token of its prompt)"
-    if kr is not None and kr_shared is not None:
-        rec["shared_kv_per_agent_bytes"] = kr_shared * bpt
-    else:  # a radix row holds every token of the shared block itself
-        rec["shared_kv_per_agent_bytes"] = rec["shared_tokens_per_agent"] * bpt
-    cum, cum_prev = s.get("kv_bytes_by_agent_cumulative"), s_prev.get("kv_bytes_by_agent_cumulative") or {}
-    if cum:
-        per = [float(cum.get(str(i), 0.0)) - float(cum_prev.get(str(i), 0.0)) for i in range(n)]
-        rec["beyond_prefix_kv_per_agent_bytes"] = statistics.fmean(per)
-    else:
-        rec["beyond_prefix_kv_per_agent_bytes"] = rec["uncached_tokens_per_agent"] * bpt
-    log(f"  {srv.backend} N={n} L={L}: held at peak {last['peak_held_slots']} slots ({last['stats_samples']} polls), "
-        f"used at the end {s['used_slots']} (+{s['used_slots'] - s_prev['used_slots']} in the round); per agent: held "
-        f"{rec['held_kv_per_agent_bytes'] / 2**20:.2f} MiB, row {rec['row_kv_per_agent_bytes'] / 2**20:.2f} MiB, pool "
-        f"{rec['pool_kv_per_agent_bytes'] / 2**20:.2f} MiB" + (" [possible eviction]" if rec["possible_eviction"] else ""))
-    return rec
-
-
-MEASURES = ("held_kv_per_agent_bytes", "row_kv_per_agent_bytes", "shared_kv_per_agent_bytes", "pool_kv_per_agent_bytes",
-            "round_increment_per_agent_bytes", "beyond_prefix_kv_per_agent_bytes")
-
-
-def row_kv_from_stats(s: dict, s_prev: dict, r: int, field: str = "tokens") -> float | None:
-    """Mean ``field`` (tokens per row, or shared-region tokens held per row) of round ``r`` from
-    ``kv_per_agent_by_round`` (cumulative over runs on one server, so the increase between the two reads)."""
+def by_round(s: dict, s_prev: dict, r: int, field: str) -> float | None:
+    """Mean ``field`` per row of round ``r`` in ``kv_per_agent_by_round`` (cumulative over the runs on one server:
+    the increase between two reads)."""
     a = (s.get("kv_per_agent_by_round") or {}).get(str(r))
-    if not a or not a.get("rows") or field not in a:
+    if not a or field not in a:
         return None
     b = (s_prev.get("kv_per_agent_by_round") or {}).get(str(r)) or {}
     rows = a["rows"] - b.get("rows", 0)
-    if rows <= 0:
-        return None
-    return (a[field] * a["rows"] - b.get(field, 0.0) * b.get("rows", 0)) / rows
+    return None if rows <= 0 else (a[field] * a["rows"] - b.get(field, 0.0) * b.get("rows", 0)) / rows
+
+
+def measure(args, srv, n: int, bpt: int, log) -> list[dict]:
+    w = C.make_workload(args, n, args.rounds, args.max_new_tokens, history=args.workload == "history")
+    before = srv.stats()
+    run = C.run_rounds(srv, w, max_new_tokens=args.max_new_tokens, poll=0.2,
+                       payload_hook=lambda q, p: p["sampling_params"].update(ignore_eos=True))
+    after = run["rounds"][-1]["stats_after"]
+    out, prev = [], before
+    for r, (rd, rec) in enumerate(zip(run["rounds"], run["_result"].rounds)):
+        s = rd["stats_after"]
+        prompt = statistics.fmean(a.prompt_tokens for a in rec.agents)
+        shared = statistics.fmean(a.shared_tokens for a in rec.agents)
+        row = by_round(after, before, r, "tokens")
+        held_shared = by_round(after, before, r, "shared_held_tokens")
+        if row is None:  # radix: a row holds every token of its prompt and output
+            row = statistics.fmean(a.prompt_tokens + a.generated_tokens for a in rec.agents)
+            held_shared = shared
+        out.append({
+            "round": r, "prompt_tokens_per_agent": prompt, "shared_tokens_per_agent": shared,
+            "shared_fraction_of_prompt": shared / prompt if prompt else 0.0,
+            "row_kv_per_agent_bytes": row * bpt, "shared_kv_per_agent_bytes": held_shared * bpt,
+            "held_kv_per_agent_bytes": rd.get("peak_held_slots", 0) / n * bpt,
+            "pool_used_slots": s["used_slots"], "possible_eviction": s["available_size"] < 0.05 * s["max_total_num_tokens"],
+            "cow_pages": s.get("cow_pages", 0) - prev.get("cow_pages", 0),
+            "cow_tokens": s.get("cow_tokens", 0) - prev.get("cow_tokens", 0),
+            "reused_tokens": s.get("reused_tokens", 0) - prev.get("reused_tokens", 0),
+            "latency_s": rd["latency_s"],
+        })
+        prev = s
+    last = out[-1]
+    log(f"  {srv.backend} N={n}: last round: shared {last['shared_fraction_of_prompt']:.0%} of the prompt; per agent "
+        f"row {last['row_kv_per_agent_bytes'] / 2**20:.2f} MiB, shared history "
+        f"{last['shared_kv_per_agent_bytes'] / 2**20:.2f} MiB, held {last['held_kv_per_agent_bytes'] / 2**20:.2f} MiB, "
+        f"pages copied {last['cow_pages']}")
+    return out
+
+
+def ratios(results: dict, num_key: str, den_key: str, args) -> dict:
+    """``num / den`` of each measure, per N and round (in the same run)."""
+    out = {}
+    num, den = results.get(num_key), results.get(den_key)
+    if not num or not den:
+        return out
+    for n in map(str, args.agents):
+        out[n] = [{m: C.ratio(a[m], b[m]) for m in MEASURES} for a, b in zip(num.get(n, []), den.get(n, []))]
+    return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = C.Log(NAME)
     env = C.environment()
-    backends, skipped = C.resolve_backends(args.backends, log)
+    args.backends, skipped = C.resolve_backends(args.backends, log)
     C.model_path(args)
     bpt = C.kv_bytes_per_token(args.model)
-    settings_grid = grid(args)
-    log(f"backends {backends}, (N, output length) {settings_grid}, {args.rounds} rounds, pool {args.pool} tokens, "
-        f"{bpt['bytes']} KV bytes per token, workload sizes {C.workload_sizes(args) or 'default'}")
+    log(f"{args.workload} workload: configurations {[k for k, _, _ in configs(args)]}, N {args.agents}, "
+        f"{args.rounds} rounds of {args.max_new_tokens}-token outputs, pool {args.pool} tokens, {bpt['bytes']} KV bytes "
+        f"per token")
     results: dict[str, dict] = {}
     servers = {}
-    for backend in backends:
+    for key, backend, ps in configs(args):
         try:
-            with C.server(args, backend, log, extra=["--max-total-tokens", str(args.pool)]) as srv:
-                servers[backend] = srv.info
-                results[backend] = {
-                    f"{n}x{L}": measure(args, srv, n, L, bpt["bytes"], log)
-                    for n, L in C.progress(settings_grid, desc=f"storage {backend}")
-                }
-        except Exception as e:  # noqa: BLE001  (a backend that fails is reported, the others still run)
-            C.backend_failed(backend, e, skipped, log)
-            results.pop(backend, None)
+            extra = ["--max-total-tokens", str(args.pool), "--page-size", str(ps)]
+            with C.server(args, backend, log, extra=extra) as srv:
+                servers[key] = srv.info
+                results[key] = {str(n): measure(args, srv, n, bpt["bytes"], log)
+                                for n in C.progress(args.agents, desc=f"storage {key}")}
+        except Exception as e:  # noqa: BLE001  (a configuration that fails is reported, the others still run)
+            C.backend_failed(key, e, skipped, log)
+            results.pop(key, None)
 
-    compression = {}
-    for key in (f"{n}x{L}" for n, L in settings_grid):
-        td = results.get("tokendance", {}).get(key)
-        row = {}
-        for base in ("radix", "pic"):
-            b = results.get(base, {}).get(key)
-            if td and b:
-                row[f"{base}_over_tokendance"] = {m: C.ratio(b[m], td[m]) for m in MEASURES}
-        compression[key] = row
-
+    compression = {f"{b}_over_tokendance": ratios(results, b, "tokendance", args) for b in ("radix", "pic")}
+    page_price = {str(ps): ratios(results, f"tokendance@{ps}", "tokendance", args) for ps in args.page_sizes if ps != 1}
     data = {
         "benchmark": NAME,
         "quick": args.quick,
         "settings": {
-            "backends": backends, "skipped_backends": skipped, "grid": [list(x) for x in settings_grid],
-            "grid_key": "<N>x<output length>", "rounds": args.rounds, "measured_after_round": args.rounds - 1,
-            "last_round_max_new_tokens": args.hold_tokens, "last_round_ignore_eos": True, "pool_tokens": args.pool, "kv_bytes_per_token": bpt,
-            "style": args.style, "seed": args.seed, "workload_sizes": C.workload_sizes(args) or "workload defaults",
-            "model": args.model, "server_args": args.server_arg,
+            "configs": [k for k in results], "skipped": skipped, "workload": args.workload, "agents": args.agents,
+            "rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "ignore_eos": True,
+            "page_sizes": args.page_sizes, "pool_tokens": args.pool, "kv_bytes_per_token": bpt, "style": args.style,
+            "seed": args.seed, "workload_sizes": C.workload_sizes(args) or "workload defaults", "model": args.model,
+            "server_args": args.server_arg,
             "measures": {
-                "held_kv_per_agent_bytes": "peak over polls during the last round of (used_slots - evictable_size) / "
-                                           "N * bytes per token",
-                "pool_kv_per_agent_bytes": "used_slots / N * bytes per token, at idle after the last round",
-                "round_increment_per_agent_bytes": "(used_slots after - before the last round) / N * bytes",
-                "row_kv_per_agent_bytes": "docs/architecture.md, "Metrics": slots a round's row held for prompt and output, masters "
-                                          "divided among sharers; tokendance/pic: kv_per_agent_by_round of the last "
-                                          "round; radix: (prompt + generated tokens) per agent * bytes",
-                "shared_kv_per_agent_bytes": "the row KV of the shared block alone (its segment spans): "
-                                             "tokendance/pic: shared_held_tokens of kv_per_agent_by_round (master "
-                                             "slots divided among sharers, diff slots whole); radix: the segment "
-                                             "tokens of the prompt * bytes",
-                "beyond_prefix_kv_per_agent_bytes": "tokendance/pic: kv_bytes_by_agent_cumulative increase over the "
-                                                    "last round, mean over agents; radix: uncached prompt tokens * "
-                                                    "bytes",
+                "row_kv_per_agent_bytes": "slots a round's row held for its prompt and output, masters divided among "
+                                          "their sharers (tokendance/pic: kv_per_agent_by_round; radix: prompt + "
+                                          "generated tokens) x bytes per token",
+                "shared_kv_per_agent_bytes": "the same for the row's gathered spans (tokendance/pic: "
+                                             "shared_held_tokens; radix: the gathered tokens of the prompt)",
+                "held_kv_per_agent_bytes": "peak over polls during the round of (used_slots - evictable_size) / N",
+                "cow_pages": "row pages copied on write in the round (page_size > 1)",
             },
         },
         "servers": servers,
         "results": results,
         "compression": compression,
+        "page_price": page_price,  # page size -> tokendance at that page size / at page size 1
         "environment": {**env, "loadavg_at_end": list(os.getloadavg())},
     }
     paths = [C.write_json(NAME, args.quick, data, args.out_dir)]
     if not args.no_plot:
-        paths.append(plot(data, args, settings_grid))
-
-    print(f"\n=== KV per agent (MiB: held at the peak of the round / row (docs/architecture.md, "Metrics") / shared block of the row / "
-          f"pool used at the end), "
-          f"{args.style}, {'quick' if args.quick else 'full'} size, round {args.rounds - 1}")
-    head = f"{'N':>4}{'L':>5}" + "".join(f"{b:>30}" for b in results)
-    head += "".join(f"{k:>30}" for k in ("radix / tokendance", "pic / tokendance"))
-    print(head)
-    for n, L in settings_grid:
-        key = f"{n}x{L}"
-        line = f"{n:>4}{L:>5}"
-        for b in results:
-            r = results[b][key]
-            line += f"{' / '.join(f'{r[m] / 2**20:.2f}' for m, _ in SHOW):>30}"
-        c = compression[key]
-        for base in ("radix", "pic"):
-            cc = c.get(f"{base}_over_tokendance")
-            line += f"{' / '.join(C.fmt(cc[m]) for m, _ in SHOW) if cc else '-':>30}"
-        print(line)
-    if skipped:
-        print(f"skipped: {skipped}")
+        paths.append(plot(data, args))
+    summary(data, args)
     C.finish(log, NAME, paths)
     return 0
 
 
-SHOW = (("held_kv_per_agent_bytes", "held at peak"), ("row_kv_per_agent_bytes", "row"),
-        ("shared_kv_per_agent_bytes", "shared block of the row"), ("pool_kv_per_agent_bytes", "pool at end"))
+def summary(data: dict, args) -> None:
+    last = args.rounds - 1
+    print(f"\n=== KV per agent in round {last} (MiB: " + " / ".join(LABELS[m] for m in MEASURES) +
+          f"), {args.workload} workload, {'quick' if args.quick else 'full'} size")
+    print(f"{'N':>4}" + "".join(f"{k:>26}" for k in data["results"]) + f"{'radix / tokendance':>26}")
+    for n in map(str, args.agents):
+        line = f"{n:>4}"
+        for res in data["results"].values():
+            r = res[n][last]
+            line += f"{' / '.join(f'{r[m] / 2**20:.2f}' for m in MEASURES):>26}"
+        c = (data["compression"].get("radix_over_tokendance") or {}).get(n)
+        line += f"{' / '.join(C.fmt(c[last][m]) for m in MEASURES) if c else '-':>26}"
+        print(line)
+    for ps, per_n in data["page_price"].items():
+        for n, rs in per_n.items():
+            copied = [r["cow_pages"] for r in data["results"][f"tokendance@{ps}"][n]]
+            print(f"tokendance page {ps} / page 1, N={n}, round {last}: "
+                  + ", ".join(f"{LABELS[m]} {C.fmt(rs[last][m])}x" for m in MEASURES) + f"; pages copied by round {copied}")
+    if data["settings"]["skipped"]:
+        print(f"skipped: {data['settings']['skipped']}")
 
 
-def plot(data: dict, args, settings_grid) -> Path:
+def plot(data: dict, args) -> Path:
+    """One panel per measure: MiB per agent against the round, one line per configuration at the largest N; the last
+    panel: radix / tokendance at the last round against N."""
     plt = C.pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    mib = 2**20
-    ns = [n for n, L in settings_grid if L == args.max_new_tokens]
-    ls_ = sorted(L for n, L in settings_grid if n == args.lengths_agents)
-    styles = {"held_kv_per_agent_bytes": ("o", "-"), "row_kv_per_agent_bytes": ("x", ":"),
-              "shared_kv_per_agent_bytes": ("^", "-."), "pool_kv_per_agent_bytes": ("s", "--")}
-    colors = {"radix": "C0", "pic": "C1", "tokendance": "C2"}
-    for b, res in data["results"].items():
-        for m, label in SHOW:
-            mk, ls = styles[m]
-            axes[0].plot(ns, [res[f"{n}x{args.max_new_tokens}"][m] / mib for n in ns], marker=mk, ls=ls,
-                         color=colors.get(b), label=f"{b}, {label}")
-            axes[1].plot(ls_, [res[f"{args.lengths_agents}x{L}"][m] / mib for L in ls_], marker=mk, ls=ls,
-                         color=colors.get(b), label=f"{b}, {label}")
-    axes[0].set_xlabel("agents N")
-    axes[0].set_title(f"KV per agent, output length {args.max_new_tokens}")
-    axes[1].set_xlabel("output length (tokens)")
-    axes[1].set_title(f"KV per agent, N = {args.lengths_agents}")
-    for ax in axes[:2]:
+    fig, axes = plt.subplots(1, len(MEASURES) + 1, figsize=(5 * (len(MEASURES) + 1), 4.2))
+    n = str(max(args.agents))
+    rounds = list(range(args.rounds))
+    for ax, m in zip(axes, MEASURES):
+        for key, res in data["results"].items():
+            ax.plot(rounds, [r[m] / 2**20 for r in res[n]], marker="o", label=key)
+        ax.set_title(f"{LABELS[m]}, N = {n}")
+        ax.set_xlabel("round")
         ax.set_ylabel("MiB per agent")
         ax.legend(fontsize=7)
-    for base in ("radix", "pic"):
-        for m, label in SHOW:
-            mk, ls = styles[m]
-            ys = [data["compression"][f"{n}x{args.max_new_tokens}"].get(f"{base}_over_tokendance", {}).get(m)
-                  for n in ns]
-            if any(y is not None for y in ys):
-                axes[2].plot(ns, [y if y is not None else float("nan") for y in ys], ls=ls, marker=mk,
-                             color=colors[base], label=f"{base} / tokendance, {label}")
-    axes[2].axhline(1.0, color="grey", lw=0.8)
-    axes[2].set_xlabel("agents N")
-    axes[2].set_ylabel("compression (x)")
-    axes[2].set_title("KV per agent: baseline / tokendance")
-    if axes[2].get_legend_handles_labels()[0]:
-        axes[2].legend(fontsize=7)
+    ax = axes[-1]
+    comp = data["compression"].get("radix_over_tokendance") or {}
+    for m in MEASURES:
+        ys = [comp[str(k)][-1][m] if str(k) in comp else None for k in args.agents]
+        ax.plot(args.agents, [y if y is not None else float("nan") for y in ys], marker="o", label=LABELS[m])
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_title(f"radix / tokendance, round {args.rounds - 1}")
+    ax.set_xlabel("agents N")
+    ax.set_ylabel("x less KV than radix")
+    ax.legend(fontsize=7)
     return C.save_figure(fig, NAME, args.quick, args.out_dir)
 
 

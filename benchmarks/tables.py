@@ -25,8 +25,7 @@ END = "<!-- END tokendance-sgl benchmark results -->"
 BENCHMARKS = ("concurrency", "storage", "prefill", "fidelity", "overhead")
 TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill": 1.9}
 MiB = 2**20
-STORAGE_MEASURES = ("held_kv_per_agent_bytes", "row_kv_per_agent_bytes", "shared_kv_per_agent_bytes",
-                    "pool_kv_per_agent_bytes")
+STORAGE_MEASURES = ("row_kv_per_agent_bytes", "shared_kv_per_agent_bytes", "held_kv_per_agent_bytes")
 
 
 def load(name: str, mode: str, results: Path = RESULTS) -> dict | None:
@@ -114,27 +113,22 @@ def headline(data: dict) -> list[str]:
             xr(c["ratios"].get("tokendance_over_radix")), xr(c["ratios"].get("tokendance_over_pic")),
             f">= {TARGETS['concurrency']}x radix"])
     s = data.get("storage")
-    if s:
-        grid = [tuple(g) for g in s["settings"]["grid"]]
-        L0 = max((L for _, L in grid), key=lambda L: sum(1 for _, l2 in grid if l2 == L))
-        n = pick_n(sorted(n for n, L in grid if L == L0), 16)
-        if n is not None:
-            key = f"{n}x{L0}"
-            for m, label in (("held_kv_per_agent_bytes", "held at the peak of the round / N"),
-                             ("row_kv_per_agent_bytes", "row, masters shared among their users"),
-                             ("shared_kv_per_agent_bytes", "the row's shared block alone"),
-                             ("pool_kv_per_agent_bytes", "pool used at the end of the round / N")):
-                vals = {b: s["results"].get(b, {}).get(key, {}).get(m) for b in ("radix", "pic", "tokendance")}
-                if all(v is None for v in vals.values()):
-                    continue
-                comp = s["compression"].get(key, {})
-                rows.append([
-                    f"KV per agent, MiB ({label}), N = {n}, outputs of {L0} tokens",
-                    *(f(v / MiB if v is not None else None) for v in vals.values()),
-                    xr(comp.get("radix_over_tokendance", {}).get(m)),
-                    xr(comp.get("pic_over_tokendance", {}).get(m)),
-                    f">= {TARGETS['storage']}x less than radix at N = 16" if m.startswith("held") else "",
-                ])
+    if s and "workload" in s["settings"] and "tokendance" in s["results"]:
+        st = s["settings"]
+        n = pick_n([int(k) for k in s["results"]["tokendance"]], 16)
+        last = st["rounds"] - 1
+        share = s["results"]["tokendance"][str(n)][last]["shared_fraction_of_prompt"]
+        for m, label in (("row_kv_per_agent_bytes", "whole row"),
+                         ("shared_kv_per_agent_bytes", "the row's shared history (the paper's compression)")):
+            vals = [s["results"].get(b, {}).get(str(n), [{}] * (last + 1))[last].get(m) for b in ("radix", "pic",
+                                                                                                   "tokendance")]
+            comp = {b: (s["compression"].get(f"{b}_over_tokendance") or {}).get(str(n)) for b in ("radix", "pic")}
+            rows.append([
+                f"KV per agent, MiB ({label}), N = {n}, round {last} ({st['workload']} workload, shared history "
+                f"{share:.0%} of the prompt)", *(f(v / MiB if v is not None else None) for v in vals),
+                *(xr(c[last][m]) if c else "-" for c in comp.values()),
+                f">= {TARGETS['storage']}x at N = 32" if m.startswith("shared") else ">= 5x less than radix at N = 16",
+            ])
     p = data.get("prefill")
     if p:
         ns = sorted(int(k) for k in next(iter(p["results"].values()), {}))
@@ -200,28 +194,31 @@ def details(data: dict) -> list[str]:
                  f"({by[n]['peak_used_slots']})") if n in by else "" for n in ns])
         out += table(["backend", "1 agent"] + [f"N={n} (peak slots)" for n in ns], rows)
     s = data.get("storage")
-    if s:
+    if s and "workload" in s["settings"]:  # (an older storage JSON, before the history workload, is left out)
         st = s["settings"]
-        out += ["", f"**KV per agent** ({provenance(s)}). {st['kv_bytes_per_token']['bytes']} bytes of K+V per token; "
-                    f"round {st['measured_after_round']} measured (its requests generate "
-                    f"{st['last_round_max_new_tokens']} tokens); "
-                    f"pool {st['pool_tokens']} tokens. MiB per agent: held at the peak of the round / row "
-                    f"(docs/architecture.md, Metrics) / the row's shared block alone (its segment tokens; masters divided among their users) / "
-                    f"pool used at the end of the round:", ""]
-        bs = list(s["results"])
+        out += ["", f"**KV per agent** ({provenance(s)}). {st['workload']} workload, {st['rounds']} rounds of "
+                    f"{st['max_new_tokens']}-token outputs; {st['kv_bytes_per_token']['bytes']} bytes of K+V per "
+                    f"token; pool {st['pool_tokens']} tokens. MiB per agent in the last round: whole row / its shared "
+                    f"history (masters divided among their users) / held at the peak of the round; tokendance@P: "
+                    f"page size P (pages copied on write per round):", ""]
+        keys = list(s["results"])
         rows = []
-        for n, L in st["grid"]:
-            key = f"{n}x{L}"
-            comp = s["compression"].get(key, {})
-            row = [str(n), str(L)]
-            for b in bs:
-                r = s["results"][b][key]
-                row.append(" / ".join(f(r.get(m) / MiB if r.get(m) is not None else None) for m in STORAGE_MEASURES))
+        for n in map(str, st["agents"]):
+            row = [n]
+            for k in keys:
+                r = s["results"][k].get(n)
+                if not r:
+                    row.append("-")
+                    continue
+                cell = " / ".join(f(r[-1].get(m) / MiB) for m in STORAGE_MEASURES)
+                if "@" in k:
+                    cell += f" ({', '.join(str(x['cow_pages']) for x in r)})"
+                row.append(cell)
             for base in ("radix", "pic"):
-                cc = comp.get(f"{base}_over_tokendance")
-                row.append("-" if not cc else " / ".join(xr(cc.get(m)) for m in STORAGE_MEASURES))
+                cc = (s["compression"].get(f"{base}_over_tokendance") or {}).get(n)
+                row.append("-" if not cc else " / ".join(xr(cc[-1].get(m)) for m in STORAGE_MEASURES))
             rows.append(row)
-        out += table(["N", "output tokens", *bs, "radix / tokendance", "pic / tokendance"], rows)
+        out += table(["N", *keys, "radix / tokendance", "pic / tokendance"], rows)
     p = data.get("prefill")
     if p:
         st = p["settings"]

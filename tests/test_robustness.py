@@ -60,11 +60,19 @@ def test_agent_aborted_mid_round(server_factory, model_path):
         payloads.append(p)
     mid: dict = {}
 
-    def abort_later():
-        time.sleep(2.0)
+    def _wait_rows(pred, limit=600.0):
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            s = _stats(url)
+            if pred(s["rows"]):
+                return s
+            time.sleep(0.2)
+        return s
+
+    def abort_later():  # once the round's four rows are composed (decoding 160 tokens), abort agent 2
+        _wait_rows(lambda rows: rows == 4)
         requests.post(url + "/abort_request", json={"rid": "abort-test-2"}, timeout=60)
-        time.sleep(0.5)
-        mid.update(_stats(url))
+        mid.update(_wait_rows(lambda rows: rows < 4, limit=60.0))
 
     t = threading.Thread(target=abort_later)
     t.start()
