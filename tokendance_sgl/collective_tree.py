@@ -548,6 +548,7 @@ class CollectiveTree(RadixCache):
 
     def report(self) -> dict:
         """The tree's part of ``/tokendance/stats``."""
+        diff_slots = self.diff.private_tokens()
         return {
             **self.store.stats(),
             "segment_only_tokens": self.segment_only_size(),
@@ -555,8 +556,8 @@ class CollectiveTree(RadixCache):
             "protected": self.protected_size(),
             "rows": len(self.diff.rows),
             "recompute_policy": str(self.policy),
-            "diff_slots": self.diff.private_tokens(),
-            "diff_pages": self.diff.private_tokens() // self.page_size,
+            "diff_slots": diff_slots,
+            "diff_pages": diff_slots // self.page_size,
             "cached_path_nodes_shifted": len(self.path_positions),
             **self.stats.report(self.diff.bytes_per_token),
         }

@@ -237,8 +237,9 @@ def run_probe(worker, batch, rows: list[tuple[int, int, int]], layer: int,
     """Computes the check layer's K/V of rows ``[s, e)`` of request ``batch.reqs[i]`` for every ``(i, s, e)`` of
     ``rows``, in its real context, in ONE forward through layers ``0..layer`` (attending to the request's row before
     ``s``; the rows themselves go to scratch slots from ``alloc``, whole pages of ``pool``, so the row's slots --
-    shared masters included -- are untouched; ``pool`` frees them). Returns per row ``(k_new, v_new, k_old, v_old)`` (``[e - s, heads,
-    head_dim]``; ``old`` = what the row holds now), or None when the pool has no room for the scratch slots."""
+    shared masters included -- are untouched; ``pool`` frees them). Returns per row ``(k_new, v_new, k_old,
+    v_old)`` (``[e - s, heads, head_dim]``; ``old`` = what the row holds now), or None when the pool has no room
+    for the scratch slots."""
     runner = worker.model_runner
     rtt = runner.req_to_token_pool.req_to_token
     n = sum(e - s for _, s, e in rows)
