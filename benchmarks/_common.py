@@ -154,6 +154,10 @@ def base_parser(doc: str, *, default_backends: tuple[str, ...] = ALL_BACKENDS) -
     p.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
     p.add_argument("--style", default="generative_agents", help="workload: generative_agents (ga) or agent_society")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload", choices=("history", "last-round"), default="history",
+                   help="history (default, the paper's shape): every agent keeps its whole chat history and each round "
+                        "appends everyone's last answers, outputs of fixed length (ignore_eos); last-round: each "
+                        "prompt carries only the last round's block")
     p.add_argument("--private-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="private part (persona, memories) per agent; default: the workload's own, (80, 110) with --quick")
     p.add_argument("--task-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"),
@@ -183,12 +187,14 @@ def workload_sizes(args) -> dict:
     return out
 
 
-def make_workload(args, n_agents: int, n_rounds: int, max_new_tokens: int, *, history: bool = False, **kw):
-    """The seeded workload of ``args``; ``history``: every agent keeps its whole chat history
-    (:class:`tokendance_sgl.history.HistoryWorkload`, one assistant turn per round)."""
+def make_workload(args, n_agents: int, n_rounds: int, max_new_tokens: int, *, history: bool | None = None, **kw):
+    """The seeded workload of ``args``; ``history`` (default: ``args.workload == "history"``): every agent keeps its
+    whole chat history (:class:`tokendance_sgl.history.HistoryWorkload`, one assistant turn per round)."""
     from tokendance_sgl.history import HistoryWorkload
     from tokendance_sgl.workloads import Workload
 
+    if history is None:
+        history = getattr(args, "workload", "last-round") == "history"
     opts = {"seed": args.seed, **workload_sizes(args), **kw}
     if history:
         opts.setdefault("turns", 1)
@@ -441,7 +447,7 @@ def run_rounds(srv: Server, workload, *, max_new_tokens: int, last_round: dict |
     outputs registered in the cache.  Each round record has the runner's summary plus ``server_cpu_s`` (CPU seconds
     of the server's processes during the round), the scheduler-log summary of its prefill batches, the pool stats
     read at idle after the round (``stats_after``) and, with ``poll`` (seconds between polls), the round's peaks of
-    used and held slots (:class:`StatsPoller`)."""
+    used and held slots (:class:`StatsPoller`).  A history workload's requests run with ``ignore_eos``."""
     from tokendance_sgl.runner import run_workload
 
     if flush:
@@ -451,7 +457,11 @@ def run_rounds(srv: Server, workload, *, max_new_tokens: int, last_round: dict |
     state = {"cpu": srv.cpu_seconds(), "log": srv.log_offset()}
     poller = StatsPoller(srv, poll) if poll else None
 
+    fixed = type(workload).__name__ == "HistoryWorkload"  # histories of equal length on every backend
+
     def hook(q, p):
+        if fixed:
+            p["sampling_params"]["ignore_eos"] = True
         if last_round and q.round == last:
             p["sampling_params"].update(last_round)
         if payload_hook is not None:

@@ -45,7 +45,6 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 4; --quick: 3)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="output length (default 64; --quick: 48)")
     p.add_argument("--page-sizes", type=int, nargs="+", default=[1, 16], help="tokendance page sizes (default 1 16)")
-    p.add_argument("--workload", choices=("history", "last-round"), default="history")
     p.add_argument("--pool", type=int, default=None, help="--max-total-tokens of every server (default 131072; "
                                                            "--quick: 65536); must hold a run without eviction")
     a = p.parse_args(argv)
@@ -79,7 +78,7 @@ def by_round(s: dict, s_prev: dict, r: int, field: str) -> float | None:
 
 
 def measure(args, srv, n: int, bpt: int, log) -> list[dict]:
-    w = C.make_workload(args, n, args.rounds, args.max_new_tokens, history=args.workload == "history")
+    w = C.make_workload(args, n, args.rounds, args.max_new_tokens)
     before = srv.stats()
     run = C.run_rounds(srv, w, max_new_tokens=args.max_new_tokens, poll=0.2,
                        payload_hook=lambda q, p: p["sampling_params"].update(ignore_eos=True))

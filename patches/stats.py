@@ -21,7 +21,8 @@ ROUTE = "/tokendance/stats"
 
 
 def scheduler_stats(scheduler) -> dict:
-    from tokendance_sgl.collective_tree import CollectiveTree, pool_bytes_per_token
+    from tokendance_sgl.accounting import pool_bytes_per_token
+    from tokendance_sgl.collective_tree import CollectiveTree
 
     tree = scheduler.tree_cache
     allocator = scheduler.token_to_kv_pool_allocator

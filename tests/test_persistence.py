@@ -54,6 +54,7 @@ def test_composed_row_persists_and_its_continuation_reuses_it_at_its_positions()
     assert copy.kv_len == len(out0) == seg.kv_len + 1 and not copy.tail_pending
     assert 10 + 8 in sim.master_positions(r1).tolist()  # agent 1 reads the copy's last token
     assert r2.td.row_plan.tails and not r1.td.row_plan.tails
+    read_by_r1 = sorted(sim.master_positions(r1).tolist())
     for req in done:
         sim.finish(req)
         sim.check()
@@ -68,8 +69,15 @@ def test_composed_row_persists_and_its_continuation_reuses_it_at_its_positions()
     assert not cont.td.composed and cont.td.namespace == "td:sink:4"
     assert cont.td.positions == PositionMap((10,), (4,))
     assert cont.td.positions.position_of(len(hist)) == len(hist) + 4
+    # the path's master runs come with it: the continuation holds the copy's pages agent 2 holds too
+    runs = cont.td.path_runs
+    assert {s for _, _, s in runs} == {copy} and copy.rows_served == 2
+    assert [r for a, b, _ in runs for r in range(a, b)] == read_by_r1
     sim.check()
+    allocated = int(cont.kv.kv_allocated_len)
     sim.finish(cont)
+    # KV per agent: the continuation's row is credited with its half of the copy it shares with agent 2's path
+    assert sim.tree.stats.kv_by_round[2][:2] == [1, allocated - len(read_by_r1) / 2]
     # exactness stays separate: `full` (and any other policy) never sees the approximate path
     other = sim.admit_reused(hist + T(5, 80), {**tbl(round_=2, agent=1), "td_recompute": "none"})
     assert sim.cached[other.rid] < len(hist) - 1 and other.td.namespace == "td:none"
@@ -144,6 +152,17 @@ def test_path_positions_follow_splits_and_removal():
     assert pp.map_of(a, root) == PositionMap((10, 30), (4, 6))
     pp.remove(a)
     assert pp.map_of(a, root) == PositionMap((10,), (4,)) and len(pp) == 1
+    # master runs: clipped to the node, split with it, removed with it
+    b = N(3, 40, root)
+    pp.record(b, 10, None, [(0, 8, "s0"), (15, 35, "s1"), (42, 50, "s2"), (60, 70, "s3")])
+    assert pp.runs_of(b, root) == [(5, 25, "s1"), (32, 40, "s2")]
+    bh = N(4, 20, root)
+    b.key, b.parent = [0] * 20, bh
+    pp.split(bh, b, 20)
+    assert pp.runs_of(bh, root) == [(5, 20, "s1")]
+    assert pp.runs_of(b, root) == [(5, 20, "s1"), (20, 25, "s1"), (32, 40, "s2")]
+    pp.remove(b)
+    assert pp.runs_of(b, root) == [(5, 20, "s1")] and pp.runs_of(root, root) == []
     assert np.array_equal(np.asarray(pp.map_of(head, root).rows), [10])
 
 

@@ -3,7 +3,8 @@
 Definitions (docs/architecture.md, "Metrics"):
 
 * **KV per agent** of a released row: the slots it held for its prompt and output, the master slots it read
-  counted as ``1 / rows_served`` each (``rows_served``: the rows that have read that master), accumulated per round
+  counted as ``1 / rows_served`` each (``rows_served``: the rows that have read that master; the masters its
+  cached path references count the same way), accumulated per round
   (``kv_per_agent_by_round``); ``shared_tokens`` / ``shared_held_tokens``: the row's segment-span tokens and the
   slots held for them.
 * **KV bytes by agent** (live rows): master bytes divided among the live rows reading them, plus each row's own
@@ -18,7 +19,7 @@ from typing import Any, Optional
 
 from tokendance_sgl.diff_alloc import DiffAllocator
 
-__all__ = ["TreeStats", "COUNTERS"]
+__all__ = ["TreeStats", "COUNTERS", "pool_bytes_per_token"]
 
 # Cumulative: composed rows; segment tokens read from masters / recomputed in context; text between segments computed
 # by the pre-pass; private slots of composed regions; load-backs refused; rows inserted as persistent paths under an
@@ -37,6 +38,17 @@ COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text
             "cow_pages", "cow_tokens")
 
 _PREFILL_KEYS = ("extend_tokens", "prepass_tokens", "probe_tokens", "computed_tokens", "token_layers")
+
+
+def pool_bytes_per_token(allocator: Any) -> float:
+    """K+V bytes of one token over all layers: the KV pool's size divided by its slots (0.0 if unknown)."""
+    try:
+        kv = allocator.get_kvcache()
+        k, v = kv.get_kv_size_bytes()
+        rows = int(kv.size) + int(getattr(kv, "page_size", 1))
+        return float(k + v) / rows if rows > 0 else 0.0
+    except Exception:
+        return 0.0
 
 
 class TreeStats:
@@ -71,15 +83,15 @@ class TreeStats:
         d["computed_tokens"] += extend + prepass
         d["token_layers"] += (extend + prepass) * self.num_layers + probe_token_layers
 
-    def note_release(self, rnd: Optional[int], allocated: int, shared: float, rec: Any) -> None:
-        """A released row: ``allocated`` slots in its row, ``shared`` segment-span tokens, ``rec`` its diff record
-        (None: not composed)."""
+    def note_release(self, rnd: Optional[int], allocated: int, shared: float, runs: Any) -> None:
+        """A released row: ``allocated`` slots in its row, ``shared`` segment-span tokens, ``runs`` the rows
+        ``[a, b)`` that reference the master of ``seg`` for each ``(a, b, seg)`` (the cached path's and the region
+        composed for it: :meth:`RequestState.master_runs`)."""
         if allocated <= 0:
             return
         saved = 0.0
-        if rec is not None:
-            for r in rec.refs:
-                saved += len(r) * (1.0 - 1.0 / max(1, r.seg.rows_served))
+        for a, b, seg in runs:
+            saved += max(0, min(b, allocated) - a) * (1.0 - 1.0 / max(1, seg.rows_served))
         acc = self.kv_by_round.setdefault(-1 if rnd is None else int(rnd), [0, 0.0, 0.0, 0.0])
         acc[0] += 1
         acc[1] += float(allocated) - saved

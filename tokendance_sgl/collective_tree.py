@@ -53,7 +53,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
-from tokendance_sgl.accounting import TreeStats
+from tokendance_sgl.accounting import TreeStats, pool_bytes_per_token
 from tokendance_sgl.bases import CanonicalBases
 from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.config import TreeConfig
@@ -71,18 +71,7 @@ from tokendance_sgl.segments import SegmentTableError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CollectiveTree", "pool_bytes_per_token", "approx_namespace"]
-
-
-def pool_bytes_per_token(allocator: Any) -> float:
-    """K+V bytes of one token over all layers: the KV pool's size divided by its slots (0.0 if unknown)."""
-    try:
-        kv = allocator.get_kvcache()
-        k, v = kv.get_kv_size_bytes()
-        rows = int(kv.size) + int(getattr(kv, "page_size", 1))
-        return float(k + v) / rows if rows > 0 else 0.0
-    except Exception:
-        return 0.0
+__all__ = ["CollectiveTree", "approx_namespace"]
 
 
 def approx_namespace(extra_key: Optional[str], policy: RecomputePolicy) -> str:
@@ -121,7 +110,7 @@ class CollectiveTree(RadixCache):
         self.collector = self.collector_class(self)
         self.rope: Optional[RopeSpec] = None  # set by build_collective_tree from the loaded model
         self._live: dict[int, RequestState] = {}  # id(req.kv) -> state of every live composed row
-        self._inserting: Optional[RequestState] = None  # the row a checkpoint is inserting
+        self._inserting: Optional[tuple] = None  # (position map, master runs) of the row a checkpoint is inserting
         self.tp_size = 1  # set by build_collective_tree
         super().__init__(dataclasses.replace(params, token_to_kv_pool_allocator=self.pool))  # calls reset()
         rtt = getattr(self.req_to_token_pool, "req_to_token", None)
@@ -201,7 +190,7 @@ class CollectiveTree(RadixCache):
         prefix_len, last = super()._insert_helper(node, key, value, priority, inserted_len)
         if self.evictable_size_ != before:  # the stock helper created exactly one new leaf: `last`
             self.radix_holds.add(last)
-            self.path_positions.record(last, prefix_len, self._inserting.positions if self._inserting else None)
+            self.path_positions.record(last, prefix_len, *(self._inserting or (None, ())))
         return prefix_len, last
 
     def _split_node(self, key, child, split_len):
@@ -299,6 +288,7 @@ class CollectiveTree(RadixCache):
                 return res  # a row being continued (chunked prefill): planned at admission
             st = state_of(req)
             res, st.match_ns, st.positions = self._approx_match(req, params.key, res)
+            st.path_runs = self.path_positions.runs_of(res.last_device_node, self.root_node) if st.match_ns else []
             st.namespace = st.match_ns
             st.layout = None
             if self.config.reuse:
@@ -466,7 +456,7 @@ class CollectiveTree(RadixCache):
             return
         st = state_of(req)
         extra = req.extra_key
-        self._inserting = st
+        self._inserting = (st.positions, st.master_runs(self.diff.record(id(req.kv)) if self.diff.rows else None))
         if st.namespace is not None:  # an approximate row goes under its policy's namespace (stock insert)
             req.extra_key = st.namespace
         try:
@@ -520,7 +510,8 @@ class CollectiveTree(RadixCache):
         plan = st.plan
         self.stats.note_release(plan.round if plan is not None else None,
                                 int(getattr(req.kv, "kv_allocated_len", 0) or 0),
-                                float(sum(len(s) for s in plan.spans)) if plan is not None else 0.0, rec)
+                                float(sum(len(s) for s in plan.spans)) if plan is not None else 0.0,
+                                st.master_runs(rec))
         if rec is not None:
             toks = self.stats.row_tokens(self.diff, key)
             self.stats.note_row_bytes(rec.agent, toks * self.diff.bytes_per_token)

@@ -9,7 +9,10 @@ never repeat, so RoPE distances inside the row keep their order; a gap only wide
 A cached path keeps the map of the row that built it: :class:`PathPositions` stores, per radix node, the
 breakpoints that fall inside the node (offsets from the node's first row, with the shift added there). A request
 that matches a path gets the path's map (:meth:`PathPositions.map_of`), so its extend and decode continue at the
-positions the cached KV was computed for. Exact paths (the default namespace) have no breakpoints.
+positions the cached KV was computed for. Exact paths (the default namespace) have no breakpoints. It keeps the
+row's master runs the same way (rows that reference a segment's master pages, with the segment): a request that
+continues the path holds those shared pages too, and the KV-per-agent accounting credits them
+(:meth:`PathPositions.runs_of`).
 """
 
 from __future__ import annotations
@@ -88,50 +91,81 @@ def shift_batch(positions: torch.Tensor, maps: Sequence[Optional[PositionMap]], 
 
 @dataclass
 class PathPositions:
-    """Per radix node (by id): the breakpoints of its rows, as ``(offset within the node, shift added)``."""
+    """Per radix node (by id): the breakpoints of its rows, as ``(offset within the node, shift added)``, and its
+    master runs, as ``(offset within the node, length, segment)``."""
 
     _breaks: dict = field(default_factory=dict)
+    _runs: dict = field(default_factory=dict)
 
     def clear(self) -> None:
         self._breaks.clear()
+        self._runs.clear()
 
     def __len__(self) -> int:
         return len(self._breaks)
 
-    def record(self, node: Any, start: int, pmap: Optional[PositionMap]) -> None:
-        """A new node holding rows ``[start, start + len(node.key))`` of a row mapped by ``pmap``."""
-        if pmap:
-            got = pmap.breaks_in(start, start + len(node.key))
-            if got:
-                self._breaks[node.id] = got
+    def record(self, node: Any, start: int, pmap: Optional[PositionMap], runs: Sequence[tuple] = ()) -> None:
+        """A new node holding rows ``[start, start + len(node.key))`` of a row mapped by ``pmap`` whose rows
+        ``[a, b)`` reference the master of ``seg`` for each ``(a, b, seg)`` of ``runs``."""
+        end = start + len(node.key)
+        got = pmap.breaks_in(start, end) if pmap else None
+        if got:
+            self._breaks[node.id] = got
+        mine = [(max(a, start) - start, min(b, end) - max(a, start), seg) for a, b, seg in runs if a < end and b > start]
+        if mine:
+            self._runs[node.id] = mine
 
     def split(self, parent: Any, child: Any, split_len: int) -> None:
         got = self._breaks.pop(child.id, None)
-        if not got:
-            return
-        head = [(o, g) for o, g in got if o < split_len]
-        tail = [(o - split_len, g) for o, g in got if o >= split_len]
-        if head:
-            self._breaks[parent.id] = head
-        if tail:
-            self._breaks[child.id] = tail
+        if got:
+            head = [(o, g) for o, g in got if o < split_len]
+            tail = [(o - split_len, g) for o, g in got if o >= split_len]
+            if head:
+                self._breaks[parent.id] = head
+            if tail:
+                self._breaks[child.id] = tail
+        runs = self._runs.pop(child.id, None)
+        if runs:
+            head = [(o, min(n, split_len - o), s) for o, n, s in runs if o < split_len]
+            tail = [(max(o, split_len) - split_len, o + n - max(o, split_len), s) for o, n, s in runs
+                    if o + n > split_len]
+            if head:
+                self._runs[parent.id] = head
+            if tail:
+                self._runs[child.id] = tail
 
     def remove(self, node: Any) -> None:
         self._breaks.pop(node.id, None)
+        self._runs.pop(node.id, None)
+
+    def runs_of(self, node: Any, root: Any) -> list[tuple[int, int, Any]]:
+        """The master runs ``(first row, end row, segment)`` on the path from the root to ``node`` (inclusive)."""
+        if not self._runs:
+            return []
+        out, start = [], 0
+        for n in reversed(_chain(node, root)):
+            out.extend((start + o, start + o + k, s) for o, k, s in self._runs.get(n.id, ()))
+            start += len(n.key)
+        return out
 
     def map_of(self, node: Any, root: Any) -> PositionMap:
         """The map of the rows on the path from the root to ``node`` (inclusive)."""
         if not self._breaks:
             return PositionMap()
-        chain = []
-        while node is not None and node is not root:
-            chain.append(node)
-            node = node.parent
         rows, shifts, start, total = [], [], 0, 0
-        for n in reversed(chain):
+        for n in reversed(_chain(node, root)):
             for off, gap in self._breaks.get(n.id, ()):
                 total += gap
                 rows.append(start + off)
                 shifts.append(total)
             start += len(n.key)
         return PositionMap(tuple(rows), tuple(shifts))
+
+
+def _chain(node: Any, root: Any) -> list:
+    """The nodes from ``node`` up to (not including) ``root``."""
+    chain = []
+    while node is not None and node is not root:
+        chain.append(node)
+        node = node.parent
+    return chain

@@ -145,6 +145,8 @@ class RequestState:
     layout: Optional[RowLayout] = None
     # row -> position map of the row: the matched path's, plus the gap of the region composed for it
     positions: PositionMap = field(default_factory=PositionMap)
+    # (first row, end row, segment): rows of the matched path that reference a segment's master pages
+    path_runs: list = field(default_factory=list)
     # the namespace its row is inserted under at checkpoint (None: exact KV at true positions)
     namespace: Optional[str] = None
     # slots of the composed region, in row order (prefix_device_indices appends them to the cached prefix)
@@ -170,6 +172,11 @@ class RequestState:
     def composed(self) -> bool:
         return self.host_slots is not None
 
+    def master_runs(self, rec: Any) -> list:
+        """Every run of the row that references a master: the matched path's and those of ``rec`` (the row's diff
+        record, None: nothing composed), as ``(first row, end row, segment)``."""
+        return self.path_runs + ([(r.start, r.end, r.seg) for r in rec.refs] if rec is not None else [])
+
     def release_row(self) -> None:
         """Forgets the row (SGLang released it); the caller has given back ``held_pages`` and ``reads``."""
         self.layout = None
@@ -178,6 +185,7 @@ class RequestState:
         self.held_pages = np.empty(0, dtype=np.int64)
         self.reads = []
         self.positions = PositionMap()
+        self.path_runs = []
         self.namespace = None
         self.match_ns = None
 
