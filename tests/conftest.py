@@ -10,6 +10,10 @@ import pytest
 from tokendance_sgl.model import prepare_model
 
 _servers: dict[tuple, object] = {}
+# The configurations most engine modules share live for the whole session; any other one lives for one module at
+# most (`_module_servers`). Each server holds about 4 GB (scheduler, detokenizer, launcher): with every
+# configuration of the suite alive at once a 24 GB machine runs out of memory and thrashes.
+CORE = {("radix", (), ()), ("radix", ("--disable-radix-cache",), ()), ("tokendance", (), ())}
 # Every test server runs SGLang's busy-mode memory check (a leak or a double count crashes its scheduler) on top of
 # the idle check that is always on.
 SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
@@ -55,6 +59,14 @@ def own_server(model_path):
         handle = _servers.pop(key, None)
         if handle is not None:
             handle.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_servers():
+    """Stops the servers of the module's own configurations (not the shared ones) when the module ends."""
+    yield
+    for key in [k for k in _servers if k not in CORE]:
+        _servers.pop(key).stop()
 
 
 @pytest.fixture(scope="session")

@@ -191,17 +191,12 @@ def test_shared_history_is_held_once_plus_diffs(radix_server, td_url, model_path
           f"agent {diffs:.1f}, copies {copies}")
 
 
-@pytest.fixture(scope="module")
-def small_pool(server_factory):
-    # 4 agents' histories (up to ~900 tokens each by round 3) do not fit at once: paths are evicted mid-round
-    return server_factory("tokendance", "--max-total-tokens", "1600")
-
-
-def test_small_pool_evicts_paths_and_full_still_equals_exact(small_pool, radix_run, model_path):
+def test_small_pool_evicts_paths_and_full_still_equals_exact(own_server, radix_run, model_path):
     """Agents' paths are evicted between their turns (the pool holds far less than their histories): their next
     requests find less cached and compose their blocks again, and every output still equals radix's (exact) token
     for token."""
-    url = small_pool.base_url
+    # 4 agents' histories (up to ~900 tokens each by round 3) do not fit at once: paths are evicted mid-round
+    url = own_server("tokendance", "--max-total-tokens", "1600").base_url
     full = _run(url, model_path, policy="full")
     for key, a in _requests(full).items():
         assert a.output_ids == _requests(radix_run)[key].output_ids, key
