@@ -66,15 +66,11 @@ def configs(args) -> list[tuple[str, str, int]]:
     return out
 
 
-def by_round(s: dict, s_prev: dict, r: int, field: str) -> float | None:
-    """Mean ``field`` per row of round ``r`` in ``kv_per_agent_by_round`` (cumulative over the runs on one server:
-    the increase between two reads)."""
+def by_round(s: dict, r: int, field: str) -> float | None:
+    """Mean ``field`` per row of round ``r`` in ``kv_per_agent_by_round`` (it restarts with every flush, and every
+    run starts with one)."""
     a = (s.get("kv_per_agent_by_round") or {}).get(str(r))
-    if not a or field not in a:
-        return None
-    b = (s_prev.get("kv_per_agent_by_round") or {}).get(str(r)) or {}
-    rows = a["rows"] - b.get("rows", 0)
-    return None if rows <= 0 else (a[field] * a["rows"] - b.get(field, 0.0) * b.get("rows", 0)) / rows
+    return a[field] if a and a.get("rows") and field in a else None
 
 
 def measure(args, srv, n: int, bpt: int, log) -> list[dict]:
@@ -88,8 +84,8 @@ def measure(args, srv, n: int, bpt: int, log) -> list[dict]:
         s = rd["stats_after"]
         prompt = statistics.fmean(a.prompt_tokens for a in rec.agents)
         shared = statistics.fmean(a.shared_tokens for a in rec.agents)
-        row = by_round(after, before, r, "tokens")
-        held_shared = by_round(after, before, r, "shared_held_tokens")
+        row = by_round(after, r, "tokens")
+        held_shared = by_round(after, r, "shared_held_tokens")
         if row is None:  # radix: a row holds every token of its prompt and output
             row = statistics.fmean(a.prompt_tokens + a.generated_tokens for a in rec.agents)
             held_shared = shared
