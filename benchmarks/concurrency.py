@@ -159,7 +159,8 @@ def main(argv=None) -> int:
             "slo_reference_backend": ref, "slo_s": slo, "cpu_bound_s": slo_cpu, "agents": args.agents,
             "rounds": args.rounds, "slo_rounds": "every round >= 1 (round 0 is the same cold warm-up everywhere)",
             "max_new_tokens": args.max_new_tokens, "patience": args.patience, "single_repeats": args.single_repeats,
-            "style": args.style, "seed": args.seed, "workload_sizes": C.workload_sizes(args) or "workload defaults",
+            "workload": args.workload, "style": args.style, "seed": args.seed,
+            "workload_sizes": C.workload_sizes(args) or "workload defaults",
             "model": args.model, "server_args": args.server_arg,
             "cpu_bound_note": "secondary: the same sweep judged on the server's CPU seconds per round against "
                               "slo_multiple x the single-agent CPU seconds (less sensitive to other load); the sweep "

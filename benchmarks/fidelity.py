@@ -217,7 +217,8 @@ def main(argv=None) -> int:
         "settings": {
             "backends": backends, "skipped_backends": skipped, "policies": args.policies, "agents": args.agents,
             "rounds": args.rounds, "probed_round": args.rounds - 1, "segment_tokens_max": args.max_new_tokens,
-            "probe_tokens": args.probe_tokens, "top_k": args.top_k, "style": args.style, "seed": args.seed,
+            "probe_tokens": args.probe_tokens, "top_k": args.top_k, "workload": args.workload, "style": args.style,
+            "seed": args.seed,
             "workload_sizes": C.workload_sizes(args) or "workload defaults", "model": args.model,
             "server_args": args.server_arg, "max_gaps": args.max_gaps,
             "reference": "radix --disable-radix-cache (exact prefill at true positions)",

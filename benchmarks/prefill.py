@@ -135,7 +135,8 @@ def main(argv=None) -> int:
         "settings": {
             "backends": backends, "skipped_backends": skipped, "agents": args.agents, "rounds": args.rounds,
             "timed_round": args.rounds - 1, "max_new_tokens_untimed": args.max_new_tokens, "repeats": args.repeats,
-            "style": args.style, "seed": args.seed, "workload_sizes": C.workload_sizes(args) or "workload defaults",
+            "workload": args.workload, "style": args.style, "seed": args.seed,
+            "workload_sizes": C.workload_sizes(args) or "workload defaults",
             "model": args.model, "server_args": args.server_arg,
             "timing": "round latency of the last round with max_new_tokens=1 for every request (prefill + one "
                       "sampled token), earlier rounds run normally; median over repeats; server_cpu_s = CPU seconds "
