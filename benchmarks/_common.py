@@ -448,6 +448,7 @@ def run_rounds(srv: Server, workload, *, max_new_tokens: int, last_round: dict |
     of the server's processes during the round), the scheduler-log summary of its prefill batches, the pool stats
     read at idle after the round (``stats_after``) and, with ``poll`` (seconds between polls), the round's peaks of
     used and held slots (:class:`StatsPoller`).  A history workload's requests run with ``ignore_eos``."""
+    from tokendance_sgl.history import HistoryWorkload
     from tokendance_sgl.runner import run_workload
 
     if flush:
@@ -457,7 +458,7 @@ def run_rounds(srv: Server, workload, *, max_new_tokens: int, last_round: dict |
     state = {"cpu": srv.cpu_seconds(), "log": srv.log_offset()}
     poller = StatsPoller(srv, poll) if poll else None
 
-    fixed = type(workload).__name__ == "HistoryWorkload"  # histories of equal length on every backend
+    fixed = isinstance(workload, HistoryWorkload)  # histories of equal length on every backend
 
     def hook(q, p):
         if fixed:

@@ -456,7 +456,7 @@ class CollectiveTree(RadixCache):
             return
         st = state_of(req)
         extra = req.extra_key
-        self._inserting = (st.positions, st.master_runs(self.diff.record(id(req.kv)) if self.diff.rows else None))
+        self._inserting = (st.positions, st.master_runs(self.diff.record(id(req.kv))))
         if st.namespace is not None:  # an approximate row goes under its policy's namespace (stock insert)
             req.extra_key = st.namespace
         try:
