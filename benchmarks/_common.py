@@ -159,9 +159,12 @@ def base_parser(doc: str, *, default_backends: tuple[str, ...] = ALL_BACKENDS) -
                         "appends everyone's last answers, outputs of fixed length (ignore_eos); last-round: each "
                         "prompt carries only the last round's block")
     p.add_argument("--private-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="private part (persona, memories) per agent; default: the workload's own, (80, 110) with --quick")
+                   help="private part (persona, memories) per agent; default (80, 110) on the history workload or with "
+                        "--quick (the gathered history is then most of a long row, the paper's shape), else the "
+                        "workload's own")
     p.add_argument("--task-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="task text per request; default: the workload's own, (20, 30) with --quick")
+                   help="task text per request; default (20, 30) on the history workload or with --quick, else the "
+                        "workload's own")
     p.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                    help="extra SGLang flag for every server (repeatable; e.g. --server-arg=--page-size=1)")
     p.add_argument("--policy", default=None,
@@ -172,13 +175,15 @@ def base_parser(doc: str, *, default_backends: tuple[str, ...] = ALL_BACKENDS) -
     return p
 
 
-QUICK_PRIVATE = (80, 110)
-QUICK_TASK = (20, 30)
+SHORT_PRIVATE = (80, 110)
+SHORT_TASK = (20, 30)
 
 
 def workload_sizes(args) -> dict:
-    priv = tuple(args.private_tokens) if args.private_tokens else (QUICK_PRIVATE if args.quick else None)
-    task = tuple(args.task_tokens) if args.task_tokens else (QUICK_TASK if args.quick else None)
+    """Private and task sizes: the flags', else the short ones on the history workload or with ``--quick``."""
+    short = args.quick or getattr(args, "workload", "last-round") == "history"
+    priv = tuple(args.private_tokens) if args.private_tokens else (SHORT_PRIVATE if short else None)
+    task = tuple(args.task_tokens) if args.task_tokens else (SHORT_TASK if short else None)
     out = {}
     if priv:
         out["private_tokens"] = priv

@@ -35,23 +35,23 @@ NAME = "concurrency"
 def parse_args(argv=None):
     p = C.base_parser(__doc__)
     p.add_argument("--agents", type=int, nargs="+", default=None,
-                   help="N values, ascending (default 1 2 4 6 8 10 12 14 16 20 24; --quick: 2 4 6 8 10 12)")
+                   help="N values, ascending (default 1 2 4 8 12 16 20 24 28 32; --quick: 2 4 6 8 10 12)")
     p.add_argument("--pool", type=int, default=None,
-                   help="--max-total-tokens of every server (default 8192; --quick: 2560)")
+                   help="--max-total-tokens of every server (default 32768; --quick: 2560)")
     p.add_argument("--slo-multiple", type=float, default=None,
                    help="SLO = this x the single-agent round latency (default 6; --quick: 6)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 3; --quick: 2)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per request (default 32; --quick: 16)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 4; --quick: 2)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per request (default 96; --quick: 16)")
     p.add_argument("--single-repeats", type=int, default=2, help="single-agent runs; the median sets the SLO")
     p.add_argument("--patience", type=int, default=1, help="stop a backend after this many consecutive failing N")
     p.add_argument("--reference", default="radix", help="backend whose single-agent latency sets the SLO "
                                                         "(default radix; the first backend run if absent)")
     a = p.parse_args(argv)
-    a.agents = sorted(set(a.agents or ([2, 4, 6, 8, 10, 12] if a.quick else [1, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24])))
-    a.pool = a.pool or (2560 if a.quick else 8192)
+    a.agents = sorted(set(a.agents or ([2, 4, 6, 8, 10, 12] if a.quick else [1, 2, 4, 8, 12, 16, 20, 24, 28, 32])))
+    a.pool = a.pool or (2560 if a.quick else 32768)
     a.slo_multiple = a.slo_multiple or 6.0
-    a.rounds = a.rounds or (2 if a.quick else 3)
-    a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 32)
+    a.rounds = a.rounds or (2 if a.quick else 4)
+    a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 96)
     if a.rounds < 2:
         p.error("--rounds must be >= 2 (round 0 is the warm-up)")
     return a

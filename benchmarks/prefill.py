@@ -33,18 +33,18 @@ NAME = "prefill"
 
 def parse_args(argv=None):
     p = C.base_parser(__doc__)
-    p.add_argument("--agents", type=int, nargs="+", default=None, help="N values (default 2 4 6 8 10 12 16; "
+    p.add_argument("--agents", type=int, nargs="+", default=None, help="N values (default 4 8 12 16; "
                                                                        "--quick: 4 10)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per run; the last one is timed (default 3; "
+    p.add_argument("--rounds", type=int, default=None, help="rounds per run; the last one is timed (default 4; "
                                                              "--quick: 2)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens of the untimed rounds (default 32; "
+    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens of the untimed rounds (default 96; "
                                                                      "--quick: 16)")
     p.add_argument("--repeats", type=int, default=None, help="runs per (backend, N); the median is reported "
                                                               "(default 3; --quick: 2)")
     a = p.parse_args(argv)
-    a.agents = a.agents or ([4, 10] if a.quick else [2, 4, 6, 8, 10, 12, 16])
-    a.rounds = a.rounds or (2 if a.quick else 3)
-    a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 32)
+    a.agents = a.agents or ([4, 10] if a.quick else [4, 8, 12, 16])
+    a.rounds = a.rounds or (2 if a.quick else 4)
+    a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 96)
     a.repeats = a.repeats or (2 if a.quick else 3)
     a.policy = a.policy or "deviation:0.15"
     if a.rounds < 2:

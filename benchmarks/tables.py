@@ -241,23 +241,34 @@ def details(data: dict) -> list[str]:
     fi = data.get("fidelity")
     if fi:
         st = fi["settings"]
-        out += ["", f"**Fidelity against exact prefill** ({provenance(fi)}). {st['agents']} agents, round "
-                    f"{st['probed_round']}, segments up to {st['segment_tokens_max']} tokens; teacher-forced over the "
-                    f"task tokens (KL over the exact run's top-{st['top_k']}), greedy over the first "
-                    f"{st['probe_tokens']} tokens:", ""]
+        out += ["", f"**Fidelity against exact prefill** ({provenance(fi)}). {st['agents']} agents, "
+                    f"{st['rounds']} rounds (each policy one run of its own, every round replayed with the exact "
+                    f"prompts), segments up to {st['segment_tokens_max']} tokens; teacher-forced over the task tokens "
+                    f"(KL over the exact run's top-{st['top_k']}), greedy over the first {st['probe_tokens']} tokens; "
+                    "\"diverges\": the first round whose greedy outputs differ from exact (where a free-running run "
+                    "leaves the exact trace):", ""]
         rows = []
         for b, r in fi["results"].items():
             copies = "-" if r.get("copy_slots_made") is None else str(r["copy_slots_made"])
             for pol, x in r["policies"].items():
                 if "top1" not in x:
-                    rows.append([b, f"`{pol}`", "refused", "", "", "", "", copies])
+                    rows.append([b, f"`{pol}`", "refused", "", "", "", "", "", "", copies])
                     continue
-                rows.append([b, f"`{pol}`", f(x["recompute_fraction"], 3), f"{x['top1']:.3f}", f"{max(0.0, x['kl']):.4f}",
-                             f"{x['greedy']:.2f}", str(x["uncached_tokens"]), copies])
-        out += table(["backend", "policy", "fraction recomputed", "top-1", "KL", "greedy", "uncached tokens",
-                      "copy slots made for the round"], rows)
+                for y in x.get("by_round") or [{**x, "round": st["probed_round"]}]:
+                    last = y["round"] == x["round"] if "round" in x else True
+                    rows.append([b, f"`{pol}`", str(y["round"]), f(y["recompute_fraction"], 3), f"{y['top1']:.3f}",
+                                 f"{max(0.0, y['kl']):.4f}", f"{y['greedy']:.2f}", str(y["uncached_tokens"]),
+                                 _diverges(x) if last else "", copies if last else ""])
+        out += table(["backend", "policy", "round", "fraction recomputed", "top-1", "KL", "greedy", "uncached tokens",
+                      "diverges", "copy slots made over the run"], rows)
     out += overhead_table(data.get("overhead"))
     return out
+
+
+def _diverges(x: dict) -> str:
+    if "by_round" not in x:  # a result of the last-round-only probe
+        return "-"
+    return "none" if x["first_divergent_round"] is None else str(x["first_divergent_round"])
 
 
 def overhead_table(o: dict | None) -> list[str]:
