@@ -149,11 +149,15 @@ def probe_policy(args, srv, exact, policy: str) -> dict:
             "prompt_tokens": sum(a.meta_info["prompt_tokens"] for a in rec.agents),
             "uncached_tokens": sum(a.meta_info["prompt_tokens"] - a.meta_info.get("cached_tokens", 0)
                                    for a in rec.agents),
-            "round_latency_s": run["rounds"][r]["latency_s"],
+            "round_latency_s": mark["latency_s"],
         })
     total = {k: sum(x["stats_delta"].get(k, 0) for x in by_round) for k in ("rotated_tokens", "master_copies")}
     return {**by_round[-1], "first_divergent_round": left, "copy_slots": total["rotated_tokens"],
             "master_copies": total["master_copies"], "by_round": by_round}
+
+
+def _diverged(rec: dict) -> str:
+    return "none" if rec["first_divergent_round"] is None else str(rec["first_divergent_round"])
 
 
 def first_divergence(ref: list[int], got: list[int], n: int) -> int | None:
@@ -255,7 +259,7 @@ def main(argv=None) -> int:
             for y in x["by_round"]:
                 print(f"{b:<{wb}}{pol:<{w}}{y['round']:>6}{C.fmt(y['recompute_fraction'], 3):>11}{y['top1']:>8.3f}"
                       f"{max(0.0, y['kl']):>9.4f}{y['greedy']:>8.2f}{y['uncached_tokens']:>10}"
-                      f"{C.fmt(x['first_divergent_round']) if y is x['by_round'][-1] else '':>13}")
+                      f"{_diverged(x) if y is x['by_round'][-1] else '':>13}")
         print(f"{b}: copy slots made over a run {C.fmt(r.get('copy_slots_made'))}")
     for label, cmp_ in (("tokendance", comparison), *comparison_max_gap.items()):
         for pol, c in cmp_.items():
