@@ -16,7 +16,10 @@ the K+V bytes of one token over all layers):
 * **shared history** -- the same for the row's gathered spans alone (everyone's answers so far): the region the
   paper's diff-aware storage compresses; a radix or pic row holds each of those tokens;
 * **held at the peak** -- the largest ``used_slots - evictable_size`` polled during the round, / N;
-* **copied pages** (tokendance at page size > 1) -- row pages copied on write in the round, and their tokens.
+* **copied pages** (tokendance at page size > 1) -- row pages copied on write in the round, and their tokens;
+* **dense / held** -- a dense per-agent copy of the row (every prompt and output token) over the row measure, and of
+  the shared history over the shared-history measure: the paper's compression, read from one backend's own run (so
+  ``--backends tokendance`` alone gives it at an N whose radix run would not fit in memory).
 
 Compression = baseline / tokendance of each measure, in the same run; page price = tokendance at page P / page 1.
 Writes benchmarks/results/storage[_quick].json and .png.
@@ -85,16 +88,18 @@ def measure(args, srv, n: int, bpt: int, log) -> list[dict]:
         s = rd["stats_after"]
         prompt = statistics.fmean(a.prompt_tokens for a in rec.agents)
         shared = statistics.fmean(a.shared_tokens for a in rec.agents)
+        dense = statistics.fmean(a.prompt_tokens + a.generated_tokens for a in rec.agents)
         row = by_round(after, r, "tokens")
         held_shared = by_round(after, r, "shared_held_tokens")
         if row is None:  # radix: a row holds every token of its prompt and output
-            row = statistics.fmean(a.prompt_tokens + a.generated_tokens for a in rec.agents)
-            held_shared = shared
+            row, held_shared = dense, shared
         out.append({
             "round": r, "prompt_tokens_per_agent": prompt, "shared_tokens_per_agent": shared,
             "shared_fraction_of_prompt": shared / prompt if prompt else 0.0,
             "row_kv_per_agent_bytes": row * bpt, "shared_kv_per_agent_bytes": held_shared * bpt,
             "held_kv_per_agent_bytes": rd.get("peak_held_slots", 0) / n * bpt,
+            # the paper's compression, within this run: a dense per-agent copy of the tokens over what the row holds
+            "dense_over_row": C.ratio(dense, row), "dense_over_shared": C.ratio(shared, held_shared),
             "pool_used_slots": s["used_slots"], "possible_eviction": s["available_size"] < 0.05 * s["max_total_num_tokens"],
             "cow_pages": s.get("cow_pages", 0) - prev.get("cow_pages", 0),
             "cow_tokens": s.get("cow_tokens", 0) - prev.get("cow_tokens", 0),
@@ -105,8 +110,8 @@ def measure(args, srv, n: int, bpt: int, log) -> list[dict]:
     last = out[-1]
     log(f"  {srv.backend} N={n}: last round: shared {last['shared_fraction_of_prompt']:.0%} of the prompt; per agent "
         f"row {last['row_kv_per_agent_bytes'] / 2**20:.2f} MiB, shared history "
-        f"{last['shared_kv_per_agent_bytes'] / 2**20:.2f} MiB, held {last['held_kv_per_agent_bytes'] / 2**20:.2f} MiB, "
-        f"pages copied {last['cow_pages']}")
+        f"{last['shared_kv_per_agent_bytes'] / 2**20:.2f} MiB ({C.fmt(last['dense_over_shared'])}x less than dense "
+        f"copies), held {last['held_kv_per_agent_bytes'] / 2**20:.2f} MiB, pages copied {last['cow_pages']}")
     return out
 
 
@@ -163,6 +168,8 @@ def main(argv=None) -> int:
                                              "shared_held_tokens; radix: the gathered tokens of the prompt)",
                 "held_kv_per_agent_bytes": "peak over polls during the round of (used_slots - evictable_size) / N",
                 "cow_pages": "row pages copied on write in the round (page_size > 1)",
+                "dense_over_row": "prompt + generated tokens per agent / the row measure's tokens (1 for radix)",
+                "dense_over_shared": "gathered tokens of the prompt per agent / shared_held_tokens (1 for radix)",
             },
         },
         "servers": servers,
@@ -192,6 +199,11 @@ def summary(data: dict, args) -> None:
         c = (data["compression"].get("radix_over_tokendance") or {}).get(n)
         line += f"{' / '.join(C.fmt(c[last][m]) for m in MEASURES) if c else '-':>26}"
         print(line)
+    for key, res in data["results"].items():
+        if key != "radix":
+            print(f"{key}: dense per-agent copies / held, round {last} (row / shared history): " + ", ".join(
+                f"N={n} {C.fmt(res[n][last].get('dense_over_row'))} / {C.fmt(res[n][last].get('dense_over_shared'))}"
+                for n in map(str, args.agents) if n in res))
     for ps, per_n in data["page_price"].items():
         for n, rs in per_n.items():
             copied = [r["cow_pages"] for r in data["results"][f"tokendance@{ps}"][n]]
