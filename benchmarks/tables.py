@@ -2,7 +2,7 @@
 
     python benchmarks/tables.py [--quick] [--mode auto|full|quick] [--target FILE ...]
 
-Reads benchmarks/results/{concurrency,storage,prefill,fidelity,overhead}[_quick].json and writes a Markdown block between
+Reads benchmarks/results/{concurrency,storage,storage_scale,prefill,fidelity,overhead}[_quick].json and writes a Markdown block between
 the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
 (the default) takes, per benchmark, the newer of the full-size and the quick JSON.  It is named to sort after the measuring scripts, so ``tokendance-sgl bench``
@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- BEGIN tokendance-sgl benchmark results (written by benchmarks/tables.py from the JSON; do not edit) -->"
 END = "<!-- END tokendance-sgl benchmark results -->"
-BENCHMARKS = ("concurrency", "storage", "prefill", "fidelity", "overhead")
+BENCHMARKS = ("concurrency", "storage", "storage_scale", "prefill", "fidelity", "overhead")
 TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill": 1.9}
 MiB = 2**20
 STORAGE_MEASURES = ("row_kv_per_agent_bytes", "shared_kv_per_agent_bytes", "held_kv_per_agent_bytes")
@@ -97,6 +97,31 @@ def pick_n(keys: list[int], want: int) -> int | None:
 # ----------------------------------------------------------------------------------------------------------- parts
 
 
+def compression_rows(data: dict) -> list[list[str]]:
+    """The paper's compression of the shared history (dense per-agent copies / what tokendance's rows hold), at the
+    largest N of ``storage`` and of ``storage_scale`` (a tokendance-only run at an N whose radix run does not fit)."""
+    rows = []
+    for name in ("storage", "storage_scale"):
+        s = data.get(name)
+        res = (s or {}).get("results", {}).get("tokendance")
+        if not res:
+            continue
+        n = max(map(int, res))
+        last = res[str(n)][-1]
+        if last.get("dense_over_shared") is None:
+            continue  # (a storage JSON from before the measure)
+        st = s["settings"]
+        pol = ((s.get("servers") or {}).get("tokendance") or {}).get("recompute_policy", "?")
+        pic = (s["results"].get("pic") or {}).get(str(n))
+        rows.append([
+            f"shared-history compression: dense per-agent copies / (master share + diffs), N = {n}, round "
+            f"{st['rounds'] - 1}, {st['max_new_tokens']}-token outputs, `{pol}` (`{s['_path']}`)", "1.00x (dense)",
+            xr(pic[-1].get("dense_over_shared")) if pic else "-", xr(last["dense_over_shared"]),
+            xr(last["dense_over_shared"]), "",
+            f">= {TARGETS['storage']}x at N = 32"])
+    return rows
+
+
 def headline(data: dict) -> list[str]:
     rows = []
     c = data.get("concurrency")
@@ -129,6 +154,7 @@ def headline(data: dict) -> list[str]:
                 *(xr(c[last][m]) if c else "-" for c in comp.values()),
                 f">= {TARGETS['storage']}x at N = 32" if m.startswith("shared") else ">= 5x less than radix at N = 16",
             ])
+    rows += compression_rows(data)
     p = data.get("prefill")
     if p:
         ns = sorted(int(k) for k in next(iter(p["results"].values()), {}))

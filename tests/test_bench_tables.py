@@ -56,3 +56,14 @@ def test_block_comes_from_the_newest_json_and_replaces_the_old_block(tables, tmp
     main_target = tmp_path / "out.md"
     assert tables.main(["--results-dir", str(res), "--target", str(main_target)]) == 0
     assert "2.00x" in main_target.read_text()
+
+
+def test_compression_row_reads_the_dense_measure_of_the_largest_n(tables):
+    rec = lambda d: [{"dense_over_shared": 1.0}, {"dense_over_shared": d}]  # noqa: E731
+    scale = {"_path": "storage_scale.json", "settings": {"rounds": 2, "max_new_tokens": 96},
+             "servers": {"tokendance": {"recompute_policy": "sink:2"}},
+             "results": {"tokendance": {"16": rec(9.0), "32": rec(18.25)}}}
+    rows = tables.compression_rows({"storage_scale": scale})
+    assert len(rows) == 1 and "N = 32" in rows[0][0] and "`sink:2`" in rows[0][0] and rows[0][3] == "18.25x"
+    old = {**scale, "results": {"tokendance": {"32": [{"row_kv_per_agent_bytes": 1.0}]}}}
+    assert tables.compression_rows({"storage": old}) == []  # a JSON from before the measure adds no row
