@@ -12,7 +12,8 @@ round admits every agent (the collective step first, for the reuse backends), th
 calls the scheduler makes (match, collective step, composition / load-back, allocation with eviction, checkpoint,
 release); not timed: the fake forward (the re-rotation and copy kernels are no-ops here, they are device work on a
 GPU) and the harness. Reported per backend and size: the median over the rounds >= 1 of the round's scheduler time,
-its ratio to radix, the mean per round >= 1 of each phase (``phases_s``), and the growth exponent of the time in agents x history tokens (a log-log fit).
+its ratio to radix, the mean per round >= 1 of each phase (``phases_s``), and the growth exponent of the time in
+agents x history tokens (a log-log fit).
 
 Writes benchmarks/results/overhead[_quick].json and .png.
 """
@@ -267,7 +268,8 @@ def main(argv=None) -> int:
         cells = []
         for be in backends:
             r = next(x for x in rows if (x["backend"], x["agents"], x["history"]) == (be, n, hist))
-            cells.append(f"{be} {r['median_round_s'] * 1e3:.1f}" + (f" ({r['vs_radix']:.2f}x)" if r["vs_radix"] and be != "radix" else ""))
+            vs = f" ({r['vs_radix']:.2f}x)" if r["vs_radix"] and be != "radix" else ""
+            cells.append(f"{be} {r['median_round_s'] * 1e3:.1f}{vs}")
         print(f"  N={n:3d} history={hist:5d}: " + ", ".join(cells))
     print("  growth exponent in agents x tokens: " + ", ".join(f"{be} {g:.2f}" for be, g in growth.items() if g))
     return 0

@@ -2,8 +2,8 @@
 
     python benchmarks/tables.py [--quick] [--mode auto|full|quick] [--target FILE ...]
 
-Reads benchmarks/results/{concurrency,storage,storage_scale,prefill,fidelity,overhead}[_quick].json and writes a Markdown block between
-the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
+Reads benchmarks/results/{concurrency,storage,storage_scale,prefill,fidelity,overhead}[_quick].json and writes a
+Markdown block between the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
 (the default) takes, per benchmark, the newer of the full-size and the quick JSON.  It is named to sort after the measuring scripts, so ``tokendance-sgl bench``
 runs it last; ``--quick`` is accepted and changes nothing.
