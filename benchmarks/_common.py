@@ -171,8 +171,16 @@ def base_parser(doc: str, *, default_backends: tuple[str, ...] = ALL_BACKENDS) -
                    help="--td-recompute of the pic and tokendance servers (default: the server's, sink:4); the same "
                         "for both, so they are compared at the same recompute policy")
     p.add_argument("--out-dir", type=Path, default=None, help=f"where results go (default {RESULTS})")
+    p.add_argument("--tag", default=None, help="write NAME_TAG[_quick].json / .png: a run at other settings kept beside "
+                                                "the default one (e.g. storage --tag scale, read by tables.py)")
     p.add_argument("--no-plot", action="store_true")
     return p
+
+
+def out_name(name: str, args: argparse.Namespace) -> str:
+    """The results file stem of a benchmark run: ``name``, or ``name_TAG`` with ``--tag TAG``."""
+    tag = getattr(args, "tag", None)
+    return f"{name}_{tag}" if tag else name
 
 
 SHORT_PRIVATE = (80, 110)

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         "ratios": ratios,
         "environment": {**env, "loadavg_at_end": list(os.getloadavg())},
     }
-    paths = [C.write_json(NAME, args.quick, data, args.out_dir)]
+    paths = [C.write_json(C.out_name(NAME, args), args.quick, data, args.out_dir)]
     if not args.no_plot and results:
         paths.append(plot(data, args))
 
@@ -210,7 +210,7 @@ def plot(data: dict, args) -> Path:
     ax2.set_ylabel("peak used KV slots (polled)")
     ax2.set_title("KV pool use")
     ax2.legend(fontsize=8)
-    return C.save_figure(fig, NAME, args.quick, args.out_dir)
+    return C.save_figure(fig, C.out_name(NAME, args), args.quick, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         "comparison_max_gap": comparison_max_gap,
         "environment": {**env, "loadavg_at_end": list(os.getloadavg())},
     }
-    paths = [C.write_json(NAME, args.quick, data, args.out_dir)]
+    paths = [C.write_json(C.out_name(NAME, args), args.quick, data, args.out_dir)]
     if not args.no_plot and results:
         paths.append(plot(data, args))
 
@@ -331,7 +331,7 @@ def plot(data: dict, args) -> Path:
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=7)
-    return C.save_figure(fig, NAME, args.quick, args.out_dir)
+    return C.save_figure(fig, C.out_name(NAME, args), args.quick, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--page-sizes", type=int, nargs="+", default=[1, 16], help="tokendance page sizes (default 1 16)")
     p.add_argument("--pool", type=int, default=None, help="--max-total-tokens of every server (default 131072; "
                                                            "--quick: 65536); must hold a run without eviction")
-    p.add_argument("--tag", default=None, help="write storage_TAG.json / .png (e.g. `scale` for a tokendance-only run "
-                                                "at N = 32, read by tables.py as the compression at scale)")
     a = p.parse_args(argv)
-    a.name = f"{NAME}_{a.tag}" if a.tag else NAME
     a.agents = a.agents or ([4, 8] if a.quick else [4, 8, 16])
     a.rounds = a.rounds or (3 if a.quick else 4)
     a.max_new_tokens = a.max_new_tokens or (48 if a.quick else 96)
@@ -181,7 +178,7 @@ def main(argv=None) -> int:
         "page_price": page_price,  # page size -> tokendance at that page size / at page size 1
         "environment": {**env, "loadavg_at_end": list(os.getloadavg())},
     }
-    paths = [C.write_json(args.name, args.quick, data, args.out_dir)]
+    paths = [C.write_json(C.out_name(NAME, args), args.quick, data, args.out_dir)]
     if not args.no_plot:
         paths.append(plot(data, args))
     summary(data, args)
@@ -240,7 +237,7 @@ def plot(data: dict, args) -> Path:
     ax.set_xlabel("agents N")
     ax.set_ylabel("x less KV than radix")
     ax.legend(fontsize=7)
-    return C.save_figure(fig, args.name, args.quick, args.out_dir)
+    return C.save_figure(fig, C.out_name(NAME, args), args.quick, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,18 @@ def test_compression_row_reads_the_dense_measure_of_the_largest_n(tables):
     assert len(rows) == 1 and "N = 32" in rows[0][0] and "`sink:2`" in rows[0][0] and rows[0][3] == "18.25x"
     old = {**scale, "results": {"tokendance": {"32": [{"row_kv_per_agent_bytes": 1.0}]}}}
     assert tables.compression_rows({"storage": old}) == []  # a JSON from before the measure adds no row
+
+
+@pytest.mark.parametrize("name", ["concurrency", "fidelity", "prefill", "storage"])
+def test_tag_names_the_results_files(name, tmp_path, monkeypatch):
+    """``--tag T`` keeps a run at other settings beside the default one: NAME_T[_quick].json, the plot alike."""
+    bench = _PATH.parent
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location(f"td_bench_{name}", bench / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    common = mod.C
+    assert common.out_name(name, mod.parse_args(["--quick"])) == name
+    args = mod.parse_args(["--quick", "--tag", "sink2"])
+    assert common.out_name(name, args) == f"{name}_sink2"
+    assert common.write_json(common.out_name(name, args), args.quick, {}, tmp_path).name == f"{name}_sink2_quick.json"
