@@ -2,9 +2,10 @@
 and selective-recompute attention, each as a Triton launcher (``*_triton``), a torch reference (``*_ref``) and a
 dispatcher (plain name).
 
-Dispatch: Triton when the tensors are on CUDA, the reference otherwise. ``TOKENDANCE_KERNEL_BACKEND`` (read at call
-time) overrides it: ``torch`` always uses the references, ``triton`` always uses Triton (on CPU tensors that needs
-``TRITON_INTERPRET=1``), ``auto`` (default) as above.
+Dispatch: Triton when the tensors are on CUDA, otherwise the reference, except selective attention, whose CPU path
+is torch's fused SDPA (``cpu.py``; the reference stays the oracle of the tests). ``TOKENDANCE_KERNEL_BACKEND`` (read
+at call time) overrides it: ``torch`` always uses the references, ``triton`` always uses Triton (on CPU tensors that
+needs ``TRITON_INTERPRET=1``), ``auto`` (default) as above.
 
 This package imports only torch at import time and uses relative imports only: no sglang, no ``tokendance_sgl``.
 Triton is imported the first time a Triton launcher runs, so ``TRITON_INTERPRET=1`` can still be set after importing
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from ._common import rope_inv_freq
+from .cpu import selective_extend_attention_cpu
 from .reference import (
     copy_kv_slots_ref,
     copy_rerotate_k_ref,
@@ -43,6 +45,7 @@ __all__ = [
     "copy_kv_slots_triton",
     "selective_extend_attention",
     "selective_extend_attention_ref",
+    "selective_extend_attention_cpu",
     "selective_extend_attention_triton",
     "plan_selective_attention",
     "rope_inv_freq",
@@ -59,16 +62,18 @@ def _triton_module(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def _forced() -> str:
+    """``TOKENDANCE_KERNEL_BACKEND``: ``auto``, ``torch`` or ``triton``."""
+    backend = os.environ.get("TOKENDANCE_KERNEL_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"TOKENDANCE_KERNEL_BACKEND must be auto, torch or triton, got {backend!r}")
+    return backend
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the dispatcher runs Triton for tensors like ``t`` (see the module docstring)."""
-    backend = os.environ.get("TOKENDANCE_KERNEL_BACKEND", "auto").strip().lower()
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    if backend not in ("", "auto"):
-        raise ValueError(f"TOKENDANCE_KERNEL_BACKEND must be auto, torch or triton, got {backend!r}")
-    return t.is_cuda
+    backend = _forced()
+    return t.is_cuda if backend == "auto" else backend == "triton"
 
 
 def _first(buffers: Buffers) -> torch.Tensor:
@@ -177,7 +182,10 @@ def selective_extend_attention(
     indices): each sees key rows ``<= q_rows`` of ``req_to_token[req_pool_indices[b], :seq_lens[b]]`` in one layer's
     ``k_buffer``/``v_buffer`` ``[rows, kv_heads, dim]``; GQA; fp32 accumulation. Returns ``[n_q, heads, v_head_dim]``
     in ``q``'s dtype; equals causal attention evaluated at those rows."""
-    fn = selective_extend_attention_triton if use_triton(q) else selective_extend_attention_ref
+    if use_triton(q):
+        fn = selective_extend_attention_triton
+    else:
+        fn = selective_extend_attention_ref if _forced() == "torch" else selective_extend_attention_cpu
     return fn(
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, q_req, q_rows,
         sm_scale=sm_scale, logit_cap=logit_cap, **kw,

@@ -257,7 +257,7 @@ def test_empty_inputs_are_no_ops():
         assert torch.equal(a, b)
     q = torch.empty(0, 4, 64)
     r2t = torch.zeros(2, 8, dtype=torch.int32)
-    for fn in (K.selective_extend_attention_triton, K.selective_extend_attention_ref):
+    for fn in (K.selective_extend_attention_triton, K.selective_extend_attention_ref, K.selective_extend_attention_cpu):
         out = fn(q, ks[0], vs[0], r2t, torch.tensor([1]), torch.tensor([8]), empty, empty, sm_scale=0.125)
         assert out.shape == (0, 4, 64)
 
@@ -353,6 +353,37 @@ def test_selective_attention_triton_matches_reference(head_dim, group, dtype):
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_attention_cpu_path_matches_reference(head_dim, group, dtype):
+    """The CPU path (fused SDPA per request, GQA in the kernel; a soft cap runs the reference) against the oracle."""
+    kv_heads = 2 if group < 8 else 1
+    v_dim = 48 if head_dim == 80 else head_dim
+    logit_cap = 5.0 if group == 3 else 0.0
+    args = _attention_case(head_dim, v_dim, kv_heads, group, dtype, seed=head_dim * 10 + group + 1)
+    scale = 1 / math.sqrt(head_dim)
+    out = K.selective_extend_attention_cpu(*args, sm_scale=scale, logit_cap=logit_cap)
+    ref = K.selective_extend_attention_ref(*args, sm_scale=scale, logit_cap=logit_cap)
+    assert out.shape == (args[0].shape[0], kv_heads * group, v_dim) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+def test_selective_attention_dispatch_on_cpu(monkeypatch):
+    """auto on CPU tensors runs the SDPA path, ``torch`` the reference, ``triton`` Triton."""
+    args = _attention_case(64, 64, 2, 3, torch.float32, seed=77)
+    called = []
+    for name in ("selective_extend_attention_cpu", "selective_extend_attention_ref", "selective_extend_attention_triton"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _n=name, _f=real, **kw: called.append(_n) or _f(*a, **kw))
+    for env, want in (("auto", "selective_extend_attention_cpu"), ("torch", "selective_extend_attention_ref"),
+                      ("triton", "selective_extend_attention_triton")):
+        monkeypatch.setenv("TOKENDANCE_KERNEL_BACKEND", env)
+        called.clear()
+        K.selective_extend_attention(*args, sm_scale=0.125)
+        assert called == [want], (env, called)
+
+
 def test_selective_attention_non_contiguous_queries_and_plan_reuse():
     q, kb, vb, r2t, rpi, sl, q_req, q_rows = _attention_case(64, 64, 2, 3, torch.float32, seed=71)
     q_strided = torch.stack([q, torch.zeros_like(q)], dim=-1)[..., 0]  # same values, last-dim stride 2
@@ -382,10 +413,10 @@ def test_dispatcher_plans_once_per_forward(monkeypatch):
         torch.testing.assert_close(got, ref, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("impl", ["triton", "ref", "cpu"])
 @pytest.mark.parametrize("group", [1, 3])
 def test_selective_attention_on_all_rows_equals_causal_sdpa(impl, group):
-    fn = K.selective_extend_attention_triton if impl == "triton" else K.selective_extend_attention_ref
+    fn = getattr(K, f"selective_extend_attention_{impl}")
     g = torch.Generator().manual_seed(81 + group)
     n, kv_heads, d = 45, 2, 64
     heads = kv_heads * group
