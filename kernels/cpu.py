@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .reference import selective_extend_attention_ref
+from .reference import attention_output, request_queries, selective_extend_attention_ref
 
 __all__ = ["selective_extend_attention_cpu"]
 
@@ -42,28 +42,19 @@ def selective_extend_attention_cpu(
     if logit_cap > 0:
         return selective_extend_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, q_req,
                                               q_rows, sm_scale=sm_scale, logit_cap=logit_cap, out=out)
-    n_q, heads, head_dim = q.shape
-    kv_heads, v_dim = k_buffer.shape[1], v_buffer.shape[2]
-    if heads % kv_heads or k_buffer.shape[2] != head_dim:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_buffer.shape)}")
-    if out is None:
-        out = q.new_empty((n_q, heads, v_dim))
-    if n_q == 0:
-        return out
-    q_req = q_req.to(q.device, torch.int64)
+    out = attention_output(q, k_buffer, v_buffer, out)
+    gqa = q.shape[1] != k_buffer.shape[1]
     q_rows = q_rows.to(q.device, torch.int64)
-    for b in torch.unique(q_req).tolist():
-        idx = (q_req == b).nonzero().squeeze(1)
-        seq_len = int(seq_lens[b])
+    for idx, slots in request_queries(q, req_to_token, req_pool_indices, seq_lens, q_req):
+        seq_len = slots.numel()
         if seq_len == 0:
             out[idx] = 0
             continue
-        slots = req_to_token[int(req_pool_indices[b]), :seq_len].to(torch.int64)
         k = k_buffer.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, D]
         v = v_buffer.index_select(0, slots).transpose(0, 1).unsqueeze(0)
         qq = q.index_select(0, idx).transpose(0, 1).unsqueeze(0).to(k.dtype)  # [1, heads, n, D]
         visible = torch.arange(seq_len, device=q.device)[None, :] <= q_rows.index_select(0, idx)[:, None]
         o = F.scaled_dot_product_attention(qq, k, v, attn_mask=visible, scale=sm_scale,
-                                           enable_gqa=heads != kv_heads)
+                                           enable_gqa=gqa)
         out[idx] = o[0].transpose(0, 1).nan_to_num(0.0).to(out.dtype)  # a query with no visible key -> 0
     return out

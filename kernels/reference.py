@@ -122,6 +122,26 @@ def copy_kv_slots_ref(
         buf.index_copy_(0, dst, r)
 
 
+def attention_output(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                     out: torch.Tensor | None) -> torch.Tensor:
+    """Checks the shapes of a selective-attention call (GQA: heads a multiple of kv heads) and returns ``out`` or a
+    new ``[n_q, heads, v_head_dim]`` tensor like ``q``."""
+    n_q, heads, head_dim = q.shape
+    if heads % k_buffer.shape[1] or k_buffer.shape[2] != head_dim:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_buffer.shape)}")
+    return q.new_empty((n_q, heads, v_buffer.shape[2])) if out is None else out
+
+
+def request_queries(q, req_to_token, req_pool_indices, seq_lens, q_req):
+    """Per request with queries: (the indices of its queries, its row's slots ``[:seq_len]`` as int64)."""
+    if q.shape[0] == 0:
+        return
+    q_req = q_req.to(q.device, torch.int64)
+    for b in torch.unique(q_req).tolist():
+        idx = (q_req == b).nonzero().squeeze(1)
+        yield idx, req_to_token[int(req_pool_indices[b]), : int(seq_lens[b])].to(torch.int64)
+
+
 def selective_extend_attention_ref(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -139,22 +159,11 @@ def selective_extend_attention_ref(
 ) -> torch.Tensor:
     """Attention of each query over key rows ``0..q_rows[i]`` (and ``< seq_len``) of its request, fp32 softmax.
     A query that sees no key gets zeros."""
-    n_q, heads, head_dim = q.shape
-    kv_heads = k_buffer.shape[1]
-    v_dim = v_buffer.shape[2]
-    if heads % kv_heads or k_buffer.shape[2] != head_dim:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_buffer.shape)}")
-    group = heads // kv_heads
-    if out is None:
-        out = q.new_empty((n_q, heads, v_dim))
-    if n_q == 0:
-        return out
-    q_req = q_req.to(q.device, torch.int64)
+    out = attention_output(q, k_buffer, v_buffer, out)
+    group = q.shape[1] // k_buffer.shape[1]
     q_rows = q_rows.to(q.device, torch.int64)
-    for b in torch.unique(q_req).tolist():
-        idx = (q_req == b).nonzero().squeeze(1)
-        seq_len = int(seq_lens[b])
-        slots = req_to_token[int(req_pool_indices[b]), :seq_len].to(torch.int64)
+    for idx, slots in request_queries(q, req_to_token, req_pool_indices, seq_lens, q_req):
+        seq_len = slots.numel()
         k = k_buffer.index_select(0, slots).float().repeat_interleave(group, dim=1)  # [L, H, D]
         v = v_buffer.index_select(0, slots).float().repeat_interleave(group, dim=1)
         s = torch.einsum("qhd,khd->hqk", q.index_select(0, idx).float(), k) * sm_scale

@@ -341,29 +341,16 @@ def _attention_case(head_dim: int, v_dim: int, kv_heads: int, group: int, dtype:
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_selective_attention_triton_matches_reference(head_dim, group, dtype):
+@pytest.mark.parametrize("impl", ["triton", "cpu"])
+def test_selective_attention_matches_reference(impl, head_dim, group, dtype):
+    """Triton (interpreted here) and the CPU path (fused SDPA; a soft cap runs the reference) against the oracle."""
     kv_heads = 2 if group < 8 else 1
     v_dim = 48 if head_dim == 80 else head_dim
     logit_cap = 5.0 if group == 3 else 0.0
     args = _attention_case(head_dim, v_dim, kv_heads, group, dtype, seed=head_dim * 10 + group)
     scale = 1 / math.sqrt(head_dim)
-    out = K.selective_extend_attention_triton(*args, sm_scale=scale, logit_cap=logit_cap, block_m=16, block_n=16)
-    ref = K.selective_extend_attention_ref(*args, sm_scale=scale, logit_cap=logit_cap)
-    assert out.shape == (args[0].shape[0], kv_heads * group, v_dim) and out.dtype == dtype
-    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
-
-
-@pytest.mark.parametrize("head_dim", [64, 80, 128])
-@pytest.mark.parametrize("group", [1, 3, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_selective_attention_cpu_path_matches_reference(head_dim, group, dtype):
-    """The CPU path (fused SDPA per request, GQA in the kernel; a soft cap runs the reference) against the oracle."""
-    kv_heads = 2 if group < 8 else 1
-    v_dim = 48 if head_dim == 80 else head_dim
-    logit_cap = 5.0 if group == 3 else 0.0
-    args = _attention_case(head_dim, v_dim, kv_heads, group, dtype, seed=head_dim * 10 + group + 1)
-    scale = 1 / math.sqrt(head_dim)
-    out = K.selective_extend_attention_cpu(*args, sm_scale=scale, logit_cap=logit_cap)
+    tuning = {"block_m": 16, "block_n": 16} if impl == "triton" else {}
+    out = getattr(K, f"selective_extend_attention_{impl}")(*args, sm_scale=scale, logit_cap=logit_cap, **tuning)
     ref = K.selective_extend_attention_ref(*args, sm_scale=scale, logit_cap=logit_cap)
     assert out.shape == (args[0].shape[0], kv_heads * group, v_dim) and out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
