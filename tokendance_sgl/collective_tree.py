@@ -386,14 +386,15 @@ class CollectiveTree(RadixCache):
                 else:
                     self.store.unlock(s)
         if built is not None:
-            self._hold_row(st, key, built.slots)
+            self._hold_row(st, key, built.slots, host=built.host)
             self.stats.counters["cow_pages"] += built.copied_pages
             self.stats.counters["cow_tokens"] += built.copies
         return built
 
-    def _hold_row(self, st: RequestState, key: int, slots: torch.Tensor) -> None:
-        pages = slot_pages(slots, self.page_size)
-        self.ledger.hold_row(pages)
+    def _hold_row(self, st: RequestState, key: int, slots: torch.Tensor, *, host: Optional[np.ndarray] = None
+                  ) -> None:
+        pages = slot_pages(slots, self.page_size) if host is None else np.unique(host // self.page_size)
+        self.ledger.hold_row(pages, distinct=True)  # np.unique's output
         st.held_pages = np.concatenate([st.held_pages, pages])
         self._live[key] = st
 

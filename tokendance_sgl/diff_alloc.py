@@ -118,6 +118,7 @@ class BuiltRow:
     private_positions: np.ndarray  # offsets (within the span) of the positions with private slots
     copies: int  # master tokens copied into copy-on-write pages
     copied_pages: int = 0  # copy-on-write pages (pages that received master tokens)
+    host: Optional[np.ndarray] = None  # ``slots`` on the host (int64), as composed: no device read to get them
 
 
 def _distinct_slots(rec: RowRecord) -> np.ndarray:
@@ -150,30 +151,41 @@ def _host_i64(t) -> np.ndarray:
 
 def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per position of a composition: the master slot (-1 for new runs), whether it reads the master (not
-    recomputed) and the index of its piece. Validates the pieces."""
-    total = sum(len(p) for p in pieces)
-    src = np.full(total, -1, dtype=np.int64)
-    reuse = np.zeros(total, dtype=bool)
-    piece_of = np.full(total, -1, dtype=np.int64)
+    recomputed) and the index of its piece. Validates the pieces. One concatenation for the whole region (a row
+    has a few dozen pieces), not one slice assignment per piece."""
+    srcs, flags, lens, recompute = [], [], [], []
     off = 0
-    for i, p in enumerate(pieces):
-        n = len(p)
+    for p in pieces:
         if isinstance(p, MasterRun):
+            n = len(p)
             slots = p.host if p.host is not None else to_host(p.slots, torch.int64)
-            if n and (slots < 0).any():
-                raise ValueError("master slots must be >= 0")
-            src[off : off + n], reuse[off : off + n], piece_of[off : off + n] = slots, True, i
+            srcs.append(np.asarray(slots, dtype=np.int64))
+            flags.append(True)
             if p.recompute is not None and len(p.recompute):
-                offsets = np.asarray(list(p.recompute), dtype=np.int64)
+                offsets = np.asarray(p.recompute, dtype=np.int64)
                 if (offsets < 0).any() or (offsets >= n).any():
                     raise ValueError(f"recompute offsets must lie in [0, {n})")
-                reuse[off + offsets] = False
+                recompute.append(off + offsets)
         elif isinstance(p, NewRun):
-            if p.length < 0:
+            n = p.length
+            if n < 0:
                 raise ValueError("NewRun length must be >= 0")
+            srcs.append(np.full(n, -1, dtype=np.int64))
+            flags.append(False)
         else:
             raise TypeError(f"unknown piece {p!r}")
+        lens.append(n)
         off += n
+    if not pieces:
+        return np.empty(0, np.int64), np.zeros(0, bool), np.empty(0, np.int64)
+    src = np.concatenate(srcs)
+    is_master = np.asarray(flags)
+    reuse = np.repeat(is_master, lens)
+    if (src[reuse] < 0).any():
+        raise ValueError("master slots must be >= 0")
+    piece_of = np.repeat(np.where(is_master, np.arange(len(pieces)), -1), lens)
+    if recompute:
+        reuse[np.concatenate(recompute)] = False
     return src, reuse, piece_of
 
 
@@ -386,7 +398,7 @@ class DiffAllocator:
             used_segs.setdefault(_seg_id(pieces[i].seg), pieces[i].seg)
         dev = fresh.device if fresh.numel() else getattr(self.allocator, "device", "cpu")
         return BuiltRow(slots=torch.from_numpy(out).to(dev), segs=list(used_segs.values()), private_tokens=n_alloc,
-                        private_positions=private_positions, copies=copies, copied_pages=copied_pages)
+                        private_positions=private_positions, copies=copies, copied_pages=copied_pages, host=out)
 
     def _kept_master_positions(self, src: np.ndarray, reuse: np.ndarray, piece_of: np.ndarray) -> np.ndarray:
         """Which positions keep their master slot: every reused one at page size 1; with pages, only whole row

@@ -63,6 +63,7 @@ class PageLedger:
             setattr(self, name, np.zeros(n, dtype=np.int32))
         self.gen = np.zeros(n, dtype=np.int64)
         self._mark = np.zeros(n, dtype=np.int64)  # scratch of _distinct
+        self._idx = np.arange(1024, dtype=np.int64)  # 0, 1, 2, ... (scratch of _distinct)
         self.n_held = 0
         self.n_prot = 0
 
@@ -103,22 +104,27 @@ class PageLedger:
         mark = self._mark
         if mark.size < self.tot.size:
             mark = self._mark = np.zeros(self.tot.size, dtype=np.int64)
-        idx = np.arange(pages.size)
+        if self._idx.size < pages.size:
+            self._idx = np.arange(max(pages.size, 2 * self._idx.size), dtype=np.int64)
+        idx = self._idx[: pages.size]
         mark[pages] = idx
         return bool((mark[pages] == idx).all())
 
-    def _change(self, pages: np.ndarray, kind: str, delta: int) -> np.ndarray:
-        """Adds ``delta`` holders (or locks) of ``kind`` to ``pages``; returns the pages no one holds any more."""
+    def _change(self, pages: np.ndarray, kind: str, delta: int, *, distinct: bool = False) -> np.ndarray:
+        """Adds ``delta`` holders (or locks) of ``kind`` to ``pages``; returns the pages no one holds any more.
+        ``distinct``: the caller knows ``pages`` has no repeated page (the check is skipped)."""
         if pages.size == 0:
             return pages
         if pages.min() < 0:
             raise ValueError("negative page id")
-        self._grow(int(pages.max()))
-        if not self._distinct(pages):  # each page once, with its multiplicity as the delta
+        top = int(pages.max())
+        if top >= self.tot.size:
+            self._grow(top)
+        if distinct or self._distinct(pages):
+            step = delta
+        else:  # each page once, with its multiplicity as the delta
             pages, times = np.unique(pages, return_counts=True)
             step = times.astype(np.int32) * delta
-        else:
-            step = delta
         arr = getattr(self, kind)
         after = arr[pages] + step
         if delta < 0 and (after < 0).any():
@@ -172,8 +178,8 @@ class PageLedger:
         return self._change(pages, "sl", -1)
 
     # live request rows
-    def hold_row(self, pages):
-        return self._change(pages, "w", 1)
+    def hold_row(self, pages, *, distinct: bool = False):
+        return self._change(pages, "w", 1, distinct=distinct)
 
     def release_row(self, pages):
         return self._change(pages, "w", -1)
