@@ -40,16 +40,41 @@ def slot_pages(slots: Optional[torch.Tensor], page_size: int) -> np.ndarray:
     return np.unique(to_host(slots, torch.int64) // page_size)
 
 
+def _structured(v: np.ndarray, page_size: int) -> bool:
+    """Whether host slots ``v`` are whole pages in order: every run of ``page_size`` positions is one page at
+    offsets 0, 1, ... (the form SGLang's paged allocator and the composition give a row)."""
+    if v.size % page_size:
+        return False
+    rows = v.reshape(-1, page_size)
+    first = rows[:, 0]
+    return bool((first % page_size == 0).all() and (rows == first[:, None] + np.arange(page_size)).all())
+
+
 def node_value_pages(value: Any, page_size: int) -> np.ndarray:
-    """Pages of a radix node's value, one per page in row order (a page-structured value holds whole pages)."""
+    """Pages of a radix node's value, one per page in row order (a page-structured value holds whole pages); the
+    distinct pages of any other value."""
+    return value_pages(value, page_size)[0]
+
+
+def value_pages(value: Any, page_size: int) -> tuple[np.ndarray, bool]:
+    """:func:`node_value_pages` and whether the value is whole pages in order."""
     if value is None or isinstance(value, list) or value.numel() == 0:
-        return np.empty(0, dtype=np.int64)
+        return np.empty(0, dtype=np.int64), True
     v = to_host(value, torch.int64)
     if page_size == 1:
-        return v.copy()
-    if v.size % page_size == 0 and (v[::page_size] % page_size == 0).all():
-        return v[::page_size] // page_size
-    return np.unique(v // page_size)  # not page-structured (e.g. simulated values): the distinct pages
+        return v.copy(), True
+    if _structured(v, page_size):
+        return v[::page_size] // page_size, True
+    return np.unique(v // page_size), False  # not page-structured (e.g. simulated values): the distinct pages
+
+
+def _multiset_minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The pages of ``a`` beyond those of ``b``, counted with multiplicity (``b`` must be within ``a``)."""
+    pages, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    extra = np.bincount(inv[: a.size], minlength=pages.size) - np.bincount(inv[a.size :], minlength=pages.size)
+    if (extra < 0).any():
+        raise AssertionError("a split node lost pages")
+    return np.repeat(pages, extra)
 
 
 class PageLedger:
@@ -267,35 +292,50 @@ class RadixHolds:
         self.ledger = ledger
         self.page_size = page_size
         self._pages: dict[int, np.ndarray] = {}
+        self._loose: set[int] = set()  # nodes whose value is not whole pages (their pages are the distinct ones)
 
     def clear(self) -> None:
         self._pages.clear()
+        self._loose.clear()
+
+    def _derive(self, node: Any) -> np.ndarray:
+        pages, whole = value_pages(node.value, self.page_size)
+        self._pages[node.id] = pages
+        if whole:
+            self._loose.discard(node.id)
+        else:
+            self._loose.add(node.id)
+        return pages
 
     def pages(self, node: Any) -> np.ndarray:
         got = self._pages.get(node.id)
         if got is None:  # a node we have not seen (the root, a simulated value): derive it once
-            got = node_value_pages(node.value, self.page_size)
-            self._pages[node.id] = got
+            got = self._derive(node)
         return got
 
     def add(self, node: Any) -> None:
-        pages = node_value_pages(node.value, self.page_size)
-        self._pages[node.id] = pages
-        self.ledger.add_radix(pages)
+        self.ledger.add_radix(self._derive(node))
 
     def split(self, parent: Any, child: Any, pages: np.ndarray, split_len: int, old_len: int) -> None:
         """``parent`` took the first ``split_len`` tokens of ``child`` (whose pages were ``pages``)."""
-        if pages.size * self.page_size == old_len:  # page-structured value: the pages split with it
-            k = split_len // self.page_size
+        ps = self.page_size
+        if child.id not in self._loose and split_len % ps == 0 and pages.size * ps == old_len:
+            k = split_len // ps  # whole pages: they split with the value
             self._pages[parent.id], self._pages[child.id] = pages[:k], pages[k:]
-        else:
-            self._pages.pop(child.id, None)
-            self._pages[parent.id] = node_value_pages(parent.value, self.page_size)
-            self._pages[child.id] = node_value_pages(child.value, self.page_size)
+            return
+        head, tail = self._derive(parent), self._derive(child)
+        # The node held each of `pages`; now the parent and the child hold theirs, so a page in both (the value was
+        # not whole pages) gains a holder -- and a lock, when the two are locked (the parent inherits the locks).
+        gained = _multiset_minus(np.concatenate([head, tail]), pages)
+        if gained.size:
+            self.ledger.add_radix(gained)
+            if getattr(child, "lock_ref", 0) > 0:
+                self.ledger.lock_radix(gained)
 
     def remove(self, node: Any) -> np.ndarray:
         """Forgets the node; returns the pages no holder keeps any more."""
         pages = self._pages.pop(node.id, None)
+        self._loose.discard(node.id)
         if pages is None:
             pages = node_value_pages(node.value, self.page_size)
         return self.ledger.release_radix(pages)

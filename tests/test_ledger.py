@@ -1,0 +1,53 @@
+"""The page ledger's view of radix node values that are not whole pages (the page-size-4 known issue's lines)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from tokendance_sgl.ledger import PageLedger, RadixHolds, node_value_pages
+
+
+def _node(i, slots, lock_ref=0):
+    return SimpleNamespace(id=i, value=torch.tensor(slots, dtype=torch.int64), lock_ref=lock_ref)
+
+
+def test_value_pages_reads_every_slot_of_a_page():
+    assert node_value_pages(torch.tensor([8, 9, 10, 11, 0, 1, 2, 3]), 4).tolist() == [2, 0]  # whole pages, in order
+    # the first slot of the page is aligned but the others sit on another page: both pages are held
+    assert sorted(node_value_pages(torch.tensor([0, 5, 6, 7]), 4).tolist()) == [0, 1]
+
+
+def _split(holds, node, split_len, new_id):
+    """What SGLang's ``_split_node`` does to the values, then the ledger's part."""
+    pages, old_len = holds.pages(node), len(node.value)
+    parent = SimpleNamespace(id=new_id, value=node.value[:split_len].clone(), lock_ref=node.lock_ref)
+    node.value = node.value[split_len:].clone()
+    holds.split(parent, node, pages, split_len, old_len)
+    return parent
+
+
+def test_split_of_a_loose_value_keeps_shared_pages_held_until_both_halves_go():
+    ledger = PageLedger(16, 4)
+    holds = RadixHolds(ledger, 4)
+    child = _node(1, [8, 9, 14, 15, 10, 11, 12, 13], lock_ref=1)  # pages 2 and 3, each split across both halves
+    holds.add(child)
+    ledger.lock_radix(holds.pages(child))
+    parent = _split(holds, child, 4, 2)
+    assert ledger.r[[2, 3]].tolist() == [2, 2] and ledger.rl[[2, 3]].tolist() == [2, 2]
+    ledger.unlock_radix(holds.pages(parent))
+    ledger.unlock_radix(holds.pages(child))
+    assert holds.remove(child).size == 0  # the parent still holds pages 2 and 3
+    assert sorted(holds.remove(parent).tolist()) == [2, 3]
+    assert ledger.n_held == 0 and ledger.n_prot == 0
+
+
+def test_split_of_whole_pages_moves_them():
+    ledger = PageLedger(16, 4)
+    holds = RadixHolds(ledger, 4)
+    child = _node(1, list(range(8, 16)))
+    holds.add(child)
+    parent = _split(holds, child, 4, 2)
+    assert holds.pages(parent).tolist() == [2] and holds.pages(child).tolist() == [3]
+    assert np.array_equal(ledger.r[[2, 3]], [1, 1])
+    assert holds.remove(child).tolist() == [3] and holds.remove(parent).tolist() == [2]
