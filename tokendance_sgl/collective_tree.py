@@ -386,15 +386,14 @@ class CollectiveTree(RadixCache):
                 else:
                     self.store.unlock(s)
         if built is not None:
-            self._hold_row(st, key, built.slots, host=built.host)
+            self._hold_row(st, key, built.host)  # the composed slots on the host: no device read
             self.stats.counters["cow_pages"] += built.copied_pages
             self.stats.counters["cow_tokens"] += built.copies
         return built
 
-    def _hold_row(self, st: RequestState, key: int, slots: torch.Tensor, *, host: Optional[np.ndarray] = None
-                  ) -> None:
-        pages = slot_pages(slots, self.page_size) if host is None else np.unique(host // self.page_size)
-        self.ledger.hold_row(pages, distinct=True)  # np.unique's output
+    def _hold_row(self, st: RequestState, key: int, slots: torch.Tensor | np.ndarray) -> None:
+        pages = slot_pages(slots, self.page_size)
+        self.ledger.hold_row(pages, distinct=True)  # slot_pages gives each page once
         st.held_pages = np.concatenate([st.held_pages, pages])
         self._live[key] = st
 

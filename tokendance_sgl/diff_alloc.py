@@ -118,7 +118,7 @@ class BuiltRow:
     private_positions: np.ndarray  # offsets (within the span) of the positions with private slots
     copies: int  # master tokens copied into copy-on-write pages
     copied_pages: int = 0  # copy-on-write pages (pages that received master tokens)
-    host: Optional[np.ndarray] = None  # ``slots`` on the host (int64), as composed: no device read to get them
+    host: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # ``slots`` on the host, as composed
 
 
 def _distinct_slots(rec: RowRecord) -> np.ndarray:
@@ -153,6 +153,8 @@ def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """Per position of a composition: the master slot (-1 for new runs), whether it reads the master (not
     recomputed) and the index of its piece. Validates the pieces. One concatenation for the whole region (a row
     has a few dozen pieces), not one slice assignment per piece."""
+    if not pieces:
+        return np.empty(0, np.int64), np.zeros(0, bool), np.empty(0, np.int64)
     srcs, flags, lens, recompute = [], [], [], []
     off = 0
     for p in pieces:
@@ -176,8 +178,6 @@ def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarra
             raise TypeError(f"unknown piece {p!r}")
         lens.append(n)
         off += n
-    if not pieces:
-        return np.empty(0, np.int64), np.zeros(0, bool), np.empty(0, np.int64)
     src = np.concatenate(srcs)
     is_master = np.asarray(flags)
     reuse = np.repeat(is_master, lens)

@@ -33,11 +33,14 @@ __all__ = ["PageLedger", "PoolView", "RadixHolds", "slot_pages", "node_value_pag
 _KINDS = {"r": (1, 0), "rl": (0, 1), "s": (1, 0), "sl": (0, 1), "w": (1, 1)}
 
 
-def slot_pages(slots: Optional[torch.Tensor], page_size: int) -> np.ndarray:
-    """The distinct pages of ``slots`` (host int64, sorted)."""
-    if slots is None or slots.numel() == 0:
+def slot_pages(slots: Optional[torch.Tensor | np.ndarray], page_size: int) -> np.ndarray:
+    """The distinct pages of ``slots`` (host int64, sorted); a host array is read without a device copy."""
+    if slots is None:
         return np.empty(0, dtype=np.int64)
-    return np.unique(to_host(slots, torch.int64) // page_size)
+    host = slots if isinstance(slots, np.ndarray) else to_host(slots, torch.int64)
+    if host.size == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.unique(host.astype(np.int64, copy=False) // page_size)
 
 
 def _structured(v: np.ndarray, page_size: int) -> bool:
@@ -142,9 +145,7 @@ class PageLedger:
             return pages
         if pages.min() < 0:
             raise ValueError("negative page id")
-        top = int(pages.max())
-        if top >= self.tot.size:
-            self._grow(top)
+        self._grow(int(pages.max()))
         if distinct or self._distinct(pages):
             step = delta
         else:  # each page once, with its multiplicity as the delta
@@ -329,7 +330,7 @@ class RadixHolds:
         gained = _multiset_minus(np.concatenate([head, tail]), pages)
         if gained.size:
             self.ledger.add_radix(gained)
-            if getattr(child, "lock_ref", 0) > 0:
+            if child.lock_ref > 0:
                 self.ledger.lock_radix(gained)
 
     def remove(self, node: Any) -> np.ndarray:
