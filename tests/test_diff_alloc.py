@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tokendance_sgl  # noqa: F401  (CPU bootstrap before sglang)
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
@@ -12,6 +14,7 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
 from tokendance_sgl.accounting import TreeStats
 from tokendance_sgl.diff_alloc import DiffAllocator, MasterRun, NewRun, coalesce
+from tokendance_sgl.distinct import Distinct
 
 
 def make_alloc(ps: int, size: int = 64):
@@ -193,3 +196,35 @@ def test_privatize_turns_master_positions_into_owned_slots():
         d.privatize("row", [16], alloc.alloc(1))
     with pytest.raises(ValueError, match="distinct"):
         d.privatize("row", [11, 11], alloc.alloc(2))
+
+
+def _coalesce_by_hand(ranges):
+    covered = sorted({p for a, b in ranges for p in range(a, b)})
+    out = []
+    for p in covered:
+        if out and p <= out[-1][1]:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
+    return out
+
+
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 8)), max_size=30),
+       st.lists(st.integers(0, 60), max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_coalesce_equals_the_covered_positions(spans, points):
+    """The vectorized union: the covered positions as maximal runs (touching runs merge), empty spans ignored."""
+    ranges = [(a, a + n) for a, n in spans]
+    got = coalesce(ranges, np.asarray(points, dtype=np.int64))
+    assert got == _coalesce_by_hand(ranges + [(p, p + 1) for p in points])
+
+
+@given(st.lists(st.integers(0, 5000), max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_distinct_matches_unique(values):
+    arr = np.asarray(values, dtype=np.int64)
+    d = Distinct(16)  # grows to the largest value
+    assert np.array_equal(np.sort(d.of(arr)), np.unique(arr))
+    assert d.check(arr) == (len(set(values)) == len(values))
+    with pytest.raises(ValueError):
+        d.of(np.asarray([3, -1], dtype=np.int64))

@@ -392,8 +392,8 @@ class CollectiveTree(RadixCache):
         return built
 
     def _hold_row(self, st: RequestState, key: int, slots: torch.Tensor | np.ndarray) -> None:
-        pages = slot_pages(slots, self.page_size)
-        self.ledger.hold_row(pages, distinct=True)  # slot_pages gives each page once
+        pages = self.ledger.pages_of(slots)
+        self.ledger.hold_row(pages, distinct=True)  # pages_of gives each page once
         st.held_pages = np.concatenate([st.held_pages, pages])
         self._live[key] = st
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_host
 
 __all__ = [
@@ -121,26 +122,40 @@ class BuiltRow:
     host: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # ``slots`` on the host, as composed
 
 
-def _distinct_slots(rec: RowRecord) -> np.ndarray:
+def _distinct_slots(rec: RowRecord, distinct: Optional[Distinct] = None) -> np.ndarray:
+    """The row's distinct master slots: sorted, or (with a ``distinct`` scratch, O(n)) in no particular order."""
     if not rec.refs:
         return np.empty(0, dtype=np.int64)
-    return np.unique(np.concatenate([r.slots for r in rec.refs]))
+    slots = np.concatenate([r.slots for r in rec.refs])
+    return distinct.of(slots) if distinct is not None else np.unique(slots)
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """The distinct values of the non-decreasing array ``x`` (no sort)."""
+    return x[np.concatenate([[True], x[1:] != x[:-1]])] if x.size > 1 else x
 
 
 def _seg_id(seg: Hashable) -> int:
     return id(seg)
 
 
-def coalesce(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for s, e in sorted((int(a), int(b)) for a, b in ranges):
-        if e <= s:
-            continue
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
-    return out
+def coalesce(ranges: Iterable[tuple[int, int]], points: Optional[np.ndarray] = None) -> list[tuple[int, int]]:
+    """The union of ``ranges`` (``(start, end)`` pairs) and of the single positions ``points`` as sorted, disjoint,
+    non-touching ``(start, end)`` runs. Vectorized: a row has thousands of recomputed positions."""
+    pairs = np.asarray(list(ranges), dtype=np.int64).reshape(-1, 2)
+    starts, ends = pairs[:, 0], pairs[:, 1]
+    if points is not None and len(points):
+        pts = np.asarray(points, dtype=np.int64)
+        starts, ends = np.concatenate([starts, pts]), np.concatenate([ends, pts + 1])
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
+    if starts.size == 0:
+        return []
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])  # the furthest end so far
+    first = np.concatenate([[True], starts[1:] > ends[:-1]])  # a run starts past every earlier end
+    last = np.concatenate([first[1:], [True]])
+    return list(zip(starts[first].tolist(), ends[last].tolist()))
 
 
 def _host_i64(t) -> np.ndarray:
@@ -155,7 +170,7 @@ def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     has a few dozen pieces), not one slice assignment per piece."""
     if not pieces:
         return np.empty(0, np.int64), np.zeros(0, bool), np.empty(0, np.int64)
-    srcs, flags, lens, recompute = [], [], [], []
+    srcs, flags, lens, recompute, bounds = [], [], [], [], []
     off = 0
     for p in pieces:
         if isinstance(p, MasterRun):
@@ -165,9 +180,8 @@ def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarra
             flags.append(True)
             if p.recompute is not None and len(p.recompute):
                 offsets = np.asarray(p.recompute, dtype=np.int64)
-                if (offsets < 0).any() or (offsets >= n).any():
-                    raise ValueError(f"recompute offsets must lie in [0, {n})")
-                recompute.append(off + offsets)
+                recompute.append(offsets)
+                bounds.append((off, n, offsets.size))
         elif isinstance(p, NewRun):
             n = p.length
             if n < 0:
@@ -184,8 +198,14 @@ def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if (src[reuse] < 0).any():
         raise ValueError("master slots must be >= 0")
     piece_of = np.repeat(np.where(is_master, np.arange(len(pieces)), -1), lens)
-    if recompute:
-        reuse[np.concatenate(recompute)] = False
+    if recompute:  # validated together: each piece's offsets within [0, its length)
+        offsets = np.concatenate(recompute)
+        starts, ns, counts = (np.asarray(c, dtype=np.int64) for c in zip(*bounds))
+        lens_of = np.repeat(ns, counts)
+        bad = (offsets < 0) | (offsets >= lens_of)
+        if bad.any():
+            raise ValueError(f"recompute offsets must lie in [0, {int(lens_of[np.argmax(bad)])})")
+        reuse[offsets + np.repeat(starts, counts)] = False
     return src, reuse, piece_of
 
 
@@ -216,6 +236,7 @@ class DiffAllocator:
         self.alloc_fn = alloc_fn
         self.rows: dict[Hashable, RowRecord] = {}
         self._refcount = np.zeros(0, dtype=np.int32)  # slot -> live rows whose master references include it
+        self._distinct = Distinct()  # scratch of a row's distinct master slots
 
     # ------------------------------------------------------------------ records
 
@@ -254,9 +275,9 @@ class DiffAllocator:
 
     def _recount(self, rec: RowRecord) -> None:
         """The row's references changed: its distinct master slots are counted again."""
-        now = _distinct_slots(rec)
-        if now.size and int(now[-1]) >= self._refcount.size:
-            grown = np.zeros(max(int(now[-1]) + 1, 2 * self._refcount.size), dtype=np.int32)
+        now = _distinct_slots(rec, self._distinct)
+        if now.size and int(now.max()) >= self._refcount.size:
+            grown = np.zeros(max(int(now.max()) + 1, 2 * self._refcount.size), dtype=np.int32)
             grown[: self._refcount.size] = self._refcount
             self._refcount = grown
         self._refcount[rec.counted] -= 1
@@ -376,7 +397,7 @@ class DiffAllocator:
         src, reuse, piece_of = _lay_out(pieces)
         keep = self._kept_master_positions(src, reuse, piece_of)
         private_positions = np.nonzero(~keep)[0]
-        priv_pages = np.unique(private_positions // page_size) if private_positions.size else np.empty(0, np.int64)
+        priv_pages = _sorted_unique(private_positions // page_size)  # positions ascend: so do their pages
         n_alloc = int(private_positions.size) if page_size == 1 else int(priv_pages.size) * page_size
         fresh = self._alloc(n_alloc)
         if fresh is None:
@@ -394,7 +415,7 @@ class DiffAllocator:
         rec.private_tokens += n_alloc
         rec.end = max(rec.end, start_pos + len(src))
         used_segs: dict = {}
-        for i in (np.unique(piece_of[kept_pos]).tolist() if kept_pos.size else []):
+        for i in (_sorted_unique(piece_of[kept_pos]).tolist() if kept_pos.size else []):  # ascending with positions
             used_segs.setdefault(_seg_id(pieces[i].seg), pieces[i].seg)
         dev = fresh.device if fresh.numel() else getattr(self.allocator, "device", "cpu")
         return BuiltRow(slots=torch.from_numpy(out).to(dev), segs=list(used_segs.values()), private_tokens=n_alloc,
@@ -460,7 +481,7 @@ class DiffAllocator:
         want = np.zeros(self._refcount.size, dtype=np.int32)
         for rec in self.rows.values():
             slots = _distinct_slots(rec)
-            assert np.array_equal(slots, rec.counted), f"row {rec.key!r}: counted slots differ from its references"
+            assert np.array_equal(slots, np.sort(rec.counted)), f"row {rec.key!r}: counted slots differ from its references"
             want[slots] += 1
         assert np.array_equal(want, self._refcount), "master refcounts differ from the live rows' references"
 

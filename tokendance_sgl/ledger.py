@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_host
 
 __all__ = ["PageLedger", "PoolView", "RadixHolds", "slot_pages", "node_value_pages"]
@@ -90,8 +91,7 @@ class PageLedger:
         for name in (*_KINDS, "tot", "lk"):
             setattr(self, name, np.zeros(n, dtype=np.int32))
         self.gen = np.zeros(n, dtype=np.int64)
-        self._mark = np.zeros(n, dtype=np.int64)  # scratch of _distinct
-        self._idx = np.arange(1024, dtype=np.int64)  # 0, 1, 2, ... (scratch of _distinct)
+        self._distinct = Distinct(n)  # scratch of the distinct-page checks
         self.n_held = 0
         self.n_prot = 0
 
@@ -125,18 +125,12 @@ class PageLedger:
         self.ensure(pages)
         return self.lk[pages] > 0
 
-    def _distinct(self, pages: np.ndarray) -> bool:
-        """Whether ``pages`` has no repeated page (O(n), no sort: each page marks its index in a scratch array)."""
-        if pages.size < 2:
-            return True
-        mark = self._mark
-        if mark.size < self.tot.size:
-            mark = self._mark = np.zeros(self.tot.size, dtype=np.int64)
-        if self._idx.size < pages.size:
-            self._idx = np.arange(max(pages.size, 2 * self._idx.size), dtype=np.int64)
-        idx = self._idx[: pages.size]
-        mark[pages] = idx
-        return bool((mark[pages] == idx).all())
+    def pages_of(self, slots: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The distinct pages of ``slots`` (host int64, each once, not sorted); a host array is read without a device
+        copy. O(n), no sort (:class:`~tokendance_sgl.distinct.Distinct`)."""
+        host = slots if isinstance(slots, np.ndarray) else to_host(slots, torch.int64)
+        host = host.astype(np.int64, copy=False)
+        return self._distinct.of(host // self.page_size if self.page_size > 1 else host)
 
     def _change(self, pages: np.ndarray, kind: str, delta: int, *, distinct: bool = False) -> np.ndarray:
         """Adds ``delta`` holders (or locks) of ``kind`` to ``pages``; returns the pages no one holds any more.
@@ -146,7 +140,7 @@ class PageLedger:
         if pages.min() < 0:
             raise ValueError("negative page id")
         self._grow(int(pages.max()))
-        if distinct or self._distinct(pages):
+        if distinct or self._distinct.check(pages):
             step = delta
         else:  # each page once, with its multiplicity as the delta
             pages, times = np.unique(pages, return_counts=True)
@@ -190,18 +184,18 @@ class PageLedger:
     def unlock_radix(self, pages):
         return self._change(pages, "rl", -1)
 
-    # segment holders
+    # segment holders (a segment's pages come from :meth:`pages_of`: each page once)
     def hold_seg(self, pages):
-        return self._change(pages, "s", 1)
+        return self._change(pages, "s", 1, distinct=True)
 
     def release_seg(self, pages):
-        return self._change(pages, "s", -1)
+        return self._change(pages, "s", -1, distinct=True)
 
     def lock_seg(self, pages):
-        return self._change(pages, "sl", 1)
+        return self._change(pages, "sl", 1, distinct=True)
 
     def unlock_seg(self, pages):
-        return self._change(pages, "sl", -1)
+        return self._change(pages, "sl", -1, distinct=True)
 
     # live request rows
     def hold_row(self, pages, *, distinct: bool = False):

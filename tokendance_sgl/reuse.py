@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol
 
+import numpy as np
 import torch
 
 from tokendance_sgl.bases import CanonicalBases
@@ -124,7 +125,7 @@ def _build_region(host: ReuseHost, req: Any, layout: RowLayout, pinned: list):
     store = host.store
     masters = store.master_copies([(store.get(planned.key), positions.position_of(a), a) for a, _, planned in layout.spans],
                                   pinned)
-    pieces, compute, select, tails, recomputed, pos = [], [], [], [], 0, layout.start
+    pieces, compute, points, select, tails, recomputed, pos = [], [], [], [], [], 0, layout.start
     for (a, b, planned), seg in zip(layout.spans, masters):
         if seg is None:
             return None
@@ -134,7 +135,7 @@ def _build_region(host: ReuseHost, req: Any, layout: RowLayout, pinned: list):
         n = min(b - a, seg.kv_len)  # master tokens (the segment itself lacks its last token: computed as text)
         offsets = policy.offsets(n)
         pieces.append(MasterRun(seg, seg.master[:n], recompute=offsets, host=seg.host[:n]))
-        compute.extend((a + int(o), a + int(o) + 1) for o in offsets)
+        points.append(a + np.asarray(offsets, dtype=np.int64))  # recomputed positions
         if seg.tail_pending and n == len(seg.tokens) and seg.tail_writer is None and n - 1 not in offsets:
             seg.tail_writer = id(req.kv)  # this row computes the copy's last token, into the copy, for the round
             tails.append((seg, a + n - 1))
@@ -146,7 +147,7 @@ def _build_region(host: ReuseHost, req: Any, layout: RowLayout, pinned: list):
             select.append(SelectItem(a, n, policy, (layout.base_key, planned.key, str(policy)), offsets))
         recomputed += len(offsets)
         pos = b
-    return pieces, compute, select, tails, recomputed, positions
+    return pieces, coalesce(compute, np.concatenate(points) if points else None), select, tails, recomputed, positions
 
 
 def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed]:
@@ -157,7 +158,7 @@ def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed
     built = None
     try:
         if not layout.policy.reuses_masters:
-            pieces, compute, select = [NewRun(layout.end - layout.start)], [(layout.start, layout.end)], []
+            pieces, compute, select = [NewRun(layout.end - layout.start)], coalesce([(layout.start, layout.end)]), []
             recomputed, positions = sum(b - a for a, b, _ in layout.spans), layout.prefix_positions
         else:
             got = _build_region(host, req, layout, pinned)
@@ -176,7 +177,7 @@ def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed
             host.store.unlock(seg)
         if built is None:
             release_tails(tails)
-    row_plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=layout.start, tails=tails,
+    row_plan = RowPlan(compute_spans=compute, select=select, probe_start=layout.start, tails=tails,
                        lead_end=lead_end(layout))
     note_layout_stats(layout, row_plan, recomputed, built.private_tokens)
     return built.slots, row_plan, positions

@@ -207,7 +207,7 @@ class SegmentStore:
                 raise AssertionError(f"locked segment without KV: {existing!r}")
             self.drop(existing)
         host = to_host(master, torch.int64).copy() if master is not None else None
-        pages = np.unique(host // self.page_size) if host is not None else np.empty(0, dtype=np.int64)
+        pages = self.ledger.pages_of(host) if host is not None else np.empty(0, dtype=np.int64)
         if master is not None and not strong and not self.ledger.held_mask(pages).all():
             logger.debug("weak segment refused: its pages are not held by the tree")
             return None, False
@@ -370,11 +370,10 @@ class SegmentStore:
                 self.drop(stale)
             node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=anchor, round=self.current_round,
                                agent=seg.agent, strong=True, master=part.clone(), host=host[align : align + n].copy(),
-                               pages=np.unique(host // ps), copy_of=seg.copy_of or seg.key, tail_pending=bool(t))
+                               pages=self.ledger.pages_of(host), copy_of=seg.copy_of or seg.key, tail_pending=bool(t))
             node.used_round = self.current_round
             self._hold(node)
-            self._nodes[key] = node
-            self.epoch += 1
+            self._nodes[key] = node  # no epoch step: a plan reads the base segments only, never their copies
             self.counters["master_copies"] += 1
             self.counters["rotated_tokens"] += n
             self.counters["copy_pad_slots"] += host.size - n
@@ -441,6 +440,6 @@ class SegmentStore:
                 if seg.lock_ref > 0:
                     np.add.at(sl, seg.pages, 1)
             if seg.master is not None:
-                assert np.array_equal(np.unique(to_host(seg.master) // self.page_size), seg.pages), seg
+                assert np.array_equal(np.unique(to_host(seg.master) // self.page_size), np.sort(seg.pages)), seg
             assert seg.copy_of is not None or seg.key in self.detector or len(seg.tokens) < self.detector.min_len, seg
         assert holding == self.n_holding, (holding, self.n_holding)
