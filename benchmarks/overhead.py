@@ -11,7 +11,7 @@ all-gather each; a segment table as the frontend sends it) and its own answer; o
 round admits every agent (the collective step first, for the reuse backends), then finishes them. Timed: the cache
 calls the scheduler makes (match, collective step, composition / load-back, allocation with eviction, checkpoint,
 release); not timed: the fake forward (the re-rotation and copy kernels are no-ops here, they are device work on a
-GPU) and the harness. Reported per backend and size: the median over the rounds >= 1 of the round's scheduler time,
+GPU), the harness and a ``gc.collect()`` between sizes (the previous size's caches are garbage). Reported per backend and size: the median over the rounds >= 1 of the round's scheduler time,
 its ratio to radix, the mean per round >= 1 of each phase (``phases_s``), and the growth exponent of the time in
 agents x history tokens (a log-log fit).
 
@@ -20,6 +20,7 @@ Writes benchmarks/results/overhead[_quick].json and .png.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 import time
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
     rows = []
     for n, hist in C.progress(sizes, desc="sizes"):
         for be in backends:
+            gc.collect()  # the previous size's caches are garbage: not this size's scheduler time
             rows.append(run_size(be, n, hist, args.segments, rounds))
             log(f"{be:10s} N={n:3d} history={hist:5d}: {rows[-1]['median_round_s'] * 1e3:8.1f} ms per round")
     for r in rows:
