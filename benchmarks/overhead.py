@@ -7,13 +7,14 @@ allocator and request lifecycle (``init_next_round_input``, ``init_load_back``, 
 
 The workload has the paper's shape: every agent keeps its whole history (its cached path) and each round appends a
 block with the outputs of the round before of every agent of its group (groups of ``--segments`` agents, one
-all-gather each; a segment table as the frontend sends it) and its own answer; output lengths are chosen so that the last round's prompt holds ``--history`` tokens. A
-round admits every agent (the collective step first, for the reuse backends), then finishes them. Timed: the cache
-calls the scheduler makes (match, collective step, composition / load-back, allocation with eviction, checkpoint,
-release); not timed: the fake forward (the re-rotation and copy kernels are no-ops here, they are device work on a
-GPU), the harness and a ``gc.collect()`` between sizes (the previous size's caches are garbage). Reported per backend and size: the median over the rounds >= 1 of the round's scheduler time,
-its ratio to radix, the mean per round >= 1 of each phase (``phases_s``), and the growth exponent of the time in
-agents x history tokens (a log-log fit).
+all-gather each; a segment table as the frontend sends it) and its own answer; output lengths are chosen so that the
+last round's prompt holds ``--history`` tokens. A round admits every agent (the collective step first, for the reuse
+backends), then finishes them. Timed: the cache calls the scheduler makes (match, collective step, composition /
+load-back, allocation with eviction, checkpoint, release); not timed: the fake forward (the re-rotation and copy
+kernels are no-ops here, they are device work on a GPU), the harness and a ``gc.collect()`` between sizes (the
+previous size's caches are garbage). Reported per backend and size: the median over the rounds >= 1 of the round's
+scheduler time, its ratio to radix, the mean per round >= 1 of each phase (``phases_s``), and the growth exponent of
+the time in agents x history tokens (a log-log fit).
 
 Writes benchmarks/results/overhead[_quick].json and .png.
 """

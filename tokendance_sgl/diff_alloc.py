@@ -481,7 +481,7 @@ class DiffAllocator:
         want = np.zeros(self._refcount.size, dtype=np.int32)
         for rec in self.rows.values():
             slots = _distinct_slots(rec)
-            assert np.array_equal(slots, np.sort(rec.counted)), f"row {rec.key!r}: counted slots differ from its references"
+            assert np.array_equal(slots, np.sort(rec.counted)), f"row {rec.key!r}: counted slots differ from its refs"
             want[slots] += 1
         assert np.array_equal(want, self._refcount), "master refcounts differ from the live rows' references"
 
