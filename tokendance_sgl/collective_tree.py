@@ -59,7 +59,7 @@ from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun
-from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, slot_pages
+from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds
 from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
 from tokendance_sgl.request_state import RequestState, SegmentPlan, state_of

@@ -42,7 +42,7 @@ import torch
 
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.host import to_host
-from tokendance_sgl.ledger import PageLedger, slot_pages
+from tokendance_sgl.ledger import PageLedger
 from tokendance_sgl.segments import SegmentDetector, content_hash
 
 logger = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ class SegmentStore:
         try:
             self.rerotate(src, torch.cat(parts), delta)
         except BaseException:  # nothing registered yet: the fresh slots go back (the caller unlocks `pinned`)
-            self._free_pages(slot_pages(slots, self.page_size))
+            self._free_pages(self.ledger.pages_of(slots))
             raise
         hosts = np.split(to_host(slots, torch.int64), np.cumsum(spans)[:-1])
         for (key, (seg, anchor, align, idx)), part, host, n, t in zip(todo.items(), parts, hosts, sizes, tails):
