@@ -326,6 +326,31 @@ def test_live_row_holds_its_composed_region_and_release_frees_only_its_own_slots
     sim.check()
 
 
+@pytest.mark.parametrize("policy", ["full", "sink:2", "none"])
+def test_paged_region_ends_on_a_page_boundary_when_the_last_segment_is_cut(policy):
+    """Page size 16: the first segment ends inside page 0 and the second starts on page 1 but ends before page 2, so
+    the region is cut at row 16. It must end there (the text between the first segment and row 16 computed with
+    it): a region that ended at the first segment's end would leave the extend to continue a page the tree owns --
+    SGLang's allocator writes the next rows into that page (found by the random exploration: a page freed twice)."""
+    sim = Sim(ps=16, pool_tokens=512, rows=6, config=TreeConfig(min_segment_len=4))
+    a_out, b_out = T(9, 500), T(9, 600)
+    produce(sim, T(5, 1000), a_out, out="a")
+    produce(sim, T(5, 2000), b_out, out="b", agent=1)
+    new_round(sim.tree, 1)
+    prompt = T(3, 3000) + a_out + [1, 1, 1, 1] + b_out + [2, 2]  # a at [3, 12), b at [16, 25)
+    cp = {**tbl(round_=1, agent=2, spans=[("a", 3, 12), ("b", 16, 25)]), "td_recompute": policy}
+    req = sim.admit_reused(prompt, cp, first=9)
+    assert req is not None and sim.cached[req.rid] == 16  # the region [0, 16): page 0 whole
+    sim.check()
+    for t in (10, 11, 12):
+        assert sim.decode(req, t)
+    sim.check()
+    sim.finish(req)
+    sim.check()
+    sim.tree.evict(EvictParams(num_tokens=10_000))
+    sim.check()
+
+
 def test_alias_and_reregistration():
     sim = Sim(ps=1, pool_tokens=128)
     out = T(7, 500)

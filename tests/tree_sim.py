@@ -162,6 +162,8 @@ class Sim:
         self.tree.unlock(pin)
         start = req.prefix_len
         self.cached[req.rid] = start
+        # SGLang's extend continues the prefix's last page in place: a composed region must end on a page boundary
+        assert start % self.ps == 0, f"the cached prefix of {req.rid} ends inside a page ({start})"
         rest = self._alloc(n - start)
         if rest is None:
             self.pool.free(req)

@@ -317,6 +317,10 @@ class CollectiveTree(RadixCache):
         layout = st.layout if st is not None else None
         if layout is None or layout.start != req.prefix_len or layout.end - layout.start != params.host_hit_length:
             return 0, node
+        if layout.start % self.page_size or layout.end % self.page_size:  # plan_layout never makes one; never compose
+            logger.error("tokendance: region [%d, %d) of request %s is not whole pages; prefilling it normally",
+                         layout.start, layout.end, req.rid)
+            return 0, node
         try:
             out = self.build_row(req, layout)
             if out is not None:

@@ -73,6 +73,8 @@ def build_pic_row(tree: CollectiveTree, req: Any, layout: RowLayout) -> Optional
                 select.append(SelectItem(a, b - a, policy, None, offsets))
             recomputed += len(offsets)
             pos = b
+        if layout.end > pos:  # text after the last span, up to the region's page boundary
+            compute.append((pos, layout.end))
         dst_t = torch.cat(dst).to(torch.int64)
         tree.rerotate_into(torch.cat(src), dst_t, torch.cat(delta).to(dst_t.device))
         tree.store.counters["rotated_tokens"] += int(dst_t.numel())

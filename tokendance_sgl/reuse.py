@@ -98,13 +98,16 @@ def plan_layout(host: ReuseHost, req: Any, prefix_len: int, limit: int,
             break
         spans.append((a, b, s))
         last = s.end
-    if page_size > 1 and spans:  # the composed region ends on a page boundary: the extend fills the rest
-        end = spans[-1][1] // page_size * page_size
-        spans = [(a, min(b, end), s) for a, b, s in spans if a < end]
     if not spans:
         return None
+    end = spans[-1][1]
+    if page_size > 1:  # the region ends on a page boundary (SGLang's extend continues the last page of the prefix):
+        end = end // page_size * page_size  # the spans are cut there; text between the last one and it is computed
+        spans = [(a, min(b, end), s) for a, b, s in spans if a < end]
+        if not spans:
+            return None
     base_key = (plan.round, plan.ns_key) if plan.round is not None else tuple(s.key for _, _, s in spans)
-    return RowLayout(prefix_len, spans[-1][1], policy, spans, base_key, prefix_positions or PositionMap(), plan.agent)
+    return RowLayout(prefix_len, end, policy, spans, base_key, prefix_positions or PositionMap(), plan.agent)
 
 
 def gap_budget(host: ReuseHost, req: Any, pmap: PositionMap) -> int:
@@ -147,6 +150,9 @@ def _build_region(host: ReuseHost, req: Any, layout: RowLayout, pinned: list):
             select.append(SelectItem(a, n, policy, (layout.base_key, planned.key, str(policy)), offsets))
         recomputed += len(offsets)
         pos = b
+    if layout.end > pos:  # text after the last span, up to the region's page boundary
+        pieces.append(NewRun(layout.end - pos))
+        compute.append((pos, layout.end))
     return pieces, coalesce(compute, np.concatenate(points) if points else None), select, tails, recomputed, positions
 
 
@@ -201,7 +207,7 @@ def prepass_tokens(layout: RowLayout) -> int:
         n = min(b - a, planned.kv_len)
         total += (a - pos) + policy.budget(n) + (b - a - n) + 1
         pos = b
-    return min(total, layout.end - layout.start)
+    return min(total + layout.end - pos, layout.end - layout.start)
 
 
 def release_tails(tails: list) -> None:
