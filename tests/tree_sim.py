@@ -28,6 +28,7 @@ from sglang.srt.sampling.sampling_params import SamplingParams
 from tokendance_sgl.collective_tree import CollectiveTree
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.diff_alloc import MasterRun, NewRun
+from tokendance_sgl.ledger import value_pages
 
 
 class Sim:
@@ -239,6 +240,12 @@ class Sim:
     def check(self):
         tree, ps = self.tree, self.ps
         tree.check_invariants()
+        # every radix value is whole pages in row order: rows are page-aligned (the ledger's fallback is never needed)
+        stack = list(tree.root_node.children.values())
+        while stack:
+            x = stack.pop()
+            stack.extend(x.children.values())
+            assert x.evicted or value_pages(x.value, ps)[1], f"radix node {x.id}'s value is not whole pages"
         free = self.alloc.get_all_free_pages().tolist()
         assert len(free) == len(set(free)), "a page is in the free list twice"
         free = set(free)
