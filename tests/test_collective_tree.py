@@ -351,6 +351,34 @@ def test_paged_region_ends_on_a_page_boundary_when_the_last_segment_is_cut(polic
     sim.check()
 
 
+def test_checkpoint_relocks_only_the_new_leaf():
+    """SGLang's checkpoint unlocks the request's old path and locks its new one at once: the ledger's radix locks
+    change only for the newly inserted leaf, not twice for the whole path (and the ledger still equals the nodes')."""
+    sim = Sim(ps=1, pool_tokens=256)
+    hist = T(40, 100)
+    first = produce(sim, hist[:30], hist[30:])
+    req = sim.admit(list(first.origin_input_ids) + list(first.output_ids) + T(6, 700), tbl(round_=1))
+    touched = []
+    for name in ("lock_radix", "unlock_radix"):
+        orig = getattr(sim.tree.ledger, name)
+        setattr(sim.tree.ledger, name, lambda pages, _o=orig, _n=name: touched.append((_n, len(pages))) or _o(pages))
+    for t in T(5, 800):
+        assert sim.decode(req, t)
+    sim.finish(req)  # the checkpoint (unlock the old path, lock the new one), then the release's unlock
+    sim.check()
+    path = sum(len(n.value) for n in sim.tree.root_node.children.values() for n in _subtree(n))
+    assert touched == [("lock_radix", 5), ("unlock_radix", path)], (touched, path)
+
+
+def _subtree(node):
+    out, stack = [], [node]
+    while stack:
+        x = stack.pop()
+        out.append(x)
+        stack.extend(x.children.values())
+    return out
+
+
 def test_alias_and_reregistration():
     sim = Sim(ps=1, pool_tokens=128)
     out = T(7, 500)

@@ -218,8 +218,7 @@ class CollectiveTree(RadixCache):
             return IncLockRefResult(delta=0)
         turning, ev0 = self._lock_turning(node, 0), self.evictable_size()
         super().inc_lock_ref(node)
-        if turning:  # one ledger update for the whole path
-            self.ledger.lock_radix(np.concatenate([self.radix_holds.pages(n) for n in turning]))
+        self.radix_holds.turned_on(turning)
         return IncLockRefResult(delta=self.evictable_size() - ev0)
 
     def dec_lock_ref(self, node: TreeNode, params: Optional[DecLockRefParams] = None) -> DecLockRefResult:
@@ -227,8 +226,7 @@ class CollectiveTree(RadixCache):
             return DecLockRefResult(delta=0)
         turning, ev0 = self._lock_turning(node, 1), self.evictable_size()
         super().dec_lock_ref(node, params)
-        if turning:
-            self.ledger.unlock_radix(np.concatenate([self.radix_holds.pages(n) for n in turning]))
+        self.radix_holds.turned_off(turning)
         return DecLockRefResult(delta=self.evictable_size() - ev0)
 
     def evict(self, params: EvictParams) -> EvictResult:
@@ -464,7 +462,8 @@ class CollectiveTree(RadixCache):
         if st.namespace is not None:  # an approximate row goes under its policy's namespace (stock insert)
             req.extra_key = st.namespace
         try:
-            super().checkpoint(req, up_to=up_to)
+            with self.radix_holds.relocking():  # the stock checkpoint unlocks the old path, then locks the new one
+                super().checkpoint(req, up_to=up_to)
         finally:
             req.extra_key = extra
             self._inserting = None

@@ -20,6 +20,7 @@ shared by a radix path, a segment and a live row goes back to the pool once, by 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import numpy as np
@@ -288,6 +289,7 @@ class RadixHolds:
         self.page_size = page_size
         self._pages: dict[int, np.ndarray] = {}
         self._loose: set[int] = set()  # nodes whose value is not whole pages (their pages are the distinct ones)
+        self._relock: Optional[list] = None  # nodes turned off inside :meth:`relocking`, not yet in the ledger
 
     def clear(self) -> None:
         self._pages.clear()
@@ -310,6 +312,38 @@ class RadixHolds:
 
     def add(self, node: Any) -> None:
         self.ledger.add_radix(self._derive(node))
+
+    # radix locks: the nodes whose lock_ref turned from 0 to 1 (on) or from 1 to 0 (off), one ledger update each time
+    def _lock(self, nodes: list, delta: int) -> None:
+        if nodes:
+            pages = np.concatenate([self.pages(n) for n in nodes])
+            (self.ledger.lock_radix if delta > 0 else self.ledger.unlock_radix)(pages)
+
+    def turned_on(self, nodes: list) -> None:
+        if self._relock is not None:  # nodes the unlock before turned off and this turns on again keep their locks
+            off, self._relock = self._relock, None
+            on, kept = {id(n) for n in nodes}, {id(n) for n in off}
+            self._lock([n for n in off if id(n) not in on], -1)
+            nodes = [n for n in nodes if id(n) not in kept]
+        self._lock(nodes, +1)
+
+    def turned_off(self, nodes: list) -> None:
+        if self._relock is not None:
+            self._relock.extend(nodes)
+        else:
+            self._lock(nodes, -1)
+
+    @contextmanager
+    def relocking(self):
+        """A window in which an unlock is followed at once by a lock (SGLang's checkpoint: the request's old path,
+        then its new path): the path both share keeps its ledger locks, so only the new leaf's pages change instead
+        of the whole path's twice. Nothing may read the radix locks of the ledger between the two."""
+        self._relock = []
+        try:
+            yield
+        finally:
+            off, self._relock = self._relock, None
+            self._lock(off or [], -1)  # an unlock no lock followed
 
     def split(self, parent: Any, child: Any, pages: np.ndarray, split_len: int, old_len: int) -> None:
         """``parent`` took the first ``split_len`` tokens of ``child`` (whose pages were ``pages``)."""
