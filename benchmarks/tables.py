@@ -2,7 +2,7 @@
 
     python benchmarks/tables.py [--quick] [--mode auto|full|quick] [--target FILE ...]
 
-Reads benchmarks/results/{concurrency,storage,storage_scale,prefill,fidelity,overhead}[_quick].json and writes a
+Reads benchmarks/results/{concurrency,storage,storage_n16,storage_scale,prefill,prefill_n16_sink2,fidelity,overhead}[_quick].json and writes a
 Markdown block between the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
 (the default) takes, per benchmark, the newer of the full-size and the quick JSON.  It is named to sort after the measuring scripts, so ``tokendance-sgl bench``
@@ -22,7 +22,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- BEGIN tokendance-sgl benchmark results (written by benchmarks/tables.py from the JSON; do not edit) -->"
 END = "<!-- END tokendance-sgl benchmark results -->"
-BENCHMARKS = ("concurrency", "storage", "storage_scale", "prefill", "fidelity", "overhead")
+STORAGE_RUNS = ("storage", "storage_n16")  # tagged runs at other settings get rows of their own when present
+PREFILL_RUNS = ("prefill", "prefill_n16_sink2")
+BENCHMARKS = ("concurrency", *STORAGE_RUNS, "storage_scale", *PREFILL_RUNS, "fidelity", "overhead")
 TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill_vs_pic": 1.3, "prefill_vs_radix": 3.0, "prefill_tokens": 8.0}
 MiB = 2**20
 STORAGE_MEASURES = ("row_kv_per_agent_bytes", "shared_kv_per_agent_bytes", "held_kv_per_agent_bytes")
@@ -122,6 +124,63 @@ def compression_rows(data: dict) -> list[list[str]]:
     return rows
 
 
+def _settings_label(d: dict, tagged: bool) -> str:
+    """A tagged run's own settings, for its row labels (the default runs' settings are in the details)."""
+    if not tagged:
+        return ""
+    pol = ((d.get("servers") or {}).get("tokendance") or {}).get("recompute_policy")
+    return f"; {d['settings']['max_new_tokens']}-token outputs, `{pol}`, `{d['_path']}`"
+
+
+def storage_rows(s: dict | None, tagged: bool = False) -> list[list[str]]:
+    if not (s and "workload" in s["settings"] and "tokendance" in s["results"]):
+        return []
+    rows, st = [], s["settings"]
+    n = pick_n([int(k) for k in s["results"]["tokendance"]], 16)
+    last = st["rounds"] - 1
+    share = s["results"]["tokendance"][str(n)][last]["shared_fraction_of_prompt"]
+    extra = _settings_label(s, tagged)
+    for m, label in (("row_kv_per_agent_bytes", "whole row"),
+                     ("shared_kv_per_agent_bytes", "the row's shared history (the paper's compression)")):
+        vals = [s["results"].get(b, {}).get(str(n), [{}] * (last + 1))[last].get(m) for b in ("radix", "pic",
+                                                                                               "tokendance")]
+        comp = {b: (s["compression"].get(f"{b}_over_tokendance") or {}).get(str(n)) for b in ("radix", "pic")}
+        rows.append([
+            f"KV per agent, MiB ({label}), N = {n}, round {last} ({st['workload']} workload, shared history "
+            f"{share:.0%} of the prompt{extra})",
+            *(f(v / MiB if v is not None else None) for v in vals),
+            *(xr(c[last][m]) if c else "-" for c in comp.values()),
+            f">= {TARGETS['storage']}x at N = 32" if m.startswith("shared") else ">= 5x less than radix at N = 16",
+        ])
+    return rows
+
+
+def prefill_rows(p: dict | None, tagged: bool = False) -> list[list[str]]:
+    if not p:
+        return []
+    ns = sorted(int(k) for k in next(iter(p["results"].values()), {}))
+    n = pick_n(ns, 16)
+    if n is None:
+        return []
+    vals = {b: p["results"].get(b, {}).get(str(n), {}) for b in ("radix", "pic", "tokendance")}
+    rr = p["ratios"].get(str(n), {})
+    extra = _settings_label(p, tagged)
+    return [[
+        f"prefill time of round {p['settings']['timed_round']}, s (wall), N = {n}{extra}",
+        *(f(v.get("latency_s")) for v in vals.values()),
+        xr(rr.get("radix_over_tokendance", {}).get("latency")),
+        xr(rr.get("pic_over_tokendance", {}).get("latency")),
+        f">= {TARGETS['prefill_vs_radix']:g}x faster than radix, >= {TARGETS['prefill_vs_pic']:g}x than pic "
+        f"(`deviation:0.15`), N = 16",
+    ], [
+        f"prefill work: uncached prompt tokens of the round, N = {n}{extra}",
+        *(f(v.get("uncached_tokens")) for v in vals.values()),
+        xr(rr.get("radix_over_tokendance", {}).get("uncached_tokens")),
+        xr(rr.get("pic_over_tokendance", {}).get("uncached_tokens")),
+        f">= {TARGETS['prefill_tokens']:g}x fewer than radix at N = 16",
+    ]]
+
+
 def headline(data: dict) -> list[str]:
     rows = []
     c = data.get("concurrency")
@@ -137,46 +196,11 @@ def headline(data: dict) -> list[str]:
             f"latency = {f(st['slo_s'])} s)", mx("radix") or "-", mx("pic") or "-", mx("tokendance") or "-",
             xr(c["ratios"].get("tokendance_over_radix")), xr(c["ratios"].get("tokendance_over_pic")),
             f">= {TARGETS['concurrency']}x radix"])
-    s = data.get("storage")
-    if s and "workload" in s["settings"] and "tokendance" in s["results"]:
-        st = s["settings"]
-        n = pick_n([int(k) for k in s["results"]["tokendance"]], 16)
-        last = st["rounds"] - 1
-        share = s["results"]["tokendance"][str(n)][last]["shared_fraction_of_prompt"]
-        for m, label in (("row_kv_per_agent_bytes", "whole row"),
-                         ("shared_kv_per_agent_bytes", "the row's shared history (the paper's compression)")):
-            vals = [s["results"].get(b, {}).get(str(n), [{}] * (last + 1))[last].get(m) for b in ("radix", "pic",
-                                                                                                   "tokendance")]
-            comp = {b: (s["compression"].get(f"{b}_over_tokendance") or {}).get(str(n)) for b in ("radix", "pic")}
-            rows.append([
-                f"KV per agent, MiB ({label}), N = {n}, round {last} ({st['workload']} workload, shared history "
-                f"{share:.0%} of the prompt)", *(f(v / MiB if v is not None else None) for v in vals),
-                *(xr(c[last][m]) if c else "-" for c in comp.values()),
-                f">= {TARGETS['storage']}x at N = 32" if m.startswith("shared") else ">= 5x less than radix at N = 16",
-            ])
+    for i, name in enumerate(STORAGE_RUNS):
+        rows += storage_rows(data.get(name), tagged=i > 0)
     rows += compression_rows(data)
-    p = data.get("prefill")
-    if p:
-        ns = sorted(int(k) for k in next(iter(p["results"].values()), {}))
-        n = pick_n(ns, 16)
-        if n is not None:
-            vals = {b: p["results"].get(b, {}).get(str(n), {}) for b in ("radix", "pic", "tokendance")}
-            rr = p["ratios"].get(str(n), {})
-            rows.append([
-                f"prefill time of round {p['settings']['timed_round']}, s (wall), N = {n}",
-                *(f(v.get("latency_s")) for v in vals.values()),
-                xr(rr.get("radix_over_tokendance", {}).get("latency")),
-                xr(rr.get("pic_over_tokendance", {}).get("latency")),
-                f">= {TARGETS['prefill_vs_radix']:g}x faster than radix, >= {TARGETS['prefill_vs_pic']:g}x than pic "
-                f"(`deviation:0.15`), N = 16",
-            ])
-            rows.append([
-                f"prefill work: uncached prompt tokens of the round, N = {n}",
-                *(f(v.get("uncached_tokens")) for v in vals.values()),
-                xr(rr.get("radix_over_tokendance", {}).get("uncached_tokens")),
-                xr(rr.get("pic_over_tokendance", {}).get("uncached_tokens")),
-                f">= {TARGETS['prefill_tokens']:g}x fewer than radix at N = 16",
-            ])
+    for i, name in enumerate(PREFILL_RUNS):
+        rows += prefill_rows(data.get(name), tagged=i > 0)
     fi = data.get("fidelity")
     if fi:
         for pol in fi["settings"]["policies"]:
