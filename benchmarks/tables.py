@@ -2,7 +2,7 @@
 
     python benchmarks/tables.py [--quick] [--mode auto|full|quick] [--target FILE ...]
 
-Reads benchmarks/results/{concurrency,storage,storage_n16,storage_scale,prefill,prefill_n16_sink2,fidelity,overhead}[_quick].json and writes a
+Reads benchmarks/results/{concurrency,storage,storage_n16,storage_scale,prefill,prefill_n16_sink2,prefill_n16_dev15,fidelity,overhead}[_quick].json and writes a
 Markdown block between the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
 (the default) takes, per benchmark, the newer of the full-size and the quick JSON.  It is named to sort after the measuring scripts, so ``tokendance-sgl bench``
@@ -23,7 +23,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- BEGIN tokendance-sgl benchmark results (written by benchmarks/tables.py from the JSON; do not edit) -->"
 END = "<!-- END tokendance-sgl benchmark results -->"
 STORAGE_RUNS = ("storage", "storage_n16")  # tagged runs at other settings get rows of their own when present
-PREFILL_RUNS = ("prefill", "prefill_n16_sink2")
+PREFILL_RUNS = ("prefill", "prefill_n16_sink2", "prefill_n16_dev15")
 BENCHMARKS = ("concurrency", *STORAGE_RUNS, "storage_scale", *PREFILL_RUNS, "fidelity", "overhead")
 TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill_vs_pic": 1.3, "prefill_vs_radix": 3.0, "prefill_tokens": 8.0}
 MiB = 2**20
