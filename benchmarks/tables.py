@@ -129,7 +129,8 @@ def _settings_label(d: dict, tagged: bool) -> str:
     if not tagged:
         return ""
     pol = ((d.get("servers") or {}).get("tokendance") or {}).get("recompute_policy")
-    return f"; {d['settings']['max_new_tokens']}-token outputs, `{pol}`, `{d['_path']}`"
+    st = d["settings"]
+    return f"; {st.get('max_new_tokens', st.get('max_new_tokens_untimed'))}-token outputs, `{pol}`, `{d['_path']}`"
 
 
 def storage_rows(s: dict | None, tagged: bool = False) -> list[list[str]]:
