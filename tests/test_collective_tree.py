@@ -330,8 +330,8 @@ def test_live_row_holds_its_composed_region_and_release_frees_only_its_own_slots
 def test_paged_region_ends_on_a_page_boundary_when_the_last_segment_is_cut(policy):
     """Page size 16: the first segment ends inside page 0 and the second starts on page 1 but ends before page 2, so
     the region is cut at row 16. It must end there (the text between the first segment and row 16 computed with
-    it): a region that ended at the first segment's end would leave the extend to continue a page the tree owns --
-    SGLang's allocator writes the next rows into that page (found by the random exploration: a page freed twice)."""
+    it): a region that ended at the first segment's end would leave SGLang's extend to continue, in place, a page
+    the tree holds (found by random exploration, whose allocator then misaligned the row: a page freed twice)."""
     sim = Sim(ps=16, pool_tokens=512, rows=6, config=TreeConfig(min_segment_len=4))
     a_out, b_out = T(9, 500), T(9, 600)
     produce(sim, T(5, 1000), a_out, out="a")
