@@ -2,7 +2,8 @@
 
     python benchmarks/tables.py [--quick] [--mode auto|full|quick] [--target FILE ...]
 
-Reads benchmarks/results/{concurrency,storage,storage_n16,storage_scale,prefill,prefill_n16_sink2,prefill_n16_dev15,fidelity,overhead}[_quick].json and writes a
+Reads benchmarks/results/{concurrency,storage,storage_n16,storage_scale,prefill,prefill_n16_sink2,prefill_n16_dev15,
+fidelity,overhead}[_quick].json (the tagged runs get headline rows of their own, when present) and writes a
 Markdown block between the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
 (the default) takes, per benchmark, the newer of the full-size and the quick JSON.  It is named to sort after the measuring scripts, so ``tokendance-sgl bench``

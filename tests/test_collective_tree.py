@@ -43,7 +43,7 @@ from tokendance_sgl.collective_tree import CollectiveTree
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.diff_alloc import MasterRun, NewRun
 from tokendance_sgl.segment_store import SegmentUnavailable
-from tree_sim import Sim, T, new_round, produce, register, tbl
+from tree_sim import Sim, T, new_round, produce, radix_nodes, register, tbl
 
 
 # ================================================================================================ unit tests
@@ -366,17 +366,8 @@ def test_checkpoint_relocks_only_the_new_leaf():
         assert sim.decode(req, t)
     sim.finish(req)  # the checkpoint (unlock the old path, lock the new one), then the release's unlock
     sim.check()
-    path = sum(len(n.value) for n in sim.tree.root_node.children.values() for n in _subtree(n))
+    path = sum(len(n.value) for n in radix_nodes(sim.tree))
     assert touched == [("lock_radix", 5), ("unlock_radix", path)], (touched, path)
-
-
-def _subtree(node):
-    out, stack = [], [node]
-    while stack:
-        x = stack.pop()
-        out.append(x)
-        stack.extend(x.children.values())
-    return out
 
 
 def test_alias_and_reregistration():

@@ -241,10 +241,7 @@ class Sim:
         tree, ps = self.tree, self.ps
         tree.check_invariants()
         # every radix value is whole pages in row order: rows are page-aligned (the ledger's fallback is never needed)
-        stack = list(tree.root_node.children.values())
-        while stack:
-            x = stack.pop()
-            stack.extend(x.children.values())
+        for x in radix_nodes(tree):
             assert x.evicted or value_pages(x.value, ps)[1], f"radix node {x.id}'s value is not whole pages"
         free = self.alloc.get_all_free_pages().tolist()
         assert len(free) == len(set(free)), "a page is in the free list twice"
@@ -290,6 +287,16 @@ def _trim_pieces(pieces, n):
         else:
             out.append(NewRun(left))
         left -= len(p)
+    return out
+
+
+def radix_nodes(tree) -> list:
+    """Every radix node of ``tree`` below the root."""
+    out, stack = [], list(tree.root_node.children.values())
+    while stack:
+        x = stack.pop()
+        out.append(x)
+        stack.extend(x.children.values())
     return out
 
 

@@ -320,12 +320,12 @@ class RadixHolds:
             (self.ledger.lock_radix if delta > 0 else self.ledger.unlock_radix)(pages)
 
     def turned_on(self, nodes: list) -> None:
-        if self._relock is not None:  # nodes the unlock before turned off and this turns on again keep their locks
-            off, self._relock = self._relock, None
-            on, kept = {id(n) for n in nodes}, {id(n) for n in off}
-            self._lock([n for n in off if id(n) not in on], -1)
-            nodes = [n for n in nodes if id(n) not in kept]
-        self._lock(nodes, +1)
+        if self._relock is None:
+            return self._lock(nodes, +1)
+        off, self._relock = self._relock, None  # nodes the unlock before turned off and this turns on keep their locks
+        on_ids, off_ids = {id(n) for n in nodes}, {id(n) for n in off}
+        self._lock([n for n in off if id(n) not in on_ids], -1)
+        self._lock([n for n in nodes if id(n) not in off_ids], +1)
 
     def turned_off(self, nodes: list) -> None:
         if self._relock is not None:
