@@ -54,13 +54,13 @@ def _apply_hooks():
     return HookRegistry
 
 
-def test_register_is_idempotent_and_hooks_apply():
+def test_register_is_idempotent_and_hooks_apply(model_path):
     HookRegistry = _apply_hooks()
     assert "sglang.srt.server_args.prepare_server_args" in HookRegistry._patched
     assert "sglang.srt.server_args.ServerArgs.add_cli_args" in HookRegistry._patched
     from sglang.srt import server_args as sa
 
-    args = sa.prepare_server_args(["--model-path", "m", "--kv-backend", "radix"])
+    args = sa.prepare_server_args(["--model-path", model_path, "--kv-backend", "radix"])
     assert args._tokendance == {"kv_backend": "radix"}
     assert args.radix_cache_backend is None  # radix = stock SGLang caching
 
@@ -77,20 +77,21 @@ def test_help_shows_kv_backend():
     assert "--kv-backend {radix,pic,tokendance}" in out.stdout
 
 
-def test_pic_maps_onto_its_cache_backend():
+def test_pic_maps_onto_its_cache_backend(model_path):
     _apply_hooks()
     from sglang.srt import server_args as sa
 
-    args = sa.prepare_server_args(["--model-path", "m", "--kv-backend", "pic", "--td-recompute", "deviation:0.15"])
+    args = sa.prepare_server_args(["--model-path", model_path, "--kv-backend", "pic", "--td-recompute",
+                                   "deviation:0.15"])
     assert args.radix_cache_backend == "tokendance-pic"
     assert args._tokendance == {"kv_backend": "pic", "recompute": "deviation:0.15"}
 
 
-def test_max_gap_reaches_the_tree_config_and_is_checked():
+def test_max_gap_reaches_the_tree_config_and_is_checked(model_path):
     _apply_hooks()
     from sglang.srt import server_args as sa
 
-    args = sa.prepare_server_args(["--model-path", "m", "--kv-backend", "tokendance", "--td-max-gap", "0"])
+    args = sa.prepare_server_args(["--model-path", model_path, "--kv-backend", "tokendance", "--td-max-gap", "0"])
     assert args.radix_cache_backend == "tokendance"
     assert args._tokendance == {"kv_backend": "tokendance", "max_gap": 0}
     from tokendance_sgl.collective_tree import TreeConfig
@@ -102,7 +103,7 @@ def test_max_gap_reaches_the_tree_config_and_is_checked():
         (["--td-max-gap", "8"], "needs --kv-backend tokendance"),
     ):
         with pytest.raises(SystemExit, match=msg):
-            sa.prepare_server_args(["--model-path", "m", *argv])
+            sa.prepare_server_args(["--model-path", model_path, *argv])
 
 
 def test_conflicting_cache_flags_are_refused():
