@@ -19,8 +19,8 @@ def register_all() -> None:
         segment_validation.register_hooks()
     else:
         # Scheduler (and detokenizer) processes. The forward hooks act only on requests carrying a row plan.
-        from tokendance_sgl.patches import (collective_round, metrics, positions, prepass_budget, recompute_prepass,
-                                            segment_admission)
+        from tokendance_sgl.patches import (collective_round, cpu_extend_attention, metrics, positions,
+                                            prepass_budget, recompute_prepass, segment_admission)
 
         segment_admission.register_hooks()
         prepass_budget.register_hooks()
@@ -28,3 +28,4 @@ def register_all() -> None:
         collective_round.register_hooks()
         recompute_prepass.register_hooks()
         positions.register_hooks()
+        cpu_extend_attention.register_hooks()
