@@ -1,7 +1,7 @@
 """Extend attention of SGLang's CPU backend at a cost proportional to the tokens extended, for every ``--kv-backend``.
 
 Target: ``sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend``
-(AROUND).  SGLang's ``torch_native`` backend (the one attention backend SGLang runs on CPU) computes the extend of a
+(AROUND).  SGLang's ``torch_native`` backend (the attention backend this plugin runs on CPU) computes the extend of a
 request with a cached prefix as causal attention over the WHOLE sequence -- the prefix rows get placeholder queries
 whose outputs are dropped -- so extending 40 tokens of a 2500-token row costs a 2500 x 2500 attention per layer.
 The GPU backends (FlashInfer, Triton, FA3) attend only from the extended tokens.  On CPU that artifact charges a
