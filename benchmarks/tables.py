@@ -278,18 +278,21 @@ def details(data: dict) -> list[str]:
         st = p["settings"]
         out += ["", f"**Prefill time per round** ({provenance(p)}). Round {st['timed_round']} timed with "
                     f"max_new_tokens=1 after {st['timed_round']} normal round(s) of {st['max_new_tokens_untimed']} new "
-                    f"tokens; median of {st['repeats']}. Wall s / server CPU s / uncached tokens:", ""]
+                    f"tokens; median of {st['repeats']} (min-max in brackets). Wall s / server CPU s / uncached "
+                    "tokens:", ""]
         bs = list(p["results"])
         rows = []
         for n in map(str, st["agents"]):
             row = [n]
             for b in bs:
                 r = p["results"][b][n]
-                row.append(f"{r['latency_s']:.2f} / {r['server_cpu_s']:.1f} / {r['uncached_tokens']}")
+                row.append(f"{r['latency_s']:.2f}{_spread(r.get('latency_s_all'))} / {r['server_cpu_s']:.1f} / "
+                           f"{r['uncached_tokens']}")
             rr = p["ratios"].get(n, {})
             for base in ("pic", "radix"):
                 cc = rr.get(f"{base}_over_tokendance")
-                row.append("-" if not cc else f"{xr(cc['latency'])} / {xr(cc['server_cpu'])} / {xr(cc['uncached_tokens'])}")
+                row.append("-" if not cc else f"{xr(cc['latency'])}{_spread(cc.get('latency_min_max'), 'x')} / "
+                                              f"{xr(cc['server_cpu'])} / {xr(cc['uncached_tokens'])}")
             rows.append(row)
         out += table(["N", *bs, "pic / tokendance", "radix / tokendance"], rows)
     fi = data.get("fidelity")
@@ -317,6 +320,14 @@ def details(data: dict) -> list[str]:
                       "diverges", "copy slots made over the run"], rows)
     out += overhead_table(data.get("overhead"))
     return out
+
+
+def _spread(xs: list | None, unit: str = "") -> str:
+    """`` (lo-hi)`` over repeats, when there were several."""
+    xs = [x for x in xs or [] if x is not None]
+    if len(xs) < 2 or min(xs) == max(xs):
+        return ""
+    return f" ({min(xs):.2f}-{max(xs):.2f}{unit})"
 
 
 def _diverges(x: dict) -> str:
