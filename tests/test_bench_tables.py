@@ -82,3 +82,24 @@ def test_tag_names_the_results_files(name, tmp_path, monkeypatch):
     args = mod.parse_args(["--quick", "--tag", "sink2"])
     assert common.out_name(name, args) == f"{name}_sink2"
     assert common.write_json(common.out_name(name, args), args.quick, {}, tmp_path).name == f"{name}_sink2_quick.json"
+
+
+def test_every_limit_sentence_is_computed_from_the_json(tables):
+    """The 'what limits the ratio' sentences: the row bound from the agent's own share, the pool against the
+    round latency for the concurrency sweep."""
+    # dense row 100, dense shared 80 (own 20), N = 16: at most 100 / (20 + 80 / 16) = 4.0x with no diffs
+    rec = {"row_kv_per_agent_bytes": 25.0, "dense_over_row": 4.0, "shared_kv_per_agent_bytes": 8.0,
+           "dense_over_shared": 10.0}
+    assert "own 20% of the row" in tables.row_limit(rec, 16) and "could not pass 4.0x" in tables.row_limit(rec, 16)
+    assert "at most 16x" in tables.shared_limit(rec, 16) and "to 10.0x" in tables.shared_limit(rec, 16)
+
+    def sweep(used: int) -> dict:
+        runs = [{"n_agents": 4, "meets_slo": True}, {"n_agents": 6, "meets_slo": False, "peak_used_slots": used,
+                                                      "uncached_tokens": [900, 300, 350],
+                                                      "measured_round_latency_max_s": 41.0}]
+        return {"settings": {"pool_tokens": 1000}, "results": {"tokendance": {"sweep": runs}}}
+
+    assert tables.concurrency_limit(sweep(990)).startswith("the KV pool: at N = 6")
+    latency = tables.concurrency_limit(sweep(310))
+    assert latency.startswith("round latency, not KV: at N = 6") and "31% of the pool" in latency and "350" in latency
+    assert "41.0 s" in latency
