@@ -4,7 +4,7 @@
 
 Every headline row ends with one sentence, computed from the same JSON, on what limits its ratio.
 
-Reads benchmarks/results/{concurrency,storage,storage_n16,storage_scale,prefill,prefill_n16_sink2,prefill_n16_dev15,
+Reads benchmarks/results/{concurrency,storage,storage_n16,storage_scale,prefill,prefill_sink2,
 fidelity,overhead}[_quick].json (the tagged runs get headline rows of their own, when present) and writes a
 Markdown block between the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
@@ -26,7 +26,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- BEGIN tokendance-sgl benchmark results (written by benchmarks/tables.py from the JSON; do not edit) -->"
 END = "<!-- END tokendance-sgl benchmark results -->"
 STORAGE_RUNS = ("storage", "storage_n16")  # tagged runs at other settings get rows of their own when present
-PREFILL_RUNS = ("prefill", "prefill_n16_sink2", "prefill_n16_dev15")
+PREFILL_RUNS = ("prefill", "prefill_sink2")
 BENCHMARKS = ("concurrency", *STORAGE_RUNS, "storage_scale", *PREFILL_RUNS, "fidelity", "overhead")
 TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill_vs_pic": 1.3, "prefill_vs_radix": 3.0, "prefill_tokens": 8.0}
 MiB = 2**20
