@@ -4,7 +4,7 @@
 
 Every headline row ends with one sentence, computed from the same JSON, on what limits its ratio.
 
-Reads benchmarks/results/{concurrency,storage,storage_n16,storage_scale,prefill,prefill_sink2,
+Reads benchmarks/results/{concurrency,concurrency_pool3k,storage,storage_n16,storage_scale,prefill,prefill_sink2,
 fidelity,overhead}[_quick].json (the tagged runs get headline rows of their own, when present) and writes a
 Markdown block between the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
@@ -25,9 +25,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- BEGIN tokendance-sgl benchmark results (written by benchmarks/tables.py from the JSON; do not edit) -->"
 END = "<!-- END tokendance-sgl benchmark results -->"
+CONCURRENCY_RUNS = ("concurrency", "concurrency_pool3k")  # the default size, and a pool that binds at small N
 STORAGE_RUNS = ("storage", "storage_n16")  # tagged runs at other settings get rows of their own when present
 PREFILL_RUNS = ("prefill", "prefill_sink2")
-BENCHMARKS = ("concurrency", *STORAGE_RUNS, "storage_scale", *PREFILL_RUNS, "fidelity", "overhead")
+BENCHMARKS = (*CONCURRENCY_RUNS, *STORAGE_RUNS, "storage_scale", *PREFILL_RUNS, "fidelity", "overhead")
 TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill_vs_pic": 1.3, "prefill_vs_radix": 3.0, "prefill_tokens": 8.0}
 MiB = 2**20
 STORAGE_MEASURES = ("row_kv_per_agent_bytes", "shared_kv_per_agent_bytes", "held_kv_per_agent_bytes")
@@ -236,8 +237,9 @@ def prefill_rows(p: dict | None, tagged: bool = False) -> list[list[str]]:
 
 def headline(data: dict) -> list[str]:
     rows = []
-    c = data.get("concurrency")
-    if c:
+    for c in (data.get(name) for name in CONCURRENCY_RUNS):
+        if not c:
+            continue
         res, st = c["results"], c["settings"]
 
         def mx(b):
@@ -245,8 +247,9 @@ def headline(data: dict) -> list[str]:
             return None if r is None else f"{r['max_agents_under_slo']}{'+' if r['censored'] else ''}"
 
         rows.append([
-            f"agents under the SLO (pool {st['pool_tokens']} tokens, SLO {st['slo_multiple']:g}x single-agent round "
-            f"latency = {f(st['slo_s'])} s)", mx("radix") or "-", mx("pic") or "-", mx("tokendance") or "-",
+            f"agents under the SLO (pool {st['pool_tokens']} tokens, {st['rounds']} rounds of {st['max_new_tokens']}-"
+            f"token answers, SLO {st['slo_multiple']:g}x single-agent round latency = {f(st['slo_s'])} s; "
+            f"`{c['_path']}`)", mx("radix") or "-", mx("pic") or "-", mx("tokendance") or "-",
             xr(c["ratios"].get("tokendance_over_radix")), xr(c["ratios"].get("tokendance_over_pic")),
             f">= {TARGETS['concurrency']}x radix", concurrency_limit(c)])
     for i, name in enumerate(STORAGE_RUNS):
