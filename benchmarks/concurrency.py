@@ -35,7 +35,7 @@ NAME = "concurrency"
 def parse_args(argv=None):
     p = C.base_parser(__doc__)
     p.add_argument("--agents", type=int, nargs="+", default=None,
-                   help="N values, ascending (default 1 2 4 8 12 16 20 24 28 32; --quick: 2 4 6 8 10 12)")
+                   help="N values, ascending (default 2 4 6 8 10 12 14 16 20 24 28 32; --quick: 2 4 6 8 10 12)")
     p.add_argument("--pool", type=int, default=None,
                    help="--max-total-tokens of every server (default 32768; --quick: 2560)")
     p.add_argument("--slo-multiple", type=float, default=None,
@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", default="radix", help="backend whose single-agent latency sets the SLO "
                                                         "(default radix; the first backend run if absent)")
     a = p.parse_args(argv)
-    a.agents = sorted(set(a.agents or ([2, 4, 6, 8, 10, 12] if a.quick else [1, 2, 4, 8, 12, 16, 20, 24, 28, 32])))
+    full = [2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32]
+    a.agents = sorted(set(a.agents or ([2, 4, 6, 8, 10, 12] if a.quick else full)))
     a.pool = a.pool or (2560 if a.quick else 32768)
     a.slo_multiple = a.slo_multiple or 6.0
     a.rounds = a.rounds or (2 if a.quick else 4)

@@ -1,6 +1,7 @@
 """Prefill time per round against the number of agents, for radix, pic and tokendance, as ratios from one run.
 
-    python benchmarks/prefill.py [--quick] [--backends radix pic tokendance] [--agents 4 10] [--rounds 2]
+    python benchmarks/prefill.py [--quick] [--backends radix pic tokendance] [--agents 4 8 16] [--rounds 2]
+                                 [--max-new-tokens 128] [--repeats 3] [--pool 131072] [--policy deviation:0.15]
 
 For every backend (one server each, started once) and every N: flush the cache, run rounds 0 .. R-2 of the seeded
 GenerativeAgents-like workload normally (their real outputs are registered in the cache), then time round R-1 with
@@ -33,19 +34,20 @@ NAME = "prefill"
 
 def parse_args(argv=None):
     p = C.base_parser(__doc__)
-    p.add_argument("--agents", type=int, nargs="+", default=None, help="N values (default 4 8 12 16; "
-                                                                       "--quick: 4 10)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per run; the last one is timed (default 4; "
-                                                             "--quick: 2)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens of the untimed rounds (default 96; "
+    p.add_argument("--agents", type=int, nargs="+", default=None, help="N values (default 4 8 16; --quick: 4 10)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per run; the last one is timed (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens of the untimed rounds (default 128; "
                                                                      "--quick: 16)")
     p.add_argument("--repeats", type=int, default=None, help="runs per (backend, N); the median is reported "
                                                               "(default 3; --quick: 2)")
+    p.add_argument("--pool", type=int, default=None, help="--max-total-tokens of every server (default 131072, so "
+                                                           "radix keeps every path at N = 16; --quick: SGLang's)")
     a = p.parse_args(argv)
-    a.agents = a.agents or ([4, 10] if a.quick else [4, 8, 12, 16])
-    a.rounds = a.rounds or (2 if a.quick else 4)
-    a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 96)
+    a.agents = a.agents or ([4, 10] if a.quick else [4, 8, 16])
+    a.rounds = a.rounds or 2
+    a.max_new_tokens = a.max_new_tokens or (16 if a.quick else 128)
     a.repeats = a.repeats or (2 if a.quick else 3)
+    a.pool = a.pool or (None if a.quick else 131072)
     a.policy = a.policy or "deviation:0.15"
     if a.rounds < 2:
         p.error("--rounds must be >= 2 (the timed round needs a previous round's outputs)")
@@ -101,7 +103,8 @@ def main(argv=None) -> int:
     servers: dict[str, dict] = {}
     for backend in backends:
         try:
-            with C.server(args, backend, log) as srv:
+            pool = ["--max-total-tokens", str(args.pool)] if args.pool else None
+            with C.server(args, backend, log, extra=pool) as srv:
                 servers[backend] = srv.info
                 per_n = {}
                 for n in C.progress(args.agents, desc=f"prefill {backend}"):
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
             "backends": backends, "skipped_backends": skipped, "agents": args.agents, "rounds": args.rounds,
             "timed_round": args.rounds - 1, "max_new_tokens_untimed": args.max_new_tokens, "repeats": args.repeats,
             "workload": args.workload, "style": args.style, "seed": args.seed,
-            "workload_sizes": C.workload_sizes(args) or "workload defaults",
+            "workload_sizes": C.workload_sizes(args) or "workload defaults", "pool_tokens": args.pool,
             "model": args.model, "server_args": args.server_arg,
             "timing": "round latency of the last round with max_new_tokens=1 for every request (prefill + one "
                       "sampled token), earlier rounds run normally; median over repeats; server_cpu_s = CPU seconds "
@@ -207,7 +210,9 @@ def plot(data: dict, args) -> Path:
                      marker="o", capsize=3, color=COLORS[base], label=f"{base} / tokendance, latency")
         ax2.plot(ns, [r["uncached_tokens"] if r else float("nan") for r in rows], ls="--", marker="s",
                  color=COLORS[base], label=f"{base} / tokendance, computed prompt tokens")
-        ax2.axhline(TARGETS[base], color=COLORS[base], ls=":", lw=1, label=f"target vs {base}: {TARGETS[base]:g}x" + (" (deviation:0.15)" if base == "pic" else ""))
+        note = " (deviation:0.15)" if base == "pic" else ""
+        ax2.axhline(TARGETS[base], color=COLORS[base], ls=":", lw=1,
+                    label=f"target vs {base}: {TARGETS[base]:g}x{note}")
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set_ylim(bottom=0)
     ax2.set_xlabel("agents N")
