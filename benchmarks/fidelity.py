@@ -47,7 +47,8 @@ QUICK_POLICIES = ["none", "sink:4", "sink:2+deviation:0.1", "full"]
 FULL_POLICIES = ["none", "sink:2", "sink:8", "sink:32", "deviation:0.1", "deviation:0.2", "deviation:0.4",
                  "sink:2+deviation:0.1", "full"]
 STATS_KEYS = ("reused_tokens", "recomputed_tokens", "prepass_text_tokens", "rotated_tokens", "master_copies",
-              "probe_tokens", "probe_token_layers", "selections", "selections_shared")
+              "probe_tokens", "probe_token_layers", "selections", "selections_shared", "probe_no_room")
+EQUAL_BUDGET = 0.02  # recomputed fractions of the block within this of each other count as the same budget
 QUICK_MAX_GAPS = [0]
 FULL_MAX_GAPS = [0, 16]
 
@@ -67,7 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--max-gaps", type=int, nargs="*", default=None,
                    help="extra tokendance servers with --td-max-gap G (the default server uses 64): the position gap "
                         "of the aligned layout traded for master copies (default 0 16; --quick: 0)")
+    p.add_argument("--pool", type=int, default=None,
+                   help="--max-total-tokens of every server (default 65536; --quick: 16384): the reuse backends must "
+                        "hold every agent's history, or evictions and probes without room change what they recompute")
     a = p.parse_args(argv)
+    a.pool = a.pool or (16384 if a.quick else 65536)
     a.max_gaps = a.max_gaps if a.max_gaps is not None else (QUICK_MAX_GAPS if a.quick else FULL_MAX_GAPS)
     a.policies = a.policies or (QUICK_POLICIES if a.quick else FULL_POLICIES)
     a.agents = a.agents or (4 if a.quick else 8)
@@ -171,7 +176,7 @@ def probe_backend(args, backend: str, exact, log, extra: list[str] | None = None
     from tokendance_sgl.runner import ServerError
 
     out: dict = {"policies": {}}
-    with C.server(args, backend, log, extra=extra) as srv:
+    with C.server(args, backend, log, extra=["--max-total-tokens", str(args.pool), *(extra or [])]) as srv:
         out["server"] = srv.info
         for pol in C.progress(args.policies, desc=f"fidelity {backend}"):
             try:
@@ -206,7 +211,8 @@ def main(argv=None) -> int:
     runs = [(b, b, None) for b in backends]
     if "tokendance" in backends:
         runs += [(f"tokendance --td-max-gap {g}", "tokendance", ["--td-max-gap", str(g)]) for g in args.max_gaps]
-    with C.server(args, "radix", log, extra=["--disable-radix-cache"]) as exact:
+    exact_flags = ["--disable-radix-cache", "--max-total-tokens", str(args.pool)]
+    with C.server(args, "radix", log, extra=exact_flags) as exact:
         for label, b, extra in runs:
             try:
                 results[label] = probe_backend(args, b, exact, log, extra)
@@ -226,7 +232,7 @@ def main(argv=None) -> int:
             "probe_tokens": args.probe_tokens, "top_k": args.top_k, "workload": args.workload, "style": args.style,
             "seed": args.seed,
             "workload_sizes": C.workload_sizes(args) or "workload defaults", "model": args.model,
-            "server_args": args.server_arg, "max_gaps": args.max_gaps,
+            "server_args": args.server_arg, "max_gaps": args.max_gaps, "pool_tokens": args.pool,
             "reference": "radix --disable-radix-cache (exact prefill at true positions)",
             "quality": "top1, kl: teacher-forced over each request's task tokens (KL over the reference's top-k); "
                        "greedy: fraction of the first probe_tokens generated before the first divergence; "
@@ -263,9 +269,11 @@ def main(argv=None) -> int:
         print(f"{b}: copy slots made over a run {C.fmt(r.get('copy_slots_made'))}")
     for label, cmp_ in (("tokendance", comparison), *comparison_max_gap.items()):
         for pol, c in cmp_.items():
+            budget = "" if c["equal_budget"] else (" -- NOT at the same budget: pic recomputed "
+                                                   f"{C.fmt(c['pic']['recompute_fraction'], 3)} of the block")
             print(f"{pol}: {label} {'at least as good as' if c['tokendance_at_least_as_good'] else 'worse than'} "
                   f"pic in the last round (top-1 {c['delta_top1']:+.3f}, KL {c['delta_kl']:+.4f}); rounds at least "
-                  f"as good: {c['rounds_at_least_as_good']} of {c['rounds_compared']}")
+                  f"as good: {c['rounds_at_least_as_good']} of {c['rounds_compared']}{budget}")
     if skipped:
         print(f"skipped: {skipped}")
     C.finish(log, NAME, paths)
@@ -274,6 +282,10 @@ def main(argv=None) -> int:
 
 def _as_good(t: dict, p: dict) -> bool:
     return t["top1"] >= p["top1"] and t["kl"] <= p["kl"]
+
+
+def _equal_budget(a: float | None, b: float | None) -> bool:
+    return a is None and b is None or (a is not None and b is not None and abs(a - b) <= EQUAL_BUDGET)
 
 
 def against_pic(results: dict, label: str, policies: list[str]) -> dict:
@@ -290,6 +302,7 @@ def against_pic(results: dict, label: str, policies: list[str]) -> dict:
             out[pol] = {
                 "tokendance": {k: t[k] for k in keys}, "pic": {k: p[k] for k in keys},
                 "tokendance_at_least_as_good": _as_good(t, p),
+                "equal_budget": _equal_budget(t["recompute_fraction"], p["recompute_fraction"]),
                 "delta_top1": t["top1"] - p["top1"],
                 "delta_kl": t["kl"] - p["kl"],
                 "rounds_compared": len(rounds), "rounds_at_least_as_good": sum(rounds),

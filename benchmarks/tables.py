@@ -5,7 +5,7 @@
 Every headline row ends with one sentence, computed from the same JSON, on what limits its ratio.
 
 Reads benchmarks/results/{concurrency,concurrency_pool3k,storage,storage_n16,storage_scale,prefill,prefill_sink2,
-fidelity,overhead}[_quick].json (the tagged runs get headline rows of their own, when present) and writes a
+fidelity,fidelity_n8,fidelity_n8_dev15,overhead}[_quick].json (the tagged runs get headline rows of their own, when present) and writes a
 Markdown block between the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
 (the default) takes, per benchmark, the newer of the full-size and the quick JSON.  It is named to sort after the measuring scripts, so ``tokendance-sgl bench``
@@ -28,7 +28,8 @@ END = "<!-- END tokendance-sgl benchmark results -->"
 CONCURRENCY_RUNS = ("concurrency", "concurrency_pool3k")  # the default size, and a pool that binds at small N
 STORAGE_RUNS = ("storage", "storage_n16")  # tagged runs at other settings get rows of their own when present
 PREFILL_RUNS = ("prefill", "prefill_sink2")
-BENCHMARKS = (*CONCURRENCY_RUNS, *STORAGE_RUNS, "storage_scale", *PREFILL_RUNS, "fidelity", "overhead")
+FIDELITY_RUNS = ("fidelity", "fidelity_n8", "fidelity_n8_dev15")
+BENCHMARKS = (*CONCURRENCY_RUNS, *STORAGE_RUNS, "storage_scale", *PREFILL_RUNS, *FIDELITY_RUNS, "overhead")
 TARGETS = {"concurrency": 2.7, "storage": 17.5, "prefill_vs_pic": 1.3, "prefill_vs_radix": 3.0, "prefill_tokens": 8.0}
 MiB = 2**20
 STORAGE_MEASURES = ("row_kv_per_agent_bytes", "shared_kv_per_agent_bytes", "held_kv_per_agent_bytes")
@@ -235,6 +236,52 @@ def prefill_rows(p: dict | None, tagged: bool = False) -> list[list[str]]:
     ]]
 
 
+def same_budget(cmp_: dict) -> bool:
+    """Whether tokendance and pic recomputed the same fraction of the block (within 0.02), as the comparison needs."""
+    if "equal_budget" in cmp_:
+        return cmp_["equal_budget"]
+    t, p = cmp_["tokendance"]["recompute_fraction"], cmp_["pic"]["recompute_fraction"]
+    return t is None and p is None or (t is not None and p is not None and abs(t - p) <= 0.02)
+
+
+def fidelity_rows(fi: dict | None, tagged: bool = False) -> list[list[str]]:
+    rows: list[list[str]] = []
+    if not fi:
+        return rows
+    st = fi["settings"]
+    extra = f"; {st['agents']} agents, round {st['rounds'] - 1}, `{fi['_path']}`" if tagged else ""
+    for pol in st["policies"]:
+        cells = {}
+        for b in ("pic", "tokendance"):
+            x = fi["results"].get(b, {}).get("policies", {}).get(pol)
+            if x and "top1" in x:
+                cells[b] = f"{x['top1']:.3f} / {max(0.0, x['kl']):.4f} ({f(x['recompute_fraction'], 2)})"
+            elif x:
+                cells[b] = "refused"
+        if not cells:
+            continue
+        cmp_ = fi["comparison"].get(pol)
+        if cmp_ is None:
+            verdict = "-"
+        elif not same_budget(cmp_):
+            verdict = "not comparable: different budgets"
+        else:
+            verdict = (("as good or better" if cmp_["tokendance_at_least_as_good"] else "worse")
+                       + f" (top-1 {cmp_['delta_top1']:+.3f}, KL {cmp_['delta_kl']:+.4f})")
+        if pol == "full":
+            limit = "exact: nothing is reused"
+        elif cmp_ is not None and not same_budget(cmp_):
+            limit = (f"pic recomputed {f(cmp_['pic']['recompute_fraction'], 3)} of the block, tokendance "
+                     f"{f(cmp_['tokendance']['recompute_fraction'], 3)} (a probe without pool room keeps only the "
+                     "static positions)")
+        else:
+            limit = "the reused KV is approximate: each agent's cached path carries it into the later rounds"
+        rows.append([f"fidelity `{pol}`: top-1 / KL vs exact (fraction recomputed){extra}", "1.000 / 0 (exact)",
+                     cells.get("pic", "-"), cells.get("tokendance", "-"), "", verdict,
+                     "tokendance >= pic at the same budget", limit])
+    return rows
+
+
 def headline(data: dict) -> list[str]:
     rows = []
     for c in (data.get(name) for name in CONCURRENCY_RUNS):
@@ -257,29 +304,8 @@ def headline(data: dict) -> list[str]:
     rows += compression_rows(data)
     for i, name in enumerate(PREFILL_RUNS):
         rows += prefill_rows(data.get(name), tagged=i > 0)
-    fi = data.get("fidelity")
-    if fi:
-        for pol in fi["settings"]["policies"]:
-            cells = {}
-            for b in ("pic", "tokendance"):
-                x = fi["results"].get(b, {}).get("policies", {}).get(pol)
-                if x and "top1" in x:
-                    cells[b] = f"{x['top1']:.3f} / {max(0.0, x['kl']):.4f} ({f(x['recompute_fraction'], 2)})"
-                elif x:
-                    cells[b] = "refused"
-            if not cells:
-                continue
-            cmp_ = fi["comparison"].get(pol)
-            rows.append([
-                f"fidelity `{pol}`: top-1 / KL vs exact (fraction recomputed)", "1.000 / 0 (exact)",
-                cells.get("pic", "-"), cells.get("tokendance", "-"), "",
-                "-" if cmp_ is None else (("as good or better" if cmp_["tokendance_at_least_as_good"] else "worse")
-                                          + (f" (top-1 {cmp_['delta_top1']:+.3f}, KL {cmp_['delta_kl']:+.4f})"
-                                             if "delta_top1" in cmp_ else "")),
-                "tokendance >= pic at the same budget",
-                "exact: nothing is reused" if pol == "full" else
-                "the reused KV is approximate: each agent's cached path carries it into the later rounds",
-            ])
+    for i, name in enumerate(FIDELITY_RUNS):
+        rows += fidelity_rows(data.get(name), tagged=i > 0)
     if not rows:
         return ["No benchmark results yet: run `make bench` (or the scripts in benchmarks/)."]
     return table(["measure", "radix", "pic", "tokendance", "tokendance vs radix", "tokendance vs pic", "paper target",

@@ -160,8 +160,11 @@ class KVCollector:
             by_layer[layer].append((i, plan.probe_start, max(it.start + it.n for it in items)))
         for layer, rows in by_layer.items():
             measured = run_probe(worker, batch, rows, layer, host.alloc_slots, host.token_to_kv_pool_allocator)
-            if measured is None:
-                continue  # no room for the probe: these segments keep their static (sink) positions
+            if measured is None:  # no room for the probe: these segments keep their static (sink) positions
+                counters["probe_no_room"] += sum(len(pilots[(layer, i)]) for i, _s, _e in rows)
+                logger.warning("tokendance: no KV room for a selection probe of %d rows; their segments keep their "
+                               "static positions", len(rows))
+                continue
             for (i, s, e), (k_new, v_new, k_old, v_old) in zip(rows, measured):
                 for it in pilots[(layer, i)]:
                     a = it.start - s
