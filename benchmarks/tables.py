@@ -4,7 +4,7 @@
 
 Every headline row ends with one sentence, computed from the same JSON, on what limits its ratio.
 
-Reads benchmarks/results/{concurrency,concurrency_pool3k,storage,storage_n16,storage_scale,prefill,prefill_sink2,
+Reads benchmarks/results/{concurrency,concurrency_pool3k,storage,storage_sweep,storage_n16,storage_scale,prefill,prefill_sink2,
 fidelity,fidelity_n8,fidelity_n8_dev15,overhead}[_quick].json (the tagged runs get headline rows of their own, when present) and writes a
 Markdown block between the markers below into every ``--target`` (replacing an earlier block, appending one if the file has none, creating
 the file if missing); by default benchmarks/results/RESULTS.md and the README's Benchmarks section.  ``--mode auto``
@@ -26,7 +26,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- BEGIN tokendance-sgl benchmark results (written by benchmarks/tables.py from the JSON; do not edit) -->"
 END = "<!-- END tokendance-sgl benchmark results -->"
 CONCURRENCY_RUNS = ("concurrency", "concurrency_pool3k")  # the default size, and a pool that binds at small N
-STORAGE_RUNS = ("storage", "storage_n16")  # tagged runs at other settings get rows of their own when present
+STORAGE_RUNS = ("storage", "storage_sweep", "storage_n16")  # tagged runs at other settings get rows of their own when present
 PREFILL_RUNS = ("prefill", "prefill_sink2")
 FIDELITY_RUNS = ("fidelity", "fidelity_n8", "fidelity_n8_dev15")
 BENCHMARKS = (*CONCURRENCY_RUNS, *STORAGE_RUNS, "storage_scale", *PREFILL_RUNS, *FIDELITY_RUNS, "overhead")
@@ -156,7 +156,7 @@ def compression_rows(data: dict) -> list[list[str]]:
     """The paper's compression of the shared history (dense per-agent copies / what tokendance's rows hold), at the
     largest N of ``storage`` and of ``storage_scale`` (a tokendance-only run at an N whose radix run does not fit)."""
     rows = []
-    for name in ("storage", "storage_scale"):
+    for name in ("storage", "storage_sweep", "storage_scale"):
         s = data.get(name)
         res = (s or {}).get("results", {}).get("tokendance")
         if not res:
