@@ -274,6 +274,9 @@ def fidelity_rows(fi: dict | None, tagged: bool = False) -> list[list[str]]:
             limit = (f"pic recomputed {f(cmp_['pic']['recompute_fraction'], 3)} of the block, tokendance "
                      f"{f(cmp_['tokendance']['recompute_fraction'], 3)} (a probe without pool room keeps only the "
                      "static positions)")
+        elif "deviation" in pol:
+            limit = ("tokendance measures the deviation once per segment on one pilot agent and every agent recomputes "
+                     "those positions; pic measures every agent in its own context")
         else:
             limit = "the reused KV is approximate: each agent's cached path carries it into the later rounds"
         rows.append([f"fidelity `{pol}`: top-1 / KL vs exact (fraction recomputed){extra}", "1.000 / 0 (exact)",
