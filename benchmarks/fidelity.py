@@ -284,7 +284,8 @@ def _as_good(t: dict, p: dict) -> bool:
     return t["top1"] >= p["top1"] and t["kl"] <= p["kl"]
 
 
-def _equal_budget(a: float | None, b: float | None) -> bool:
+def equal_budget(a: float | None, b: float | None) -> bool:
+    """Whether two recomputed fractions of the block count as the same budget (``tables.py`` reads it too)."""
     return a is None and b is None or (a is not None and b is not None and abs(a - b) <= EQUAL_BUDGET)
 
 
@@ -302,7 +303,7 @@ def against_pic(results: dict, label: str, policies: list[str]) -> dict:
             out[pol] = {
                 "tokendance": {k: t[k] for k in keys}, "pic": {k: p[k] for k in keys},
                 "tokendance_at_least_as_good": _as_good(t, p),
-                "equal_budget": _equal_budget(t["recompute_fraction"], p["recompute_fraction"]),
+                "equal_budget": equal_budget(t["recompute_fraction"], p["recompute_fraction"]),
                 "delta_top1": t["top1"] - p["top1"],
                 "delta_kl": t["kl"] - p["kl"],
                 "rounds_compared": len(rounds), "rounds_at_least_as_good": sum(rounds),

@@ -205,7 +205,7 @@ def plot(data: dict, args) -> Path:
         if not any(rows):
             continue
         lat = [r["latency"] if r else float("nan") for r in rows]
-        spread = [r.get("latency_min_max") or [r["latency"]] * 2 if r else [float("nan")] * 2 for r in rows]
+        spread = [(r.get("latency_min_max") or [r["latency"]] * 2) if r else [float("nan")] * 2 for r in rows]
         ax2.errorbar(ns, lat, yerr=[[m - s[0] for m, s in zip(lat, spread)], [s[1] - m for m, s in zip(lat, spread)]],
                      marker="o", capsize=3, color=COLORS[base], label=f"{base} / tokendance, latency")
         ax2.plot(ns, [r["uncached_tokens"] if r else float("nan") for r in rows], ls="--", marker="s",

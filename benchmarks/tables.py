@@ -237,11 +237,13 @@ def prefill_rows(p: dict | None, tagged: bool = False) -> list[list[str]]:
 
 
 def same_budget(cmp_: dict) -> bool:
-    """Whether tokendance and pic recomputed the same fraction of the block (within 0.02), as the comparison needs."""
+    """Whether tokendance and pic recomputed the same fraction of the block, as the comparison needs (a JSON from
+    before ``equal_budget`` was recorded is judged by the same rule)."""
     if "equal_budget" in cmp_:
         return cmp_["equal_budget"]
-    t, p = cmp_["tokendance"]["recompute_fraction"], cmp_["pic"]["recompute_fraction"]
-    return t is None and p is None or (t is not None and p is not None and abs(t - p) <= 0.02)
+    from fidelity import equal_budget
+
+    return equal_budget(cmp_["tokendance"]["recompute_fraction"], cmp_["pic"]["recompute_fraction"])
 
 
 def fidelity_rows(fi: dict | None, tagged: bool = False) -> list[list[str]]:
@@ -261,16 +263,17 @@ def fidelity_rows(fi: dict | None, tagged: bool = False) -> list[list[str]]:
         if not cells:
             continue
         cmp_ = fi["comparison"].get(pol)
+        comparable = cmp_ is not None and same_budget(cmp_)
         if cmp_ is None:
             verdict = "-"
-        elif not same_budget(cmp_):
+        elif not comparable:
             verdict = "not comparable: different budgets"
         else:
             verdict = (("as good or better" if cmp_["tokendance_at_least_as_good"] else "worse")
                        + f" (top-1 {cmp_['delta_top1']:+.3f}, KL {cmp_['delta_kl']:+.4f})")
         if pol == "full":
             limit = "exact: nothing is reused"
-        elif cmp_ is not None and not same_budget(cmp_):
+        elif cmp_ is not None and not comparable:
             limit = (f"pic recomputed {f(cmp_['pic']['recompute_fraction'], 3)} of the block, tokendance "
                      f"{f(cmp_['tokendance']['recompute_fraction'], 3)} (a probe without pool room keeps only the "
                      "static positions)")
