@@ -251,3 +251,64 @@ def test_pages_share_whole_master_pages_and_copy_on_write_the_rest(ps):
     assert sim.tree.report()["rows"] == 0
     sim.tree.evict(EvictParams(num_tokens=10_000))
     sim.check()
+
+
+def _round_of_agents(sim, out0, out1, agents, *, policy=None, clear_templates=False):
+    """Round-1 rows of ``agents``, each with a private part of the same length before the round's block (r0/a0's
+    and r0/a1's outputs): they share one base and read the same copies at the same offsets."""
+    L0, L1 = len(out0), len(out1)
+    reqs = []
+    for agent in agents:
+        if clear_templates:
+            sim.tree.templates.clear()
+        a = 12  # the private part
+        prompt = T(a, 1000 * agent) + out0 + T(2, 90) + out1 + T(5, 60)
+        cp = tbl(round_=1, agent=agent, spans=[("r0/a0", a, a + L0), ("r0/a1", a + L0 + 2, a + L0 + 2 + L1)],
+                 out=f"r1/a{agent}")
+        if policy is not None:
+            cp["td_recompute"] = policy
+        req = sim.admit_reused(prompt, cp, first=7)
+        assert req is not None and req.td.composed, req.td
+        sim.check()
+        reqs.append(req)
+    return reqs
+
+
+@pytest.mark.parametrize("ps,policy", [(1, None), (4, None), (1, "sink:2+deviation:0.3")])
+def test_the_rows_of_one_base_are_stamped_from_one_plan(ps, policy):
+    """The first row of a round's base plans its region (copies, pieces, compute spans, the allocator's shape); the
+    other agents at that base get the same plan stamped at their rows, and each still reads its own tokens. A plan
+    whose copy went is planned again, never read."""
+    out0, out1 = T(4 * ps + 3, 500), T(3 * ps + 2, 700)
+
+    def run(clear):
+        sim = Sim(ps=ps, pool_tokens=256 * ps, rows=12)
+        produce(sim, T(ps + 2, 100), out0, round_=0, agent=0, out="r0/a0")
+        produce(sim, T(ps + 3, 200), out1, round_=0, agent=1, out="r0/a1")
+        reqs = _round_of_agents(sim, out0, out1, [2, 3, 4, 5], policy=policy, clear_templates=clear)
+        rows = [(sim.master_positions(r).tolist(), r.td.row_plan.compute_spans,
+                 [(it.start, it.n, it.sel_key, it.static.tolist()) for it in r.td.row_plan.select],
+                 sorted(sim.tree.diff.record(id(r.kv)).counted.tolist())) for r in reqs]
+        return sim, reqs, rows
+
+    sim, reqs, stamped = run(clear=False)
+    counters = sim.tree.stats.counters
+    assert counters["compositions_shared"] == 3  # agents 3, 4 and 5
+    assert not any(r.td.row_plan.tails for r in reqs[1:])  # a copy's last token: computed by the first row alone
+    assert bool(reqs[0].td.row_plan.tails) == (ps == 1)  # (with pages the region ends before the block's end)
+    assert all(row[0] == stamped[0][0] and row[3] == stamped[0][3] for row in stamped)  # the same master slots
+    if policy is not None:
+        assert stamped[0][2] and all(row[2] == stamped[0][2] for row in stamped)  # one shared selection per span
+    _, _, planned = run(clear=True)  # every row planned on its own: the same rows
+    assert [row[:3] for row in planned[1:]] == [row[:3] for row in stamped[1:]]
+    # the copies go (their rows finished, eviction): the next agent at that base plans again and reads its own KV
+    for req in reqs:
+        sim.finish(req)
+    sim.tree.evict(EvictParams(num_tokens=10_000))
+    assert not [s for s in sim.tree.store.segments() if s.copy_of is not None]
+    produce(sim, T(ps + 2, 100), out0, round_=0, agent=0, out="r0/a0")
+    produce(sim, T(ps + 3, 200), out1, round_=0, agent=1, out="r0/a1")
+    (late,) = _round_of_agents(sim, out0, out1, [6], policy=policy)
+    assert counters["compositions_shared"] == 3 and bool(late.td.row_plan.tails) == (ps == 1)
+    sim.finish(late)
+    sim.check()

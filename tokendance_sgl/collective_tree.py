@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from array import array
+from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -58,7 +59,7 @@ from tokendance_sgl.bases import CanonicalBases
 from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.faults import Faults
-from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun
+from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun, RowShape
 from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds
 from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
@@ -111,6 +112,7 @@ class CollectiveTree(RadixCache):
         self.rope: Optional[RopeSpec] = None  # set by build_collective_tree from the loaded model
         self._live: dict[int, RequestState] = {}  # id(req.kv) -> state of every live composed row
         self._inserting: Optional[tuple] = None  # (position map, master runs) of the row a checkpoint is inserting
+        self.templates: OrderedDict = OrderedDict()  # region compositions shared by a round's rows (reuse.py)
         self.tp_size = 1  # set by build_collective_tree
         super().__init__(dataclasses.replace(params, token_to_kv_pool_allocator=self.pool))  # calls reset()
         rtt = getattr(self.req_to_token_pool, "req_to_token", None)
@@ -130,6 +132,7 @@ class CollectiveTree(RadixCache):
         self.store.reset()
         self.collector.reset()
         self.bases.reset()
+        self.templates.clear()
         self.stats.reset_rounds()
         self._live.clear()
         if hasattr(self, "diff"):
@@ -362,16 +365,17 @@ class CollectiveTree(RadixCache):
         path = self.path_device_indices(req.last_node)[:r] if r > 0 else extra[:0]
         return torch.cat([path.to(device=extra.device, dtype=torch.int64), extra.to(torch.int64)])
 
-    def compose_row(self, req: Any, start_pos: int, pieces: Sequence[Any], *, agent: Optional[int] = None
+    def compose_row(self, req: Any, start_pos: int, pieces: Sequence[Any] | RowShape, *, agent: Optional[int] = None
                     ) -> Optional[BuiltRow]:
         """Builds the slots of ``req``'s row positions ``[start_pos, ...)`` from master runs and new runs (diff
-        allocator). The live row holds every page of them and locks the segments it reads until it is released.
-        Returns None when the pool cannot provide the private slots (nothing changed)."""
+        allocator; ``pieces`` may be given as their plan). The live row holds every page of them and locks the
+        segments it reads until it is released. Returns None when the pool cannot provide the private slots (nothing
+        changed)."""
         st, key = state_of(req), id(req.kv)
         rec = self.diff.record(key)
         already = {id(s) for s in rec.segs()} if rec is not None else set()
         pinned: list = []
-        for p in pieces:
+        for p in (pieces.pieces if isinstance(pieces, RowShape) else pieces):
             if isinstance(p, MasterRun) and len(p) and id(p.seg) not in already and all(p.seg is not q for q in pinned):
                 self.store.lock(p.seg)  # before allocating: allocation may evict
                 pinned.append(p.seg)

@@ -1,18 +1,18 @@
 """Diff allocator: composes a request's reused region from shared master slots and its own diff slots.
 
-A composed region is a sequence of pieces: :class:`MasterRun` (row positions that read a segment's master slots,
-minus the offsets recomputed for this row) and :class:`NewRun` (fresh slots for text the pre-pass computes).
-:meth:`DiffAllocator.build_row` returns the region's slots and records, per row, the **master references**:
-half-open row-position intervals whose slots are a segment's. Every other slot of the region is the row's own
+A composed region is a sequence of pieces (:mod:`tokendance_sgl.row_shape`: :class:`MasterRun`, master slots
+minus the offsets recomputed for this row; :class:`NewRun`, fresh slots for text the pre-pass computes), planned
+once into a :class:`RowShape`. :meth:`DiffAllocator.build_row` returns the region's slots and records, per row, the
+**master references**: half-open row-position intervals whose slots are a segment's. Every other slot of the region is the row's own
 (**diff** slots of recomputed tokens, slots of new tokens). The cache makes the live row a holder of every page of
 the region in the page ledger (:mod:`tokendance_sgl.ledger`), so who frees a slot is decided there, not here.
 
-Page granularity (``page_size > 1``): a row page -- row positions ``[k*page_size, (k+1)*page_size)``, which always map onto one
-pool page -- is either entirely a master page (all its positions reference the same master page at matching
-offsets) or entirely the row's own. A row page that would mix master tokens with private tokens (a recomputed
-token, a new token, tokens of another master page or a misaligned master run) is **copied on write as a whole
-page**: a fresh page is allocated, the master tokens that are reused are copied into it through ``copy_fn(src,
-dst)`` and the private tokens get the page's other slots.
+Page granularity (``page_size > 1``): a row page -- row positions ``[k*page_size, (k+1)*page_size)``, which
+always map onto one pool page -- is either entirely a master page (all its positions reference the same master page
+at matching offsets) or entirely the row's own. A row page that would mix master tokens with private tokens (a
+recomputed token, a new token, tokens of another master page or a misaligned master run) is **copied on write as a
+whole page**: a fresh page is allocated, the master tokens that are reused are copied into it through
+``copy_fn(src, dst)`` and the private tokens get the page's other slots.
 
 :meth:`DiffAllocator.privatize` turns master positions of a built row into the row's own (a ``deviation`` choice
 made after composition). Per-agent accounting (:meth:`row_tokens`): the row's master slots weighted by
@@ -25,13 +25,14 @@ This module imports no sglang: unit tests drive it with a real SGLang allocator 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_host
+from tokendance_sgl.row_shape import MasterRun, NewRun, Piece, RowShape, coalesce, plan_shape, seg_id
 
 __all__ = [
     "NewRun",
@@ -39,39 +40,10 @@ __all__ = [
     "MasterRef",
     "RowRecord",
     "BuiltRow",
+    "RowShape",
     "DiffAllocator",
     "coalesce",
 ]
-
-
-@dataclass(frozen=True)
-class NewRun:
-    """``length`` fresh private slots (tokens computed by the normal extend)."""
-
-    length: int
-
-    def __len__(self) -> int:
-        return self.length
-
-
-@dataclass(frozen=True)
-class MasterRun:
-    """A run of row positions whose KV comes from a segment's master slots.
-
-    ``slots[i]`` is the master slot of the run's i-th token. ``recompute`` lists offsets (0-based, within the run)
-    that get private diff slots instead (their KV is recomputed for this row). ``host``: the same slots on the host,
-    when the caller has them (no device read then)."""
-
-    seg: Hashable
-    slots: torch.Tensor
-    recompute: Sequence[int] = ()
-    host: Optional[np.ndarray] = None
-
-    def __len__(self) -> int:
-        return int(self.slots.numel())
-
-
-Piece = Union[NewRun, MasterRun]
 
 
 @dataclass
@@ -101,7 +73,7 @@ class RowRecord:
     def segs(self) -> list:
         seen: dict = {}
         for r in self.refs:
-            seen.setdefault(_seg_id(r.seg), r.seg)
+            seen.setdefault(seg_id(r.seg), r.seg)
         return list(seen.values())
 
     def master_positions(self) -> np.ndarray:
@@ -120,6 +92,7 @@ class BuiltRow:
     copies: int  # master tokens copied into copy-on-write pages
     copied_pages: int = 0  # copy-on-write pages (pages that received master tokens)
     host: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # ``slots`` on the host, as composed
+    shape: Optional[RowShape] = None  # the plan it was built from (reusable for rows of the same pieces)
 
 
 def _distinct_slots(rec: RowRecord, distinct: Optional[Distinct] = None) -> np.ndarray:
@@ -130,83 +103,10 @@ def _distinct_slots(rec: RowRecord, distinct: Optional[Distinct] = None) -> np.n
     return distinct.of(slots) if distinct is not None else np.unique(slots)
 
 
-def _sorted_unique(x: np.ndarray) -> np.ndarray:
-    """The distinct values of the non-decreasing array ``x`` (no sort)."""
-    return x[np.concatenate([[True], x[1:] != x[:-1]])] if x.size > 1 else x
-
-
-def _seg_id(seg: Hashable) -> int:
-    return id(seg)
-
-
-def coalesce(ranges: Iterable[tuple[int, int]], points: Optional[np.ndarray] = None) -> list[tuple[int, int]]:
-    """The union of ``ranges`` (``(start, end)`` pairs) and of the single positions ``points`` as sorted, disjoint,
-    non-touching ``(start, end)`` runs. Vectorized: a row has thousands of recomputed positions."""
-    pairs = np.asarray(list(ranges), dtype=np.int64).reshape(-1, 2)
-    starts, ends = pairs[:, 0], pairs[:, 1]
-    if points is not None and len(points):
-        pts = np.asarray(points, dtype=np.int64)
-        starts, ends = np.concatenate([starts, pts]), np.concatenate([ends, pts + 1])
-    keep = ends > starts
-    starts, ends = starts[keep], ends[keep]
-    if starts.size == 0:
-        return []
-    order = np.argsort(starts, kind="stable")
-    starts, ends = starts[order], np.maximum.accumulate(ends[order])  # the furthest end so far
-    first = np.concatenate([[True], starts[1:] > ends[:-1]])  # a run starts past every earlier end
-    last = np.concatenate([first[1:], [True]])
-    return list(zip(starts[first].tolist(), ends[last].tolist()))
-
-
 def _host_i64(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return to_host(t, torch.int64).copy()
     return np.asarray(list(t), dtype=np.int64)
-
-
-def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per position of a composition: the master slot (-1 for new runs), whether it reads the master (not
-    recomputed) and the index of its piece. Validates the pieces. One concatenation for the whole region (a row
-    has a few dozen pieces), not one slice assignment per piece."""
-    if not pieces:
-        return np.empty(0, np.int64), np.zeros(0, bool), np.empty(0, np.int64)
-    srcs, flags, lens, recompute, bounds = [], [], [], [], []
-    off = 0
-    for p in pieces:
-        if isinstance(p, MasterRun):
-            n = len(p)
-            slots = p.host if p.host is not None else to_host(p.slots, torch.int64)
-            srcs.append(np.asarray(slots, dtype=np.int64))
-            flags.append(True)
-            if p.recompute is not None and len(p.recompute):
-                offsets = np.asarray(p.recompute, dtype=np.int64)
-                recompute.append(offsets)
-                bounds.append((off, n, offsets.size))
-        elif isinstance(p, NewRun):
-            n = p.length
-            if n < 0:
-                raise ValueError("NewRun length must be >= 0")
-            srcs.append(np.full(n, -1, dtype=np.int64))
-            flags.append(False)
-        else:
-            raise TypeError(f"unknown piece {p!r}")
-        lens.append(n)
-        off += n
-    src = np.concatenate(srcs)
-    is_master = np.asarray(flags)
-    reuse = np.repeat(is_master, lens)
-    if (src[reuse] < 0).any():
-        raise ValueError("master slots must be >= 0")
-    piece_of = np.repeat(np.where(is_master, np.arange(len(pieces)), -1), lens)
-    if recompute:  # validated together: each piece's offsets within [0, its length)
-        offsets = np.concatenate(recompute)
-        starts, ns, counts = (np.asarray(c, dtype=np.int64) for c in zip(*bounds))
-        lens_of = np.repeat(ns, counts)
-        bad = (offsets < 0) | (offsets >= lens_of)
-        if bad.any():
-            raise ValueError(f"recompute offsets must lie in [0, {int(lens_of[np.argmax(bad)])})")
-        reuse[offsets + np.repeat(starts, counts)] = False
-    return src, reuse, piece_of
 
 
 class DiffAllocator:
@@ -273,9 +173,10 @@ class DiffAllocator:
         self.rows.clear()
         self._refcount = np.zeros(0, dtype=np.int32)
 
-    def _recount(self, rec: RowRecord) -> None:
-        """The row's references changed: its distinct master slots are counted again."""
-        now = _distinct_slots(rec, self._distinct)
+    def _recount(self, rec: RowRecord, now: Optional[np.ndarray] = None) -> None:
+        """The row's references changed: its distinct master slots (``now``, when the caller knows them) are counted
+        again."""
+        now = _distinct_slots(rec, self._distinct) if now is None else now
         if now.size and int(now.max()) >= self._refcount.size:
             grown = np.zeros(max(int(now.max()) + 1, 2 * self._refcount.size), dtype=np.int32)
             grown[: self._refcount.size] = self._refcount
@@ -327,7 +228,7 @@ class DiffAllocator:
         rec = self.rows.get(key)
         if rec is None:
             raise ValueError(f"row {key!r} has no master references")
-        before = {_seg_id(s): s for s in rec.segs()}
+        before = {seg_id(s): s for s in rec.segs()}
         kept: list[MasterRef] = []
         hit = 0
         for r in rec.refs:
@@ -345,7 +246,7 @@ class DiffAllocator:
         rec.refs = kept
         self._recount(rec)
         rec.private_tokens += int(pos.size)
-        after = {_seg_id(s) for s in rec.segs()}
+        after = {seg_id(s) for s in rec.segs()}
         return [s for k, s in before.items() if k not in after]
 
     def private_tokens(self) -> int:
@@ -374,11 +275,15 @@ class DiffAllocator:
             return None
         return out.to(torch.int64)
 
+    def plan(self, pieces: Sequence[Piece]) -> RowShape:
+        """The shape of a composition of ``pieces`` (:func:`~tokendance_sgl.row_shape.plan_shape`)."""
+        return plan_shape(pieces, self.page_size, self._distinct)
+
     def build_row(
         self,
         key: Hashable,
         start_pos: int,
-        pieces: Sequence[Piece],
+        pieces: Union[Sequence[Piece], RowShape],
         *,
         agent: Optional[int] = None,
         owner: Any = None,
@@ -388,57 +293,31 @@ class DiffAllocator:
         Master positions reference the master slots (recorded as master references of the row); recomputed
         positions and :class:`NewRun` positions get fresh private slots. With ``page_size > 1`` the span must start
         on a page boundary and row pages that would mix sources are copied on write as whole pages (see the module
-        docstring). Returns None (and changes nothing) when the allocator cannot provide the private slots.
+        docstring). ``pieces`` may be given as their :meth:`plan` (rows of the same pieces share one). Returns None
+        (and changes nothing) when the allocator cannot provide the private slots.
         The caller writes ``BuiltRow.slots`` into the row, holds its pages and locks ``BuiltRow.segs``.
         """
         page_size = self.page_size
         if page_size > 1 and start_pos % page_size != 0:
             raise ValueError(f"row span must start on a page boundary, got {start_pos} (page_size {page_size})")
-        src, reuse, piece_of = _lay_out(pieces)
-        keep = self._kept_master_positions(src, reuse, piece_of)
-        private_positions = np.nonzero(~keep)[0]
-        priv_pages = _sorted_unique(private_positions // page_size)  # positions ascend: so do their pages
-        n_alloc = int(private_positions.size) if page_size == 1 else int(priv_pages.size) * page_size
-        fresh = self._alloc(n_alloc)
+        shape = pieces if isinstance(pieces, RowShape) else self.plan(pieces)
+        fresh = self._alloc(shape.n_alloc)
         if fresh is None:
             return None
-        out, copies, copied_pages = self._fill_private(src, reuse, ~keep, private_positions, priv_pages, fresh)
+        out, copies, copied_pages = self._fill_private(shape.src, shape.reuse, ~shape.keep, shape.private_positions,
+                                                       shape.priv_pages, fresh)
         rec = self.ensure_record(key, agent=agent, owner=owner)
-        kept_pos = np.nonzero(keep)[0]
-        if kept_pos.size:  # master references: maximal runs of kept positions from one piece
-            breaks = np.nonzero((np.diff(kept_pos) != 1) | (np.diff(piece_of[kept_pos]) != 0))[0] + 1
-            firsts = kept_pos[np.concatenate([[0], breaks])].tolist()
-            ends = (kept_pos[np.concatenate([breaks - 1, [kept_pos.size - 1]])] + 1).tolist()
-            self._merge_refs(rec, [MasterRef(start_pos + a, start_pos + b, pieces[int(piece_of[a])].seg,
-                                             src[a:b].copy()) for a, b in zip(firsts, ends)])
-            self._recount(rec)
-        rec.private_tokens += n_alloc
-        rec.end = max(rec.end, start_pos + len(src))
-        used_segs: dict = {}
-        for i in (_sorted_unique(piece_of[kept_pos]).tolist() if kept_pos.size else []):  # ascending with positions
-            used_segs.setdefault(_seg_id(pieces[i].seg), pieces[i].seg)
+        if shape.runs:  # master references (views of the shape's read-only slots)
+            first = not rec.refs
+            self._merge_refs(rec, [MasterRef(start_pos + a, start_pos + b, shape.pieces[i].seg, shape.src[a:b])
+                                   for a, b, i in shape.runs])
+            self._recount(rec, shape.distinct if first else None)
+        rec.private_tokens += shape.n_alloc
+        rec.end = max(rec.end, start_pos + len(shape.src))
         dev = fresh.device if fresh.numel() else getattr(self.allocator, "device", "cpu")
-        return BuiltRow(slots=torch.from_numpy(out).to(dev), segs=list(used_segs.values()), private_tokens=n_alloc,
-                        private_positions=private_positions, copies=copies, copied_pages=copied_pages, host=out)
-
-    def _kept_master_positions(self, src: np.ndarray, reuse: np.ndarray, piece_of: np.ndarray) -> np.ndarray:
-        """Which positions keep their master slot: every reused one at page size 1; with pages, only whole row
-        pages that are one master page at matching offsets (the other pages are copied on write)."""
-        page_size, total = self.page_size, len(src)
-        keep = reuse.copy()
-        if page_size == 1:
-            return keep
-        for k in range(-(-total // page_size)):
-            a, b = k * page_size, min((k + 1) * page_size, total)
-            if not keep[a:b].any():
-                continue
-            ok = (b - a) == page_size and keep[a:b].all() and (piece_of[a:b] == piece_of[a]).all()
-            if ok:
-                s = src[a:b]
-                ok = bool((s // page_size == s[0] // page_size).all() and (s % page_size == np.arange(page_size)).all())
-            if not ok:
-                keep[a:b] = False  # copy on write: the whole row page becomes private
-        return keep
+        return BuiltRow(slots=torch.from_numpy(out).to(dev), segs=list(shape.segs), private_tokens=shape.n_alloc,
+                        private_positions=shape.private_positions.copy(), copies=copies, copied_pages=copied_pages,
+                        host=out, shape=shape)
 
     def _fill_private(self, src, reuse, private, private_positions, priv_pages, fresh) -> tuple[np.ndarray, int, int]:
         """The region's slots: masters where kept, fresh slots elsewhere; with pages, the reused master tokens of a

@@ -12,7 +12,10 @@ The cache calls two functions, in SGLang's load-back protocol:
   and composes the region through the diff allocator: master slots where the KV is reused, private diff slots for
   the recomputed tokens, private slots for the text between segments. It returns the slots, the
   :class:`~tokendance_sgl.request_state.RowPlan` (which rows the pre-pass computes, the ``deviation`` selections to
-  resolve once per master and round) and the row's position map.
+  resolve once per master and round) and the row's position map. The agents of a round at one base read the same
+  copies at the same offsets: the first plans the region once (:class:`RegionTemplate`: copies, pieces, compute
+  spans, the diff allocator's :class:`~tokendance_sgl.row_shape.RowShape`), the others get it stamped at their rows
+  (fresh slots, their own claims), after checking that every copy it reads is still resident.
 
 Aligned layout: in a round the shared region gets the same position ids in every agent's row: the canonical base
 ``B >= p0`` where ``p0`` is the position the region would start at (its row plus the shift the cached prefix already
@@ -27,14 +30,16 @@ The functions talk to the cache through :class:`ReuseHost` (the parts they need)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 
-from tokendance_sgl.bases import CanonicalBases
+from tokendance_sgl.bases import CanonicalBases, remember
 from tokendance_sgl.config import TreeConfig
-from tokendance_sgl.diff_alloc import BuiltRow, MasterRun, NewRun, coalesce
+from tokendance_sgl.diff_alloc import BuiltRow
+from tokendance_sgl.row_shape import MasterRun, NewRun, RowShape, coalesce
 from tokendance_sgl.position_map import PositionMap
 from tokendance_sgl.request_state import RowLayout, RowPlan, SelectItem, state_of
 from tokendance_sgl.segment_store import SegmentStore
@@ -55,8 +60,10 @@ class ReuseHost(Protocol):
     collector: Any  # its ``collective`` flag: masters shared by a round (tokendance) or per request (pic)
     page_size: int
     context_len: int
+    templates: Any  # OrderedDict: template key -> RegionTemplate (bounded, cleared with the cache)
+    stats: Any  # its ``counters``
 
-    def compose_row(self, req: Any, start_pos: int, pieces: list, *, agent: Optional[int] = None
+    def compose_row(self, req: Any, start_pos: int, pieces: list | RowShape, *, agent: Optional[int] = None
                     ) -> Optional[BuiltRow]: ...
 
     def rerotate_into(self, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None: ...
@@ -118,42 +125,106 @@ def gap_budget(host: ReuseHost, req: Any, pmap: PositionMap) -> int:
     return max(0, min(host.config.max_drift - pmap.total, room))
 
 
-def _build_region(host: ReuseHost, req: Any, layout: RowLayout, pinned: list):
-    """Pieces, compute spans, selections and the position map of an approximate (master-reading) region."""
-    policy = layout.policy
-    s0 = layout.region_start
-    p0 = layout.prefix_positions.position_of(s0)
-    base = host.bases.base_for(layout.base_key, p0, gap_budget(host, req, layout.prefix_positions))
-    positions = layout.prefix_positions.with_gap(s0, base - p0)
-    store = host.store
-    masters = store.master_copies([(store.get(planned.key), positions.position_of(a), a) for a, _, planned in layout.spans],
-                                  pinned)
-    pieces, compute, points, select, tails, recomputed, pos = [], [], [], [], [], 0, layout.start
+@dataclass(eq=False)
+class RegionTemplate:
+    """A region composed from masters, in rows relative to its first row: what every row of a round that reads the
+    same copies at the same offsets shares (the agents at one canonical base). Planned by the first such row, stamped
+    for the others (:func:`_stamp`)."""
+
+    masters: tuple  # the node (segment or re-rotated copy) each span reads
+    pieces: list  # the composition (diff allocator pieces)
+    spans: list  # rows the pre-pass computes (coalesced; without the copies' last tokens)
+    select: list  # (row, n, selection key, static offsets) of every deviation selection
+    tails: list  # (copy, row): a copy's last token, computed by the first row that reads it while it is pending
+    recomputed: int  # recomputed positions among the reused tokens
+    shape: Optional[RowShape] = None  # the diff allocator's plan, set by the first composition
+
+
+def _template_key(layout: RowLayout, positions: PositionMap) -> tuple:
+    """Rows whose regions agree on this read the same copies at the same offsets: a span at row ``a >= region
+    start`` reads the copy rotated for position ``a + positions.total``."""
+    start = layout.start
+    return (str(layout.policy), layout.base_key, start + positions.total, layout.end - start,
+            tuple((a - start, b - start, planned.key) for a, b, planned in layout.spans))
+
+
+def _still_valid(store: SegmentStore, tmpl: RegionTemplate) -> bool:
+    """Whether every node the template reads is still the store's, with valid KV (copies then count as used now)."""
+    if not all(store.get(m.key) is m and store.has_kv(m) for m in tmpl.masters):
+        return False
+    for m in tmpl.masters:
+        if m.copy_of is not None:
+            m.round = max(m.round, store.current_round)  # as a lookup by master_copies would
+    return True
+
+
+def _new_template(host: ReuseHost, layout: RowLayout, positions: PositionMap, pinned: list
+                  ) -> Optional[RegionTemplate]:
+    """Plans the region of ``layout`` (its copies made now if missing, pinned into ``pinned``); None when a segment
+    has no KV or the pool has no room for a copy."""
+    policy, store, start = layout.policy, host.store, layout.start
+    masters = store.master_copies(
+        [(store.get(planned.key), positions.position_of(a), a) for a, _, planned in layout.spans], pinned)
+    if any(m is None for m in masters):
+        return None
+    pieces, compute, points, select, tails, recomputed, pos = [], [], [], [], [], 0, start
     for (a, b, planned), seg in zip(layout.spans, masters):
-        if seg is None:
-            return None
         if a > pos:
             pieces.append(NewRun(a - pos))
-            compute.append((pos, a))
+            compute.append((pos - start, a - start))
         n = min(b - a, seg.kv_len)  # master tokens (the segment itself lacks its last token: computed as text)
         offsets = policy.offsets(n)
+        offsets.flags.writeable = False  # shared by the rows stamped from the template
         pieces.append(MasterRun(seg, seg.master[:n], recompute=offsets, host=seg.host[:n]))
-        points.append(a + np.asarray(offsets, dtype=np.int64))  # recomputed positions
-        if seg.tail_pending and n == len(seg.tokens) and seg.tail_writer is None and n - 1 not in offsets:
-            seg.tail_writer = id(req.kv)  # this row computes the copy's last token, into the copy, for the round
-            tails.append((seg, a + n - 1))
-            compute.append((a + n - 1, a + n))
+        points.append(a - start + offsets)  # recomputed positions
+        if n == len(seg.tokens) and n - 1 not in offsets:
+            tails.append((seg, a - start + n - 1))
         if n < b - a:
             pieces.append(NewRun(b - a - n))
-            compute.append((a + n, b))
+            compute.append((a + n - start, b - start))
         if policy.needs_scores:  # the round's shared choice for this segment, whatever base copy a row reads
-            select.append(SelectItem(a, n, policy, (layout.base_key, planned.key, str(policy)), offsets))
+            select.append((a - start, n, (layout.base_key, planned.key, str(policy)), offsets))
         recomputed += len(offsets)
         pos = b
     if layout.end > pos:  # text after the last span, up to the region's page boundary
         pieces.append(NewRun(layout.end - pos))
-        compute.append((pos, layout.end))
-    return pieces, coalesce(compute, np.concatenate(points) if points else None), select, tails, recomputed, positions
+        compute.append((pos - start, layout.end - start))
+    return RegionTemplate(tuple(masters), pieces, coalesce(compute, np.concatenate(points) if points else None),
+                          select, tails, recomputed)
+
+
+def _stamp(tmpl: RegionTemplate, req: Any, layout: RowLayout) -> tuple[list, list, list]:
+    """The compute spans, selections and claimed tails of one row composed from ``tmpl``: this row computes the last
+    token of every copy whose token is still pending and unclaimed."""
+    start, tails, extra = layout.start, [], []
+    for seg, row in tmpl.tails:
+        if seg.tail_pending and seg.tail_writer is None:
+            seg.tail_writer = id(req.kv)  # this row computes the copy's last token, into the copy, for the round
+            tails.append((seg, start + row))
+            extra.append((row, row + 1))
+    spans = coalesce(tmpl.spans + extra) if extra else tmpl.spans
+    select = [SelectItem(start + row, n, layout.policy, key, offsets) for row, n, key, offsets in tmpl.select]
+    return [(a + start, b + start) for a, b in spans], select, tails
+
+
+def _build_region(host: ReuseHost, req: Any, layout: RowLayout, pinned: list):
+    """The template, compute spans, selections, claimed tails and position map of an approximate (master-reading)
+    region; None when it cannot be composed now."""
+    s0 = layout.region_start
+    p0 = layout.prefix_positions.position_of(s0)
+    base = host.bases.base_for(layout.base_key, p0, gap_budget(host, req, layout.prefix_positions))
+    positions = layout.prefix_positions.with_gap(s0, base - p0)
+    key = _template_key(layout, positions)
+    tmpl = host.templates.get(key)
+    if tmpl is not None and _still_valid(host.store, tmpl):
+        host.stats.counters["compositions_shared"] += 1
+    else:
+        tmpl = _new_template(host, layout, positions, pinned)
+        if tmpl is None:
+            return None
+        remember(host.templates, key, tmpl)
+    compute, select, tails = _stamp(tmpl, req, layout)
+    return tmpl, compute, select, tails, positions
 
 
 def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed]:
@@ -163,6 +234,7 @@ def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed
     tails: list = []
     built = None
     try:
+        tmpl = None
         if not layout.policy.reuses_masters:
             pieces, compute, select = [NewRun(layout.end - layout.start)], coalesce([(layout.start, layout.end)]), []
             recomputed, positions = sum(b - a for a, b, _ in layout.spans), layout.prefix_positions
@@ -170,10 +242,13 @@ def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed
             got = _build_region(host, req, layout, pinned)
             if got is None:
                 return None
-            pieces, compute, select, tails, recomputed, positions = got
+            tmpl, compute, select, tails, positions = got
+            pieces, recomputed = tmpl.shape or tmpl.pieces, tmpl.recomputed
         built = host.compose_row(req, layout.start, pieces, agent=layout.agent)
         if built is None:
             return None
+        if tmpl is not None and tmpl.shape is None:
+            tmpl.shape = built.shape
         if tails and built.private_positions.size:  # copied on write (pages): its last token is this row's own
             own = set((layout.start + built.private_positions).tolist())
             release_tails([t for t in tails if t[1] in own])
