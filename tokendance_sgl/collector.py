@@ -102,17 +102,19 @@ class KVCollector:
                 groups[layout.base_key].append((layout, gap_budget(host, req, pmap)))
         if not groups:
             return 0
-        wants = []
+        wants: dict = {}  # (segment, anchor, page offset) -> want: the agents at one base want the same copies
+        ps = host.page_size
         for key, lays in groups.items():
             host.bases.plan(key, [layout.prefix_positions.position_of(layout.region_start) for layout, _ in lays])
             for layout, budget in lays:
                 p0 = layout.prefix_positions.position_of(layout.region_start)
                 shift = host.bases.base_for(key, p0, budget) - p0 + layout.prefix_positions.total
-                wants.extend((host.store.get(planned.key), a + shift, a) for a, _, planned in layout.spans)
+                for a, _, planned in layout.spans:
+                    wants.setdefault((planned.key, a + shift, a % ps), (host.store.get(planned.key), a + shift, a))
         before = host.store.counters["master_copies"]
         pinned: list = []
         try:
-            host.store.master_copies(wants, pinned)
+            host.store.master_copies(list(wants.values()), pinned)
         finally:
             for seg in pinned:
                 host.store.unlock(seg)

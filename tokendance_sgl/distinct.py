@@ -8,6 +8,8 @@ as the largest value: three vector passes, about 10 us. Values must be non-negat
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 __all__ = ["Distinct"]
@@ -20,11 +22,13 @@ class Distinct:
         self._mark = np.zeros(max(int(size), 1), dtype=np.int64)
         self._idx = np.arange(1024, dtype=np.int64)
 
-    def _marked(self, values: np.ndarray) -> np.ndarray:
-        """Whether each entry is the one occurrence of its value that won the marking (exactly one per value)."""
-        top = int(values.max())
-        if top < 0 or int(values.min()) < 0:
-            raise ValueError("Distinct needs non-negative values")
+    def _marked(self, values: np.ndarray, top: Optional[int] = None) -> np.ndarray:
+        """Whether each entry is the one occurrence of its value that won the marking (exactly one per value).
+        ``top``: the largest value, from a caller that checked the values are non-negative."""
+        if top is None:
+            top = int(values.max())
+            if top < 0 or int(values.min()) < 0:
+                raise ValueError("Distinct needs non-negative values")
         if top >= self._mark.size:
             self._mark = np.zeros(max(top + 1, 2 * self._mark.size), dtype=np.int64)
         if self._idx.size < values.size:
@@ -40,6 +44,6 @@ class Distinct:
         keep = self._marked(values)
         return values[keep] if not keep.all() else values.copy()
 
-    def check(self, values: np.ndarray) -> bool:
-        """Whether ``values`` has no repeated value."""
-        return values.size < 2 or bool(self._marked(values).all())
+    def check(self, values: np.ndarray, top: Optional[int] = None) -> bool:
+        """Whether ``values`` has no repeated value (``top``: as for :meth:`_marked`)."""
+        return values.size < 2 or bool(self._marked(values, top).all())

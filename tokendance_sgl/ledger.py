@@ -138,10 +138,11 @@ class PageLedger:
         ``distinct``: the caller knows ``pages`` has no repeated page (the check is skipped)."""
         if pages.size == 0:
             return pages
+        top = int(pages.max())
         if pages.min() < 0:
             raise ValueError("negative page id")
-        self._grow(int(pages.max()))
-        if distinct or self._distinct.check(pages):
+        self._grow(top)
+        if distinct or self._distinct.check(pages, top):
             step = delta
         else:  # each page once, with its multiplicity as the delta
             pages, times = np.unique(pages, return_counts=True)

@@ -17,6 +17,7 @@ continues the path holds those shared pages too, and the KV-per-agent accounting
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -40,7 +41,7 @@ class PositionMap:
         return bool(self.rows)
 
     def position_of(self, row: int) -> int:
-        k = int(np.searchsorted(np.asarray(self.rows, dtype=np.int64), row, side="right")) - 1
+        k = bisect.bisect_right(self.rows, row) - 1
         return row + (self.shifts[k] if k >= 0 else 0)
 
     def with_gap(self, row: int, gap: int) -> "PositionMap":

@@ -42,6 +42,7 @@ int64, so equal token ids under equal namespaces give equal keys in every proces
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -237,14 +238,16 @@ def content_hash(tokens: Sequence[int], ns: str = "") -> str:
 _BASE = 0x9E3779B97F4A7C15  # odd 64-bit multiplier; arithmetic is mod 2**64 (numpy uint64 wraps)
 
 
-def _pow_table(n: int):
+@functools.lru_cache(maxsize=8)
+def _window_powers(window: int):
+    """``B**(window-1-m)`` for ``m < window`` (read-only; one table per window length)."""
     import numpy as np
 
-    pw = np.empty(n, dtype=np.uint64)
-    if n:
-        pw[0] = 1
-        pw[1:] = np.uint64(_BASE)
-        pw = np.cumprod(pw, dtype=np.uint64)
+    pw = np.empty(window, dtype=np.uint64)
+    pw[0] = 1
+    pw[1:] = np.uint64(_BASE)
+    pw = np.cumprod(pw, dtype=np.uint64)[::-1].copy()
+    pw.flags.writeable = False
     return pw
 
 
@@ -259,10 +262,11 @@ def window_hashes(tokens: Sequence[int], window: int):
         raise ValueError("window must be positive")
     if n < window:
         return np.empty(0, dtype=np.uint64)
-    pw = _pow_table(window)[::-1].copy()
-    view = np.lib.stride_tricks.sliding_window_view(t, window)
+    pw = _window_powers(window)
     with np.errstate(over="ignore"):
-        return (view * pw).sum(axis=1, dtype=np.uint64)
+        if n == window:  # one window (a segment's first, when it is indexed)
+            return (t * pw).sum(dtype=np.uint64).reshape(1)
+        return (np.lib.stride_tricks.sliding_window_view(t, window) * pw).sum(axis=1, dtype=np.uint64)
 
 
 @dataclass(frozen=True)
