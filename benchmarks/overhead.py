@@ -3,7 +3,7 @@ allocator and request lifecycle (``init_next_round_input``, ``init_load_back``, 
 ``release_kv_cache``) over each backend's cache, with a fake forward (no model, no KV buffers).
 
     python benchmarks/overhead.py [--quick] [--agents 16 32 64] [--history 1024 2048 4096] [--segments 16]
-                                  [--rounds 3] [--backends radix pic tokendance]
+                                  [--rounds 4] [--repeats 3] [--backends radix pic tokendance]
 
 The workload has the paper's shape: every agent keeps its whole history (its cached path) and each round appends a
 block with the outputs of the round before of every agent of its group (groups of ``--segments`` agents, one
@@ -12,9 +12,10 @@ last round's prompt holds ``--history`` tokens. A round admits every agent (the 
 backends), then finishes them. Timed: the cache calls the scheduler makes (match, collective step, composition /
 load-back, allocation with eviction, checkpoint, release); not timed: the fake forward (the re-rotation and copy
 kernels are no-ops here, they are device work on a GPU), the harness and a ``gc.collect()`` between sizes (the
-previous size's caches are garbage). Reported per backend and size: the median over the rounds >= 1 of the round's
-scheduler time, its ratio to radix, the mean per round >= 1 of each phase (``phases_s``), and the growth exponent of
-the time in agents x history tokens (a log-log fit).
+previous size's caches are garbage). Every size runs ``--repeats`` times, the backends interleaved. Reported per
+backend and size: the median over the repeats of the median over the rounds >= 1 of the round's scheduler time, its
+ratio to radix (and the ratio within each repeat), the mean per round >= 1 of each phase (``phases_s``, median over
+the repeats), and the growth exponent of the time in agents x history tokens (a log-log fit).
 
 Writes benchmarks/results/overhead[_quick].json and .png.
 """
@@ -52,6 +53,8 @@ def parse_args(argv=None):
                    help="tokens of an agent's last-round prompt (default 1024 2048 4096)")
     p.add_argument("--segments", type=int, default=16, help="gathered outputs per round block (default 16)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 4: three measured)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of every size and backend, interleaved (default 3; the median is reported)")
     return p.parse_args(argv)
 
 
@@ -202,6 +205,21 @@ def run_size(backend: str, n: int, history: int, segments: int, rounds: int, see
             "reused_tokens": h.tree.stats.counters["reused_tokens"] if backend != "radix" else 0}
 
 
+def combine_repeats(runs: list, radix: list | None) -> dict:
+    """One row for a backend and size from its repeats: the median of the repeats' round times (and of each phase),
+    its ratio to radix's, and the ratio within each repeat (``vs_radix_repeats``: the spread)."""
+    out = dict(runs[0])
+    out["repeat_round_s"] = [r["median_round_s"] for r in runs]
+    out["median_round_s"] = statistics.median(out["repeat_round_s"])
+    out["phases_s"] = {k: statistics.median(r["phases_s"][k] for r in runs) for k in runs[0]["phases_s"]}
+    if radix:
+        out["vs_radix"] = C.ratio(out["median_round_s"], statistics.median(r["median_round_s"] for r in radix))
+        out["vs_radix_repeats"] = [C.ratio(r["median_round_s"], b["median_round_s"]) for r, b in zip(runs, radix)]
+    else:
+        out["vs_radix"] = None
+    return out
+
+
 def growth_exponent(rows: list) -> float | None:
     if len(rows) < 2:
         return None
@@ -251,18 +269,21 @@ def main(argv=None) -> int:
     sizes = [(n, hist) for n in agents for hist in history]
     rows = []
     for n, hist in C.progress(sizes, desc="sizes"):
+        runs: dict = {be: [] for be in backends}
+        for _rep in range(args.repeats):  # the backends interleaved: a slow spell of the machine hits them alike
+            for be in backends:
+                gc.collect()  # the previous size's caches are garbage: not this size's scheduler time
+                runs[be].append(run_size(be, n, hist, args.segments, rounds))
         for be in backends:
-            gc.collect()  # the previous size's caches are garbage: not this size's scheduler time
-            rows.append(run_size(be, n, hist, args.segments, rounds))
-            log(f"{be:10s} N={n:3d} history={hist:5d}: {rows[-1]['median_round_s'] * 1e3:8.1f} ms per round")
-    for r in rows:
-        base = next((x for x in rows if x["backend"] == "radix" and (x["agents"], x["history"]) ==
-                     (r["agents"], r["history"])), None)
-        r["vs_radix"] = C.ratio(r["median_round_s"], base["median_round_s"]) if base else None
+            rows.append(combine_repeats(runs[be], runs.get("radix")))
+            each = " ".join(f"{t * 1e3:.1f}" for t in rows[-1]["repeat_round_s"])
+            log(f"{be:10s} N={n:3d} history={hist:5d}: {rows[-1]['median_round_s'] * 1e3:8.1f} ms per round "
+                f"(repeats: {each})")
     growth = {be: growth_exponent([r for r in rows if r["backend"] == be]) for be in backends}
     data = {"benchmark": NAME, "quick": args.quick, "environment": C.environment(), "rounds": rounds, "segments": args.segments,
-            "rows": rows, "growth_exponent": growth,
-            "notes": "scheduler-side cache calls only, fake forward; median over rounds >= 1; ratios within one run"}
+            "repeats": args.repeats, "rows": rows, "growth_exponent": growth,
+            "notes": "scheduler-side cache calls only, fake forward; median over rounds >= 1 of each run, then over the "
+                     "repeats (backends interleaved); ratios within one run"}
     path = C.write_json(NAME, args.quick, data, args.out_dir)
     png = None if args.no_plot else plot(rows, backends, args.quick, args.out_dir)
     log(f"wrote {path}" + (f" and {png}" if png else ""))

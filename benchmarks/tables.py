@@ -427,9 +427,11 @@ def _diverges(x: dict) -> str:
 def overhead_table(o: dict | None) -> list[str]:
     if not o:
         return []
+    repeats = o.get("repeats", 1)
+    over = f", then over {repeats} interleaved repeats (ratio spread: within each repeat)" if repeats > 1 else ""
     out = ["", f"**Scheduler time per round** ({provenance(o)}). The cache calls SGLang's scheduler makes, over its "
                f"real allocator and request pool with a fake forward (no model); groups of {o['segments']} agents "
-               f"gather each other's outputs every round; median over rounds 1..{o['rounds'] - 1}, ms per round "
+               f"gather each other's outputs every round; median over rounds 1..{o['rounds'] - 1}{over}, ms per round "
                f"(/ radix):", ""]
     backends = list(dict.fromkeys(r["backend"] for r in o["rows"]))
     rows = []
@@ -438,7 +440,9 @@ def overhead_table(o: dict | None) -> list[str]:
         for b in backends:
             r = next(x for x in o["rows"] if (x["backend"], x["agents"], x["history"]) == (b, n, hist))
             ms = f"{r['median_round_s'] * 1e3:.1f}"
-            row.append(ms if b == "radix" else f"{ms} ({xr(r['vs_radix'])})")
+            reps = [x for x in r.get("vs_radix_repeats") or [] if x is not None]
+            spread = f", {min(reps):.2f}-{max(reps):.2f}x" if len(reps) > 1 else ""
+            row.append(ms if b == "radix" else f"{ms} ({xr(r['vs_radix'])}{spread})")
         rows.append(row)
     out += table(["agents", "history tokens", *backends], rows)
     growth = ", ".join(f"{b} {g:.2f}" for b, g in o["growth_exponent"].items() if g is not None)
