@@ -361,7 +361,8 @@ def test_checkpoint_relocks_only_the_new_leaf():
     touched = []
     for name in ("lock_radix", "unlock_radix"):
         orig = getattr(sim.tree.ledger, name)
-        setattr(sim.tree.ledger, name, lambda pages, _o=orig, _n=name: touched.append((_n, len(pages))) or _o(pages))
+        setattr(sim.tree.ledger, name,
+                lambda pages, _o=orig, _n=name, **kw: touched.append((_n, len(pages))) or _o(pages, **kw))
     for t in T(5, 800):
         assert sim.decode(req, t)
     sim.finish(req)  # the checkpoint (unlock the old path, lock the new one), then the release's unlock

@@ -588,10 +588,11 @@ class CollectiveTree(RadixCache):
         self.store.check(ref["s"], ref["sl"])
         for st in self._live.values():
             np.add.at(ref["w"], st.held_pages, 1)
-        for name, want in ref.items():
+        counts = {"r": ref["r"], "s": ref["s"], "w": ref["w"], "tot": ref["r"] + ref["s"] + ref["w"],
+                  "lk": ref["rl"] + ref["sl"] + ref["w"]}
+        for name, want in counts.items():
             assert np.array_equal(getattr(ledger, name).astype(np.int64), want), f"ledger {name} differs"
-        held = (ref["r"] + ref["s"] + ref["w"]) > 0
-        prot = (ref["rl"] + ref["sl"] + ref["w"]) > 0
+        held, prot = counts["tot"] > 0, counts["lk"] > 0
         assert int(held.sum()) == ledger.n_held and int(prot.sum()) == ledger.n_prot, (int(held.sum()), ledger.n_held)
         assert not (prot & ~held).any()
         self.diff.check()

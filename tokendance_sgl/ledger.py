@@ -9,6 +9,10 @@ stock SGLang. A page the tree keeps has one or more **holders**, counted here pe
 * ``w`` -- live request rows holding the region composed for them at admission (master pages they read, their diff
   slots and the text between segments). A live row is always protected.
 
+``tot`` counts the holders of a page and ``lk`` its locked holders (``rl + sl + w``); ``rl`` and ``sl`` have no array
+of their own: a radix path locks and unlocks whole at every admission and release, so a lock touches one array.
+``CollectiveTree.check_invariants`` recounts all of them from the nodes, segments and rows.
+
 A page is **held** while any holder holds it and **protected** while a locked holder or a row holds it. The tree
 frees a page exactly when its last holder lets go. :class:`PoolView` is the allocator the tree (and SGLang's code
 that reaches the allocator through the tree) sees: a free of a page some holder still holds is skipped, so a page
@@ -31,8 +35,9 @@ from tokendance_sgl.host import to_host
 
 __all__ = ["PageLedger", "PoolView", "RadixHolds", "slot_pages", "node_value_pages"]
 
-# holder array -> (counts as a holder, counts as a lock)
+# holder kind -> (counts as a holder, counts as a lock); the kinds in _ARRAYS also keep a count array of their own
 _KINDS = {"r": (1, 0), "rl": (0, 1), "s": (1, 0), "sl": (0, 1), "w": (1, 1)}
+_ARRAYS = ("r", "s", "w", "tot", "lk")
 
 
 def slot_pages(slots: Optional[torch.Tensor | np.ndarray], page_size: int) -> np.ndarray:
@@ -89,7 +94,7 @@ class PageLedger:
     def __init__(self, n_pages: int, page_size: int):
         self.page_size = page_size
         n = max(int(n_pages), 1)
-        for name in (*_KINDS, "tot", "lk"):
+        for name in _ARRAYS:
             setattr(self, name, np.zeros(n, dtype=np.int32))
         self.gen = np.zeros(n, dtype=np.int64)
         self._distinct = Distinct(n)  # scratch of the distinct-page checks
@@ -97,7 +102,7 @@ class PageLedger:
         self.n_prot = 0
 
     def reset(self) -> None:
-        for name in (*_KINDS, "tot", "lk"):
+        for name in _ARRAYS:
             getattr(self, name)[:] = 0
         self.gen += 1  # nothing registered before the reset is valid afterwards
         self.n_held = 0
@@ -108,7 +113,7 @@ class PageLedger:
         if max_page < n:
             return
         new_n = max(max_page + 1, 2 * n)
-        for name in (*_KINDS, "tot", "lk", "gen"):
+        for name in (*_ARRAYS, "gen"):
             old = getattr(self, name)
             a = np.zeros(new_n, dtype=old.dtype)
             a[:n] = old
@@ -147,12 +152,13 @@ class PageLedger:
         else:  # each page once, with its multiplicity as the delta
             pages, times = np.unique(pages, return_counts=True)
             step = times.astype(np.int32) * delta
-        arr = getattr(self, kind)
-        after = arr[pages] + step
-        if delta < 0 and (after < 0).any():
-            raise AssertionError(f"page ledger underflow in {kind}")
-        arr[pages] = after
         holds, locks = _KINDS[kind]
+        if holds:  # a holder kind: its own count array, then the holder total
+            arr = getattr(self, kind)
+            after = arr[pages] + step
+            if delta < 0 and (after < 0).any():
+                raise AssertionError(f"page ledger underflow in {kind}")
+            arr[pages] = after
         freed = pages[:0]
         if holds:  # only the counts that change are read
             self.n_held += self._moved(self.tot, pages, step, delta)
@@ -160,18 +166,23 @@ class PageLedger:
                 freed = pages[self.tot[pages] == 0]
                 if freed.size:
                     self.gen[freed] += 1
-        if locks:
-            self.n_prot += self._moved(self.lk, pages, step, delta)
+        if locks:  # a lock kind has no array of its own: its underflow shows in the lock total
+            self.n_prot += self._moved(self.lk, pages, step, delta, None if holds else kind)
         return freed
 
     @staticmethod
-    def _moved(counts: np.ndarray, pages: np.ndarray, step, delta: int) -> int:
-        """Adds ``step`` to ``counts[pages]``; returns how many pages went from 0 to > 0 (minus those that went to 0)."""
+    def _moved(counts: np.ndarray, pages: np.ndarray, step, delta: int, check: Optional[str] = None) -> int:
+        """Adds ``step`` to ``counts[pages]``; returns how many pages went from 0 to > 0 (minus those that went to 0).
+        ``check``: the kind whose underflow a negative count means (raises AssertionError)."""
         before = counts[pages]
-        counts[pages] = before + step
+        after = before + step
         if delta > 0:
+            counts[pages] = after
             return int(np.count_nonzero(before == 0))
-        return -int(np.count_nonzero(before + step == 0))
+        if check is not None and (after < 0).any():
+            raise AssertionError(f"page ledger underflow in {check}")
+        counts[pages] = after
+        return -int(np.count_nonzero(after == 0))
 
     # radix holders
     def add_radix(self, pages):
@@ -180,11 +191,11 @@ class PageLedger:
     def release_radix(self, pages):
         return self._change(pages, "r", -1)
 
-    def lock_radix(self, pages):
-        return self._change(pages, "rl", 1)
+    def lock_radix(self, pages, *, distinct: bool = False):
+        return self._change(pages, "rl", 1, distinct=distinct)
 
-    def unlock_radix(self, pages):
-        return self._change(pages, "rl", -1)
+    def unlock_radix(self, pages, *, distinct: bool = False):
+        return self._change(pages, "rl", -1, distinct=distinct)
 
     # segment holders (a segment's pages come from :meth:`pages_of`: each page once)
     def hold_seg(self, pages):
@@ -314,11 +325,14 @@ class RadixHolds:
     def add(self, node: Any) -> None:
         self.ledger.add_radix(self._derive(node))
 
-    # radix locks: the nodes whose lock_ref turned from 0 to 1 (on) or from 1 to 0 (off), one ledger update each time
+    # radix locks: the nodes whose lock_ref turned from 0 to 1 (on) or from 1 to 0 (off), one ledger update each time.
+    # They lie on one path: the rows of one request history, whose positions each have a slot of their own, so
+    # their page-structured values repeat no page (a loose value may share a page with its neighbour: checked).
     def _lock(self, nodes: list, delta: int) -> None:
         if nodes:
             pages = np.concatenate([self.pages(n) for n in nodes])
-            (self.ledger.lock_radix if delta > 0 else self.ledger.unlock_radix)(pages)
+            distinct = not any(n.id in self._loose for n in nodes)
+            (self.ledger.lock_radix if delta > 0 else self.ledger.unlock_radix)(pages, distinct=distinct)
 
     def turned_on(self, nodes: list) -> None:
         if self._relock is None:
