@@ -185,8 +185,8 @@ class PageLedger:
         return -int(np.count_nonzero(after == 0))
 
     # radix holders
-    def add_radix(self, pages):
-        return self._change(pages, "r", 1)
+    def add_radix(self, pages, *, distinct: bool = False):
+        return self._change(pages, "r", 1, distinct=distinct)
 
     def release_radix(self, pages):
         return self._change(pages, "r", -1)
@@ -323,7 +323,8 @@ class RadixHolds:
         return got
 
     def add(self, node: Any) -> None:
-        self.ledger.add_radix(self._derive(node))
+        pages = self._derive(node)  # page-structured: one page per row page of one request history (see _lock)
+        self.ledger.add_radix(pages, distinct=node.id not in self._loose)
 
     # radix locks: the nodes whose lock_ref turned from 0 to 1 (on) or from 1 to 0 (off), one ledger update each time.
     # They lie on one path: the rows of one request history, whose positions each have a slot of their own, so
