@@ -101,9 +101,9 @@ def main(argv=None) -> int:
         f"max_new_tokens=1), {args.repeats} repeat(s), workload sizes {C.workload_sizes(args) or 'default'}")
     results: dict[str, dict] = {}
     servers: dict[str, dict] = {}
+    pool = ["--max-total-tokens", str(args.pool)] if args.pool else None
     for backend in backends:
         try:
-            pool = ["--max-total-tokens", str(args.pool)] if args.pool else None
             with C.server(args, backend, log, extra=pool) as srv:
                 servers[backend] = srv.info
                 per_n = {}

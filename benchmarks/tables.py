@@ -410,12 +410,12 @@ def details(data: dict) -> list[str]:
     return out
 
 
-def _spread(xs: list | None, unit: str = "") -> str:
-    """`` (lo-hi)`` over repeats, when there were several."""
+def _spread(xs: list | None, unit: str = "", *, inside: bool = False) -> str:
+    """`` (lo-hi)`` over repeats, when there were several (``inside``: ``, lo-hi`` for a parenthesis already open)."""
     xs = [x for x in xs or [] if x is not None]
     if len(xs) < 2 or min(xs) == max(xs):
         return ""
-    return f" ({min(xs):.2f}-{max(xs):.2f}{unit})"
+    return f", {min(xs):.2f}-{max(xs):.2f}{unit}" if inside else f" ({min(xs):.2f}-{max(xs):.2f}{unit})"
 
 
 def _diverges(x: dict) -> str:
@@ -440,8 +440,7 @@ def overhead_table(o: dict | None) -> list[str]:
         for b in backends:
             r = next(x for x in o["rows"] if (x["backend"], x["agents"], x["history"]) == (b, n, hist))
             ms = f"{r['median_round_s'] * 1e3:.1f}"
-            reps = [x for x in r.get("vs_radix_repeats") or [] if x is not None]
-            spread = f", {min(reps):.2f}-{max(reps):.2f}x" if len(reps) > 1 else ""
+            spread = _spread(r.get("vs_radix_repeats"), "x", inside=True)
             row.append(ms if b == "radix" else f"{ms} ({xr(r['vs_radix'])}{spread})")
         rows.append(row)
     out += table(["agents", "history tokens", *backends], rows)

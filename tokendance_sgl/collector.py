@@ -110,7 +110,9 @@ class KVCollector:
                 p0 = layout.prefix_positions.position_of(layout.region_start)
                 shift = host.bases.base_for(key, p0, budget) - p0 + layout.prefix_positions.total
                 for a, _, planned in layout.spans:
-                    wants.setdefault((planned.key, a + shift, a % ps), (host.store.get(planned.key), a + shift, a))
+                    want = (planned.key, a + shift, a % ps)
+                    if want not in wants:
+                        wants[want] = (host.store.get(planned.key), a + shift, a)
         before = host.store.counters["master_copies"]
         pinned: list = []
         try:
