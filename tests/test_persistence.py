@@ -4,12 +4,15 @@ continues from it at the positions it was computed for; approximate paths stay a
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 import pytest
 import torch
 
 import tokendance_sgl  # noqa: F401
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from tokendance_sgl.position_map import PathPositions, PositionMap, shift_batch
 from tokendance_sgl.recompute import split_rows
@@ -311,4 +314,63 @@ def test_the_rows_of_one_base_are_stamped_from_one_plan(ps, policy):
     (late,) = _round_of_agents(sim, out0, out1, [6], policy=policy)
     assert counters["compositions_shared"] == 3 and bool(late.td.row_plan.tails) == (ps == 1)
     sim.finish(late)
+    sim.check()
+
+
+def test_the_collective_steps_match_is_taken_at_admission_while_it_holds():
+    """The collective step matches every waiting request; its admission takes that match again (no second walk of
+    either namespace) unless a radix node was evicted since or a child was added where a match ended -- then it
+    matches afresh and finds what the tree holds now."""
+    out0, out1 = T(7, 500), T(5, 700)
+
+    def setup():
+        sim = Sim(ps=1, pool_tokens=512, rows=12)
+        produce(sim, T(3, 100), out0, round_=0, agent=0, out="r0/a0")
+        produce(sim, T(4, 200), out1, round_=0, agent=1, out="r0/a1")
+        produce(sim, T(12, 2000), T(3, 900), round_=0, agent=2)  # agent 2's own history (its cached path)
+        return sim
+
+    def round1(sim, agent=2):
+        prompt = T(12, 2000) + T(3, 900) + out0 + T(2, 90) + out1 + T(5, 60)
+        cp = tbl(round_=1, agent=agent, spans=[("r0/a0", 15, 22), ("r0/a1", 24, 29)], out=f"r1/a{agent}")
+        return prompt, cp, sim.make(prompt, cp)
+
+    def row(sim, req):
+        return sim.cached[req.rid], sim.master_positions(req).tolist(), req.td.row_plan.compute_spans
+
+    # held: the admission takes the step's match and composes the same row as a request matched afresh
+    sim = setup()
+    prompt, cp, req = round1(sim)
+    sim.tree.collector.collect([req])
+    assert req.td.early.result.device_prefix_len == 14  # agent 2's history (its last token has no KV)
+    shared = row(sim, sim.admit_reused(prompt, cp, req=req))
+    assert sim.tree.stats.counters["matches_shared"] == 1
+    control = setup()
+    assert row(control, control.admit_reused(prompt, cp)) == shared
+    assert control.tree.stats.counters["matches_shared"] == 0
+    assert shared[0] == 29  # agent 2's history, then the composed block
+    # a child added where the step's match ended: the admission matches afresh and finds it
+    sim = setup()
+    twin = T(12, 2000) + T(3, 900) + T(6, 3000)
+    first, second = sim.make(twin), sim.make(twin)
+    sim.tree.collector.collect([first, second])
+    assert second.td.early is not None and second.td.early.result.device_prefix_len == 14
+    sim.finish(sim.admit_reused(twin, req=first))
+    got = sim.admit_reused(twin, req=second)
+    assert sim.cached[got.rid] == len(twin) - 1 and sim.tree.stats.counters["matches_shared"] == 1  # `first` only
+    sim.finish(got)
+    # the node where the step's match ended evicted (the other paths used since, so it is the oldest leaf): the
+    # admission matches afresh and reads only what is still cached
+    sim = setup()
+    prompt, cp, req = round1(sim)
+    sim.tree.collector.collect([req])
+    for toks in (T(3, 100) + out0, T(4, 200) + out1):
+        sim.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", toks))))
+    ended = req.td.early.result.last_device_node
+    sim.tree.evict(EvictParams(num_tokens=1))
+    assert ended.parent.children.get(ended.key.child_key(1)) is not ended  # gone from the tree
+    sim.check()
+    got = sim.admit_reused(prompt, cp, req=req)
+    assert sim.tree.stats.counters["matches_shared"] == 0 and got.td.row_plan.probe_start == 12  # matched: 12
+    sim.finish(got)
     sim.check()

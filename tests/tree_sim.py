@@ -141,11 +141,12 @@ class Sim:
         self.running[req.rid] = req
         return req
 
-    def admit_reused(self, prompt, custom=None, *, first=7):
+    def admit_reused(self, prompt, custom=None, *, first=7, req=None):
         """Admits a request exactly as SGLang's scheduler does with this cache: ``match_prefix`` plans the reusable
         region (host hit), ``init_load_back`` composes it (the region becomes the tree's), the extend allocates the
-        rest; the pre-pass and the extend compute the rows the row plan names and the new tokens."""
-        req = self.make(prompt, custom)
+        rest; the pre-pass and the extend compute the rows the row plan names and the new tokens. ``req``: a request
+        :meth:`make` made already (e.g. one a collective step saw waiting)."""
+        req = self.make(prompt, custom) if req is None else req
         req.init_next_round_input(self.tree)
         n = len(prompt)
         if not self.pool.free_slots:

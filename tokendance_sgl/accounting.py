@@ -37,7 +37,7 @@ COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text
             "load_back_fallbacks", "paths_inserted", "collect_steps", "collect_copy_calls", "probe_tokens",
             "probe_token_layers", "selections", "selections_shared", "privatized_tokens", "tails_computed", "rollbacks",
             "prepass_fallbacks", "prepass_aborts", "prepass_forwards", "prepass_largest_forward", "prepass_lead_tokens",
-            "cow_pages", "cow_tokens", "probe_no_room", "compositions_shared")
+            "cow_pages", "cow_tokens", "probe_no_room", "compositions_shared", "matches_shared")
 
 _PREFILL_KEYS = ("extend_tokens", "prepass_tokens", "probe_tokens", "computed_tokens", "token_layers")
 

@@ -52,6 +52,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
     MatchResult,
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.common import _req_radix_key
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from tokendance_sgl.accounting import TreeStats, pool_bytes_per_token
@@ -60,9 +61,10 @@ from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun, RowShape
-from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds
+from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, check_ledger
 from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
+from tokendance_sgl.early_match import EarlyMatch
 from tokendance_sgl.request_state import RequestState, SegmentPlan, state_of
 from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
@@ -126,6 +128,7 @@ class CollectiveTree(RadixCache):
 
     def reset(self):
         super().reset()
+        self._evictions = getattr(self, "_evictions", 0) + 1
         self.ledger.reset()
         self.radix_holds.clear()
         self.path_positions.clear()
@@ -204,6 +207,7 @@ class CollectiveTree(RadixCache):
         return new_node
 
     def _delete_leaf(self, node):
+        self._evictions += 1  # a kept match (early_match.py) may end at or pass through this node
         super()._delete_leaf(node)  # the stock evict's free of the node's value skipped the pages it held
         self.path_positions.remove(node)
         self._free_pages(self.radix_holds.remove(node))
@@ -267,28 +271,36 @@ class CollectiveTree(RadixCache):
 
     def _approx_match(self, req: Any, key: RadixKey, res: MatchResult):
         """The longer of ``res`` (exact namespace) and the match in the request's approximate namespace: (result,
-        namespace of the match or None, position map of the matched path)."""
+        namespace of the match or None, position map of the matched path, the approximate match or None)."""
         policy = request_policy(self, req)
         if not (self.config.reuse and policy.reuses_masters):
-            return res, None, PositionMap()
+            return res, None, PositionMap(), None
         ns = approx_namespace(req.extra_key, policy)
         alt = super().match_prefix(MatchPrefixParams(key=RadixKey(
             key.token_ids, ns, is_bigram=key.is_bigram, limit=key.limit, cache_salt=key.cache_salt)))
         if alt.device_prefix_len <= res.device_prefix_len:
-            return res, None, PositionMap()
-        return alt, ns, self.path_positions.map_of(alt.last_device_node, self.root_node)
+            return res, None, PositionMap(), alt
+        return alt, ns, self.path_positions.map_of(alt.last_device_node, self.root_node), alt
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
-        res = super().match_prefix(params)
         req = params.req
         if req is None or self.disable:
-            return res
+            return super().match_prefix(params)
+        continued = getattr(getattr(req, "kv", None), "holds_kv", False)  # a row being continued (chunked prefill)
+        early = state_of(req).early if not (continued or req.output_ids) else None
+        if early is not None and not early.holds(params.key, self._evictions):
+            early = None
+        res = early.result if early is not None else super().match_prefix(params)
         try:
             self.plan_for(req)
-            if getattr(getattr(req, "kv", None), "holds_kv", False):
-                return res  # a row being continued (chunked prefill): planned at admission
+            if continued:
+                return res  # planned at admission
             st = state_of(req)
-            res, st.match_ns, st.positions = self._approx_match(req, params.key, res)
+            if early is not None:  # the collective step's match still holds
+                self.stats.counters["matches_shared"] += 1
+                st.match_ns, st.positions = early.namespace, early.positions
+            else:
+                res, st.match_ns, st.positions, _ = self._approx_match(req, params.key, res)
             st.path_runs = self.path_positions.runs_of(res.last_device_node, self.root_node) if st.match_ns else []
             st.namespace = st.match_ns
             st.layout = None
@@ -301,11 +313,13 @@ class CollectiveTree(RadixCache):
         return res
 
     def cached_prefix(self, req: Any) -> tuple[int, PositionMap]:
-        """The cached prefix a waiting request would match now (for the collective step) and its position map."""
-        toks = req.origin_input_ids
-        key = RadixKey(toks, req.extra_key, is_bigram=self.is_eagle, limit=max(0, len(toks) - 1),
-                       cache_salt=req.cache_salt)
-        res, _, pmap = self._approx_match(req, key, super().match_prefix(MatchPrefixParams(key=key)))
+        """The cached prefix a waiting request would match now (for the collective step) and its position map. The
+        match is kept for the request's admission (:mod:`tokendance_sgl.early_match`)."""
+        toks = req.origin_input_ids if not req.output_ids else req.origin_input_ids + req.output_ids
+        key = _req_radix_key(self, req, toks, max_prefix_len=req._compute_max_prefix_len(len(toks)))
+        exact = super().match_prefix(MatchPrefixParams(key=key))
+        res, ns, pmap, alt = self._approx_match(req, key, exact)
+        state_of(req).early = EarlyMatch.of(key, self._evictions, (exact, alt), res, ns, pmap)
         return res.device_prefix_len, pmap
 
     # ================================================================== composing a row (SGLang's load-back path)
@@ -569,30 +583,14 @@ class CollectiveTree(RadixCache):
 
     def check_invariants(self) -> None:
         """Recomputes the page ledger from the radix tree, the segments and the live rows (AssertionError if not)."""
-        ledger = self.ledger
-        ref = {k: np.zeros(len(ledger.tot), np.int64) for k in ("r", "rl", "s", "sl", "w")}
-        stack = list(self.root_node.children.values())
-        seen = set()
+        nodes, stack = [], list(self.root_node.children.values())
         while stack:
             x = stack.pop()
-            seen.add(id(x))
+            nodes.append(x)
             stack.extend(x.children.values())
             assert x.parent.children.get(x.key.child_key(self.page_size)) is x, f"node {x.id} is not its parent's child"
-            if x.evicted:
-                continue
-            p = self.radix_holds.pages(x)
-            np.add.at(ref["r"], p, 1)
-            if x.lock_ref > 0:
-                np.add.at(ref["rl"], p, 1)
+        seen = {id(x) for x in nodes}
         assert all(id(x) in seen for x in self.evictable_leaves), "an evictable leaf is not in the tree"
-        self.store.check(ref["s"], ref["sl"])
-        for st in self._live.values():
-            np.add.at(ref["w"], st.held_pages, 1)
-        counts = {"r": ref["r"], "s": ref["s"], "w": ref["w"], "tot": ref["r"] + ref["s"] + ref["w"],
-                  "lk": ref["rl"] + ref["sl"] + ref["w"]}
-        for name, want in counts.items():
-            assert np.array_equal(getattr(ledger, name).astype(np.int64), want), f"ledger {name} differs"
-        held, prot = counts["tot"] > 0, counts["lk"] > 0
-        assert int(held.sum()) == ledger.n_held and int(prot.sum()) == ledger.n_prot, (int(held.sum()), ledger.n_held)
-        assert not (prot & ~held).any()
+        check_ledger(self.ledger, self.radix_holds, [x for x in nodes if not x.evicted], self.store,
+                     [st.held_pages for st in self._live.values()])
         self.diff.check()

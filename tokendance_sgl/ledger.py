@@ -33,7 +33,7 @@ import torch
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_host
 
-__all__ = ["PageLedger", "PoolView", "RadixHolds", "slot_pages", "node_value_pages"]
+__all__ = ["PageLedger", "PoolView", "RadixHolds", "check_ledger", "slot_pages", "node_value_pages"]
 
 # holder kind -> (counts as a holder, counts as a lock); the kinds in _ARRAYS also keep a count array of their own
 _KINDS = {"r": (1, 0), "rl": (0, 1), "s": (1, 0), "sl": (0, 1), "w": (1, 1)}
@@ -384,3 +384,25 @@ class RadixHolds:
         if pages is None:
             pages = node_value_pages(node.value, self.page_size)
         return self.ledger.release_radix(pages)
+
+
+def check_ledger(ledger: PageLedger, holds: RadixHolds, nodes: list, store: Any, rows: list) -> None:
+    """Recounts every count of ``ledger`` from the holders themselves (AssertionError if one differs): the radix
+    ``nodes`` in the tree (``holds``: their pages), the segments of ``store`` and the pages each live row holds
+    (``rows``)."""
+    ref = {k: np.zeros(len(ledger.tot), np.int64) for k in ("r", "rl", "s", "sl", "w")}
+    for x in nodes:
+        p = holds.pages(x)
+        np.add.at(ref["r"], p, 1)
+        if x.lock_ref > 0:
+            np.add.at(ref["rl"], p, 1)
+    store.check(ref["s"], ref["sl"])
+    for pages in rows:
+        np.add.at(ref["w"], pages, 1)
+    counts = {"r": ref["r"], "s": ref["s"], "w": ref["w"], "tot": ref["r"] + ref["s"] + ref["w"],
+              "lk": ref["rl"] + ref["sl"] + ref["w"]}
+    for name, want in counts.items():
+        assert np.array_equal(getattr(ledger, name).astype(np.int64), want), f"ledger {name} differs"
+    held, prot = counts["tot"] > 0, counts["lk"] > 0
+    assert int(held.sum()) == ledger.n_held and int(prot.sum()) == ledger.n_prot, (int(held.sum()), ledger.n_held)
+    assert not (prot & ~held).any()

@@ -23,6 +23,7 @@ from typing import Any, Hashable, Optional
 import numpy as np
 import torch
 
+from tokendance_sgl.early_match import EarlyMatch
 from tokendance_sgl.position_map import PositionMap
 
 __all__ = ["PlannedSegment", "SegmentPlan", "RowLayout", "SelectItem", "RowPlan", "RequestState", "state_of",
@@ -167,6 +168,8 @@ class RequestState:
     collected: bool = False
     # its segment table as parsed once: (prompt length, table or None, SegmentTableError or None)
     table: Optional[tuple] = None
+    # the prefix match the collective step made while it waited (taken at admission while it holds)
+    early: Optional[EarlyMatch] = None
 
     @property
     def composed(self) -> bool:
@@ -188,6 +191,7 @@ class RequestState:
         self.path_runs = []
         self.namespace = None
         self.match_ns = None
+        self.early = None
 
 
 def state_of(req: Any) -> RequestState:

@@ -1,0 +1,56 @@
+"""The prefix match the collective step makes for a waiting request, taken again at the request's admission.
+
+The collective step (:meth:`~tokendance_sgl.collector.KVCollector.collect`) matches every waiting request in both
+namespaces (the exact one and its policy's approximate one) to plan the round's copies; SGLang matches the request
+again when it admits it. The step's match is kept (:class:`EarlyMatch`) and taken at admission instead of two more
+walks of the tree while it provably still holds:
+
+* the key is the same (tokens, limit, namespace, salt);
+* no radix node was evicted since (the tree's eviction generation): every node the match names is still in the tree
+  with the same slots (a split keeps them);
+* the node where each namespace's match ended has as many children as then: no longer match exists (a node gains a
+  child only by an insert under it, and loses one only by an eviction).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from tokendance_sgl.position_map import PositionMap
+
+__all__ = ["EarlyMatch"]
+
+
+def _sig(key: Any) -> tuple:
+    return (len(key.token_ids), key.limit, key.extra_key, key.cache_salt)
+
+
+@dataclass(frozen=True)
+class EarlyMatch:
+    sig: tuple  # (tokens, limit, extra_key, cache_salt) of the key it matched
+    gen: int  # the tree's eviction generation when matched
+    watch: tuple  # ((node, its number of children), ...): where the exact and the approximate match ended
+    result: Any  # MatchResult: the longer of the two
+    namespace: Optional[str]  # the namespace it lies in (None: the exact one)
+    positions: PositionMap  # position map of the matched path
+
+    @classmethod
+    def of(cls, key: Any, gen: int, matches: tuple, result: Any, namespace: Optional[str],
+           positions: PositionMap) -> "EarlyMatch":
+        """``matches``: the match of each namespace (None: not matched)."""
+        watch = tuple((m.last_device_node, len(m.last_device_node.children)) for m in matches if m is not None)
+        return cls(_sig(key), gen, watch, result, namespace, positions)
+
+    def holds(self, key: Any, gen: int) -> bool:
+        """Whether the match still holds for ``key`` (module docstring); if so, its path counts as used now (the
+        access times a new match would refresh, for SGLang's LRU eviction)."""
+        if self.gen != gen or self.sig != _sig(key) or any(len(n.children) != c for n, c in self.watch):
+            return False
+        now = time.monotonic()
+        node = self.result.last_device_node
+        while node is not None:
+            node.last_access_time = now
+            node = node.parent
+        return True
