@@ -114,12 +114,7 @@ class KVCollector:
                     if want not in wants:
                         wants[want] = (host.store.get(planned.key), a + shift, a)
         before = host.store.counters["master_copies"]
-        pinned: list = []
-        try:
-            host.store.master_copies(list(wants.values()), pinned)
-        finally:
-            for seg in pinned:
-                host.store.unlock(seg)
+        host.store.master_copies(list(wants.values()), None)
         made = host.store.counters["master_copies"] - before
         host.stats.counters["collect_steps"] += 1
         host.stats.counters["collect_copy_calls"] += int(made > 0)

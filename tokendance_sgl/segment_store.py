@@ -307,15 +307,25 @@ class SegmentStore:
 
     # ------------------------------------------------------------------ re-rotated copies
 
-    def master_copies(self, wants: Sequence[tuple], pinned: list) -> list:
+    def master_copies(self, wants: Sequence[tuple], pinned: Optional[list]) -> list:
         """For every ``(segment, anchor[, align])``: the segment's master K rotated for position ``anchor`` whose
         first token sits at offset ``align`` of a pool page (``align``: the row position the reader puts it at,
         modulo the page size; 0 when pages are single slots) -- the segment itself, or its copy at that anchor and
         alignment. A reader at a matching offset maps every whole page of the run onto the copy's pages; other
         readers copy on write. The copies that do not exist yet are made together: one allocation and ONE batched
         copy + re-rotation for all of them. Returned nodes (and the sources of new copies) are locked and appended
-        to ``pinned``; the caller unlocks them. An entry is None when the segment has no KV or the pool has no
-        room."""
+        to ``pinned``; the caller unlocks them (``pinned`` None: nothing stays locked; the caller only wants the copies
+        made). An entry is None when the segment has no KV or the pool has no room."""
+        if pinned is None:  # the sources stay locked while the copies are allocated (the allocation may evict)
+            sources: list = []
+            try:
+                return self._copies(wants, None, sources)
+            finally:
+                for seg in sources:
+                    self.unlock(seg)
+        return self._copies(wants, pinned, pinned)
+
+    def _copies(self, wants: Sequence[tuple], pinned: Optional[list], sources: list) -> list:
         ps = self.page_size
         out: list = [None] * len(wants)
         todo: dict[str, tuple[SegmentNode, int, int, list]] = {}
@@ -342,7 +352,8 @@ class SegmentStore:
         if self.rerotate is None:
             raise RuntimeError("re-rotation needs the model's RoPE (the store has no rerotate function)")
         for seg, *_ in todo.values():
-            self._pin(seg, pinned)  # the allocation below may evict
+            self.lock(seg)  # the allocation below may evict
+            sources.append(seg)
         # an incomplete master (one token short) gets its last slot too, filled with the previous token's K/V one
         # position on until a row computes it
         tails = [int(seg.kv_len == len(seg.tokens) - 1) for seg, *_ in todo.values()]
@@ -382,9 +393,10 @@ class SegmentStore:
                 out[i] = node
         return out
 
-    def _pin(self, seg: SegmentNode, pinned: list) -> None:
-        self.lock(seg)
-        pinned.append(seg)
+    def _pin(self, seg: SegmentNode, pinned: Optional[list]) -> None:
+        if pinned is not None:
+            self.lock(seg)
+            pinned.append(seg)
 
     # ------------------------------------------------------------------ eviction
 

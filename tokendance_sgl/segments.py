@@ -293,7 +293,8 @@ class SegmentDetector:
 
     ``add(key, tokens, ns)`` indexes a segment (segments shorter than ``min_len`` are ignored and ``add`` returns
     False); ``remove(key)`` drops it; ``find(prompt, ns)`` returns the non-overlapping occurrences, left to right.
-    Only segments registered under the same ``ns`` are matched.
+    Only segments registered under the same ``ns`` are matched. A segment added is hashed when the next ``find``
+    needs it (a server whose requests all carry segment tables never hashes one).
     """
 
     min_len: int = DEFAULT_MIN_SEGMENT_LEN
@@ -301,33 +302,40 @@ class SegmentDetector:
     _by_key: dict = field(default_factory=dict)  # key -> (_Entry, hash)
     _counter: int = 0
     _hash_array: Any = None  # cached sorted numpy array of the indexed hashes
+    _unhashed: dict = field(default_factory=dict)  # key -> _Entry added since the last find (not in _by_hash yet)
 
     def __post_init__(self):
         if not _is_int(self.min_len) or self.min_len < 1:
             raise ValueError(f"min_len must be a positive int, got {self.min_len!r}")
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return len(self._by_key) + len(self._unhashed)
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._by_key
+        return key in self._by_key or key in self._unhashed
 
     def add(self, key: Hashable, tokens: Sequence[int], ns: Hashable = "") -> bool:
-        import numpy as np
-
         if len(tokens) < self.min_len:
             return False
         self.remove(key)
-        arr = np.asarray(tokens, dtype=np.int64).copy()
-        h = int(window_hashes(arr[: self.min_len], self.min_len)[0])
         self._counter += 1
-        entry = _Entry(key, arr, ns, self._counter)
-        self._by_hash.setdefault(h, []).append(entry)
-        self._by_key[key] = (entry, h)
-        self._hash_array = None
+        self._unhashed[key] = _Entry(key, tokens, ns, self._counter)
         return True
 
+    def _hash_added(self) -> None:
+        import numpy as np
+
+        for key, entry in self._unhashed.items():
+            entry.tokens = np.asarray(entry.tokens, dtype=np.int64).copy()
+            h = int(window_hashes(entry.tokens[: self.min_len], self.min_len)[0])
+            self._by_hash.setdefault(h, []).append(entry)
+            self._by_key[key] = (entry, h)
+        self._unhashed.clear()
+        self._hash_array = None
+
     def remove(self, key: Hashable) -> bool:
+        if self._unhashed.pop(key, None) is not None:
+            return True
         item = self._by_key.pop(key, None)
         if item is None:
             return False
@@ -342,15 +350,18 @@ class SegmentDetector:
     def clear(self) -> None:
         self._by_hash.clear()
         self._by_key.clear()
+        self._unhashed.clear()
         self._hash_array = None
 
     def keys(self) -> Iterable[Hashable]:
-        return self._by_key.keys()
+        return [*self._by_key, *self._unhashed]
 
     def find(self, prompt: Sequence[int], ns: Hashable = "", *, start: int = 0, end: Optional[int] = None) -> list[Detection]:
         """Occurrences of indexed segments in ``prompt[start:end]`` (positions are absolute)."""
         import numpy as np
 
+        if self._unhashed:
+            self._hash_added()
         if not self._by_key:
             return []
         p = np.asarray(prompt, dtype=np.int64)
