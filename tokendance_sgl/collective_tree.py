@@ -60,7 +60,7 @@ from tokendance_sgl.bases import CanonicalBases
 from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.faults import Faults
-from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, MasterRun, RowShape
+from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, RowShape
 from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, check_ledger
 from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
@@ -386,20 +386,20 @@ class CollectiveTree(RadixCache):
         segments it reads until it is released. Returns None when the pool cannot provide the private slots (nothing
         changed)."""
         st, key = state_of(req), id(req.kv)
+        shape = pieces if isinstance(pieces, RowShape) else self.diff.plan(pieces)
         rec = self.diff.record(key)
-        already = {id(s) for s in rec.segs()} if rec is not None else set()
-        pinned: list = []
-        for p in (pieces.pieces if isinstance(pieces, RowShape) else pieces):
-            if isinstance(p, MasterRun) and len(p) and id(p.seg) not in already and all(p.seg is not q for q in pinned):
-                self.store.lock(p.seg)  # before allocating: allocation may evict
-                pinned.append(p.seg)
+        already = {id(s) for s in rec.segs()} if rec is not None else ()
+        locked: list = []
         built = None
         try:
-            built = self.diff.build_row(key, start_pos, pieces, agent=agent, owner=req.kv)
+            for s in shape.segs:  # the segments the row reads, locked before allocating (allocation may evict)
+                if id(s) not in already:
+                    self.store.lock(s)
+                    locked.append(s)
+            built = self.diff.build_row(key, start_pos, shape, agent=agent, owner=req.kv)
         finally:
-            used = {id(s) for s in built.segs} if built is not None else set()
-            for s in pinned:
-                if id(s) in used:
+            for s in locked:
+                if built is not None:
                     s.row_refs += 1
                     s.rows_served += 1
                     st.reads.append(s)

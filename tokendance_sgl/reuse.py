@@ -138,6 +138,7 @@ class RegionTemplate:
     tails: list  # (copy, row): a copy's last token, computed by the first row that reads it while it is pending
     recomputed: int  # recomputed positions among the reused tokens
     shape: Optional[RowShape] = None  # the diff allocator's plan, set by the first composition
+    checked: tuple = ()  # (store epoch, round) of its last full check, when every node it reads is strong
 
 
 def _template_key(layout: RowLayout, positions: PositionMap) -> tuple:
@@ -149,12 +150,18 @@ def _template_key(layout: RowLayout, positions: PositionMap) -> tuple:
 
 
 def _still_valid(store: SegmentStore, tmpl: RegionTemplate) -> bool:
-    """Whether every node the template reads is still the store's, with valid KV (copies then count as used now)."""
+    """Whether every node the template reads is still the store's, with valid KV (copies then count as used now). A
+    strong node keeps its KV until it is dropped, and a drop steps the store's epoch: a template of strong nodes
+    checked at this epoch and round holds without a look."""
+    if tmpl.checked == (store.epoch, store.current_round):
+        return True
     if not all(store.get(m.key) is m and store.has_kv(m) for m in tmpl.masters):
         return False
     for m in tmpl.masters:
         if m.copy_of is not None:
             m.round = max(m.round, store.current_round)  # as a lookup by master_copies would
+    if all(m.strong for m in tmpl.masters):
+        tmpl.checked = (store.epoch, store.current_round)
     return True
 
 

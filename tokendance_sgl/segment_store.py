@@ -354,44 +354,63 @@ class SegmentStore:
         for seg, *_ in todo.values():
             self.lock(seg)  # the allocation below may evict
             sources.append(seg)
-        # an incomplete master (one token short) gets its last slot too, filled with the previous token's K/V one
-        # position on until a row computes it
-        tails = [int(seg.kv_len == len(seg.tokens) - 1) for seg, *_ in todo.values()]
-        sizes = [seg.kv_len + t for (seg, *_), t in zip(todo.values(), tails)]
-        spans = [-(-(align + n) // ps) * ps for (_, _, align, _), n in zip(todo.values(), sizes)]  # whole pages
-        slots = self._alloc(sum(spans))
-        if slots is None:
-            return out
-        slots = slots.to(torch.int64)
-        blocks = torch.split(slots, spans)
-        parts = [blk[align : align + n] for blk, (_, _, align, _), n in zip(blocks, todo.values(), sizes)]
-        src = torch.cat([torch.cat([seg.master, seg.master[-1:]]) if t else seg.master
-                         for (seg, *_), t in zip(todo.values(), tails)])
-        delta = torch.cat([torch.full((n,), anchor - seg.anchor, dtype=torch.int64) + (torch.arange(n) == n - 1) * t
-                           for (seg, anchor, _, _), n, t in zip(todo.values(), sizes, tails)]).to(slots.device)
-        try:
-            self.rerotate(src, torch.cat(parts), delta)
-        except BaseException:  # nothing registered yet: the fresh slots go back (the caller unlocks `pinned`)
-            self._free_pages(self.ledger.pages_of(slots))
-            raise
-        hosts = np.split(to_host(slots, torch.int64), np.cumsum(spans)[:-1])
-        for (key, (seg, anchor, align, idx)), part, host, n, t in zip(todo.items(), parts, hosts, sizes, tails):
-            stale = self._nodes.get(key)
-            if stale is not None and stale.lock_ref == 0:
-                self.drop(stale)
-            node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=anchor, round=self.current_round,
-                               agent=seg.agent, strong=True, master=part.clone(), host=host[align : align + n].copy(),
-                               pages=self.ledger.pages_of(host), copy_of=seg.copy_of or seg.key, tail_pending=bool(t))
-            node.used_round = self.current_round
-            self._hold(node)
-            self._nodes[key] = node  # no epoch step: a plan reads the base segments only, never their copies
-            self.counters["master_copies"] += 1
-            self.counters["rotated_tokens"] += n
-            self.counters["copy_pad_slots"] += host.size - n
+        made = self._make_copies(list(todo.items()))
+        for (seg, _, _, idx), node in zip(todo.values(), made or ()):
             self._pin(node, pinned)
             for i in idx:
                 out[i] = node
         return out
+
+    def _make_copies(self, todo: list) -> Optional[list]:
+        """Makes the copies ``todo`` names (``(key, (segment, anchor, align, _))``): one allocation, one batched copy
+        and re-rotation, one ledger update. Returns the new nodes (None: the pool has no room)."""
+        ps = self.page_size
+        segs = [seg for _, (seg, *_) in todo]
+        # an incomplete master (one token short) gets its last slot too, filled with the previous token's K/V one
+        # position on until a row computes it
+        tails = np.array([int(seg.kv_len == len(seg.tokens) - 1) for seg in segs], dtype=np.int64)
+        sizes = np.array([seg.kv_len for seg in segs], dtype=np.int64) + tails
+        aligns = np.array([align for _, (_, _, align, _) in todo], dtype=np.int64)
+        spans = -(-(aligns + sizes) // ps) * ps  # whole pages
+        slots = self._alloc(int(spans.sum()))
+        if slots is None:
+            return None
+        block = to_host(slots, torch.int64)  # the fresh slots, read once
+        first = np.cumsum(sizes) - sizes  # each copy's first token among all copies' tokens
+        starts = np.cumsum(spans) - spans  # each copy's block in the allocation
+        at = np.repeat(starts + aligns - first, sizes) + np.arange(int(sizes.sum()))
+        dst = block[at]  # token i of a copy: slot `align + i` of its block
+        src = np.concatenate([np.append(seg.host, seg.host[-1]) if t else seg.host for seg, t in zip(segs, tails)])
+        delta = np.repeat(np.array([anchor - seg.anchor for _, (seg, anchor, _, _) in todo], dtype=np.int64), sizes)
+        delta[first + sizes - 1] += tails  # a stand-in last token: the previous token's K one position on
+        dev = slots.device
+        dst_dev = torch.from_numpy(dst).to(dev)
+        try:
+            self.rerotate(torch.from_numpy(src).to(dev), dst_dev, torch.from_numpy(delta).to(dev))
+        except BaseException:  # nothing registered yet: the fresh slots go back (the caller unlocks its pins)
+            self._free_pages(self.ledger.pages_of(block))
+            raise
+        made, pages = [], []
+        for j, (key, (seg, anchor, _, _)) in enumerate(todo):
+            a, n = int(first[j]), int(sizes[j])
+            stale = self._nodes.get(key)
+            if stale is not None and stale.lock_ref == 0:
+                self.drop(stale)
+            b = int(starts[j])
+            node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=anchor, round=self.current_round,
+                               agent=seg.agent, strong=True, master=dst_dev[a : a + n], host=dst[a : a + n],
+                               pages=self.ledger.pages_of(block[b : b + int(spans[j])]), copy_of=seg.copy_of or seg.key,
+                               tail_pending=bool(tails[j]), holding=True)
+            node.used_round = self.current_round
+            pages.append(node.pages)
+            self._nodes[key] = node  # no epoch step: a plan reads the base segments only, never their copies
+            made.append(node)
+        self.ledger.hold_seg(np.concatenate(pages))  # the copies' blocks are whole pages of one allocation
+        self.n_holding += len(made)
+        self.counters["master_copies"] += len(made)
+        self.counters["rotated_tokens"] += int(sizes.sum())
+        self.counters["copy_pad_slots"] += int((spans - sizes).sum())
+        return made
 
     def _pin(self, seg: SegmentNode, pinned: Optional[list]) -> None:
         if pinned is not None:
