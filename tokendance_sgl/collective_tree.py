@@ -220,8 +220,11 @@ class CollectiveTree(RadixCache):
             node = node.parent
         return turning
 
+    # A node's ancestors hold at least its lock count: a lock of a locked node (an unlock of a node held twice) turns
+    # no node on the path, and the ledger does not change.
     def inc_lock_ref(self, node: TreeNode) -> IncLockRefResult:
-        if self.disable:
+        if self.disable or node.lock_ref > 0:
+            super().inc_lock_ref(node)
             return IncLockRefResult(delta=0)
         turning, ev0 = self._lock_turning(node, 0), self.evictable_size()
         super().inc_lock_ref(node)
@@ -229,7 +232,8 @@ class CollectiveTree(RadixCache):
         return IncLockRefResult(delta=self.evictable_size() - ev0)
 
     def dec_lock_ref(self, node: TreeNode, params: Optional[DecLockRefParams] = None) -> DecLockRefResult:
-        if self.disable:
+        if self.disable or node.lock_ref > 1:
+            super().dec_lock_ref(node, params)
             return DecLockRefResult(delta=0)
         turning, ev0 = self._lock_turning(node, 1), self.evictable_size()
         super().dec_lock_ref(node, params)
