@@ -18,8 +18,9 @@ What it adds, in SGLang's own hooks:
 
 * ``match_prefix`` plans the request's segments and offers the rows up to the end of the last resident segment as
   SGLang's "host hit"; ``init_load_back`` (after ``PrefillAdder`` budgeted them) composes those rows from masters.
-  The composed region is the tree's (``load_back_is_cache_owned``): the live row holds its pages in the ledger, so
-  SGLang's positional ownership rule holds unchanged and its busy-mode memory check counts every slot once.
+  The composed region is the tree's (``load_back_is_cache_owned``): the live row holds its fresh pages in the ledger
+  and locks the segments whose masters it reads, so SGLang's positional ownership rule holds unchanged and its
+  busy-mode memory check counts every slot once.
 * ``checkpoint`` inserts the whole row -- composed region included -- like any row, so an agent's next turn or round
   continues from it (persistent agent caches). A row that read approximate KV (any policy but ``full``) is inserted
   under its policy's **namespace** (``RadixKey.extra_key`` ``"td:<policy>"``, after the request's own extra key):
@@ -220,8 +221,7 @@ class CollectiveTree(RadixCache):
             node = node.parent
         return turning
 
-    # A node's ancestors hold at least its lock count: a lock of a locked node (an unlock of a node held twice) turns
-    # no node on the path, and the ledger does not change.
+    # A node's ancestors hold at least its lock count: locking a locked node (unlocking one held twice) turns no node.
     def inc_lock_ref(self, node: TreeNode) -> IncLockRefResult:
         if self.disable or node.lock_ref > 0:
             super().inc_lock_ref(node)
@@ -373,7 +373,7 @@ class CollectiveTree(RadixCache):
         return build_row(self, req, layout)
 
     def load_back_is_cache_owned(self) -> bool:
-        return True  # the composed region is the tree's: the live row holds its pages in the ledger
+        return True  # the composed region is the tree's: the live row holds its pages (or locks their segments)
 
     def prefix_device_indices(self, req: Any) -> torch.Tensor:
         extra = state_of(req).host_slots
@@ -386,8 +386,8 @@ class CollectiveTree(RadixCache):
     def compose_row(self, req: Any, start_pos: int, pieces: Sequence[Any] | RowShape, *, agent: Optional[int] = None
                     ) -> Optional[BuiltRow]:
         """Builds the slots of ``req``'s row positions ``[start_pos, ...)`` from master runs and new runs (diff
-        allocator; ``pieces`` may be given as their plan). The live row holds every page of them and locks the
-        segments it reads until it is released. Returns None when the pool cannot provide the private slots (nothing
+        allocator; ``pieces`` may be given as their plan). The live row holds their fresh pages and locks the
+        segments whose masters it reads until it is released. Returns None when the pool cannot provide the private slots (nothing
         changed)."""
         st, key = state_of(req), id(req.kv)
         shape = pieces if isinstance(pieces, RowShape) else self.diff.plan(pieces)
@@ -409,8 +409,8 @@ class CollectiveTree(RadixCache):
                     st.reads.append(s)
                 else:
                     self.store.unlock(s)
-        if built is not None:
-            self._hold_row(st, key, built.host)  # the composed slots on the host: no device read
+        if built is not None:  # its fresh slots (on the host: no device read); its segment locks protect the masters
+            self._hold_row(st, key, built.host[built.private_positions])
             self.stats.counters["cow_pages"] += built.copied_pages
             self.stats.counters["cow_tokens"] += built.copies
         return built

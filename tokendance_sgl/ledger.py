@@ -6,8 +6,9 @@ stock SGLang. A page the tree keeps has one or more **holders**, counted here pe
 
 * ``r`` -- radix nodes whose value contains the page (``rl``: the locked ones among them);
 * ``s`` -- segment nodes holding their master pages (``sl``: the locked ones);
-* ``w`` -- live request rows holding the region composed for them at admission (master pages they read, their diff
-  slots and the text between segments). A live row is always protected.
+* ``w`` -- live request rows holding the fresh pages of the region composed for them at admission (their diff slots
+  and the text between segments). A live row is always protected; the master pages it reads are protected by its
+  locks on their segments (``sl``), which it keeps until it is released.
 
 ``tot`` counts the holders of a page and ``lk`` its locked holders (``rl + sl + w``); ``rl`` and ``sl`` have no array
 of their own: a radix path locks and unlocks whole at every admission and release, so a lock touches one array.

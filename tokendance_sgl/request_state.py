@@ -154,7 +154,7 @@ class RequestState:
     host_slots: Optional[torch.Tensor] = None
     # the pre-pass work of the composed region (worker side)
     row_plan: Optional[RowPlan] = None
-    # pages the live row holds in the ledger (every page of its composed region)
+    # pages the live row holds in the ledger (the fresh pages of its composed region; `reads` covers the masters)
     held_pages: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     # segments the live row reads (each locked once for the row's life)
     reads: list = field(default_factory=list)
