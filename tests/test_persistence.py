@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tokendance_sgl  # noqa: F401
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from tokendance_sgl.position_map import PathPositions, PositionMap, shift_batch
@@ -112,6 +112,33 @@ def test_master_is_freed_only_when_its_last_holder_lets_go():
     held = sim.tree.ledger.held_mask(master.numpy())
     assert held[4:].all(), "the agent's path holds the master slots it reads (past the sink tokens)"
     sim.check()
+    sim.tree.evict(EvictParams(num_tokens=10_000))
+    assert sim.alloc.available_size() == sim.total
+    sim.check()
+
+
+def test_a_live_row_holds_its_fresh_pages_and_locks_the_segments_it_reads():
+    """Between composition and the row's insert nothing but the row's segment locks keeps the masters it reads: an
+    eviction of everything else leaves them resident; the row holds only its fresh pages in the ledger."""
+    sim = Sim(ps=1, pool_tokens=256)
+    out0 = T(9, 500)
+    produce(sim, T(6, 100), out0, round_=0, agent=0, out="r0/a0")
+    prompt = T(6, 1000) + out0 + T(3, 70)
+    req = sim.make(prompt, tbl(round_=1, agent=1, spans=[("r0/a0", 6, 15)], out="r1/a1"))
+    req.init_next_round_input(sim.tree)
+    sim.pool.alloc([req])
+    loaded, _ = sim.tree.init_load_back(InitLoadBackParams(best_match_node=req.best_match_node,
+                                                           host_hit_length=req.host_hit_length, req=req))
+    assert loaded and req.td.composed and req.td.reads
+    rec = sim.tree.diff.record(id(req.kv))
+    master_slots = np.concatenate([r.slots for r in rec.refs])
+    assert not np.isin(master_slots, req.td.held_pages).any()  # the row holds its fresh slots only
+    sim.tree.evict(EvictParams(num_tokens=10_000))  # the producer's path and every unlocked segment may go
+    assert sim.tree.ledger.held_mask(master_slots).all() and sim.tree.ledger.prot_mask(master_slots).all()
+    assert all(sim.tree.store.has_kv(s) for s in req.td.reads)
+    sim.check()
+    sim.pool.free(req)
+    sim.tree.on_release(req, checkpointed=False)
     sim.tree.evict(EvictParams(num_tokens=10_000))
     assert sim.alloc.available_size() == sim.total
     sim.check()

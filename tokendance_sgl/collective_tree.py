@@ -114,7 +114,7 @@ class CollectiveTree(RadixCache):
         self.collector = self.collector_class(self)
         self.rope: Optional[RopeSpec] = None  # set by build_collective_tree from the loaded model
         self._live: dict[int, RequestState] = {}  # id(req.kv) -> state of every live composed row
-        self._inserting: Optional[tuple] = None  # (position map, master runs) of the row a checkpoint is inserting
+        self._inserting: Optional[tuple] = None  # (state, diff record) of the row a checkpoint is inserting
         self.templates: OrderedDict = OrderedDict()  # region compositions shared by a round's rows (reuse.py)
         self.tp_size = 1  # set by build_collective_tree
         super().__init__(dataclasses.replace(params, token_to_kv_pool_allocator=self.pool))  # calls reset()
@@ -197,7 +197,8 @@ class CollectiveTree(RadixCache):
         prefix_len, last = super()._insert_helper(node, key, value, priority, inserted_len)
         if self.evictable_size_ != before:  # the stock helper created exactly one new leaf: `last`
             self.radix_holds.add(last)
-            self.path_positions.record(last, prefix_len, *(self._inserting or (None, ())))
+            st, rec = self._inserting or (None, None)  # the row's position map and master runs go with the node
+            self.path_positions.record(last, prefix_len, st.positions if st else None, st.master_runs(rec) if st else ())
         return prefix_len, last
 
     def _split_node(self, key, child, split_len):
@@ -480,7 +481,7 @@ class CollectiveTree(RadixCache):
             return
         st = state_of(req)
         extra = req.extra_key
-        self._inserting = (st.positions, st.master_runs(self.diff.record(id(req.kv))))
+        self._inserting = (st, self.diff.record(id(req.kv)))
         if st.namespace is not None:  # an approximate row goes under its policy's namespace (stock insert)
             req.extra_key = st.namespace
         try:
