@@ -222,9 +222,8 @@ class CollectiveTree(RadixCache):
             node = node.parent
         return turning
 
-    # A node's ancestors hold at least its lock count: locking a locked node (unlocking one held twice) turns no node.
     def inc_lock_ref(self, node: TreeNode) -> IncLockRefResult:
-        if self.disable or node.lock_ref > 0:
+        if self.disable or node.lock_ref > 0:  # its ancestors are locked at least as often: none turns on
             super().inc_lock_ref(node)
             return IncLockRefResult(delta=0)
         turning, ev0 = self._lock_turning(node, 0), self.evictable_size()
@@ -233,7 +232,7 @@ class CollectiveTree(RadixCache):
         return IncLockRefResult(delta=self.evictable_size() - ev0)
 
     def dec_lock_ref(self, node: TreeNode, params: Optional[DecLockRefParams] = None) -> DecLockRefResult:
-        if self.disable or node.lock_ref > 1:
+        if self.disable or node.lock_ref > 1:  # and none of them turns off
             super().dec_lock_ref(node, params)
             return DecLockRefResult(delta=0)
         turning, ev0 = self._lock_turning(node, 1), self.evictable_size()
