@@ -295,10 +295,10 @@ class CollectiveTree(RadixCache):
         if early is not None and not early.holds(params.key, self._evictions):
             early = None
         res = early.result if early is not None else super().match_prefix(params)
+        if continued:
+            return res  # planned at admission
         try:
             self.plan_for(req)
-            if continued:
-                return res  # planned at admission
             st = state_of(req)
             if early is not None:  # the collective step's match still holds
                 self.stats.counters["matches_shared"] += 1
