@@ -141,49 +141,52 @@ class PageLedger:
 
     def _change(self, pages: np.ndarray, kind: str, delta: int, *, distinct: bool = False) -> np.ndarray:
         """Adds ``delta`` holders (or locks) of ``kind`` to ``pages``; returns the pages no one holds any more.
-        ``distinct``: the caller knows ``pages`` has no repeated page (the check is skipped)."""
+        ``distinct``: the caller knows ``pages`` are distinct page ids (>= 0; the checks are skipped)."""
         if pages.size == 0:
             return pages
         top = int(pages.max())
-        if pages.min() < 0:
-            raise ValueError("negative page id")
-        self._grow(top)
-        if distinct or self._distinct.check(pages, top):
-            step = delta
-        else:  # each page once, with its multiplicity as the delta
-            pages, times = np.unique(pages, return_counts=True)
-            step = times.astype(np.int32) * delta
+        if top >= self.tot.size:
+            self._grow(top)
+        step = delta
+        if not distinct:
+            if pages.min() < 0:
+                raise ValueError("negative page id")
+            if not self._distinct.check(pages, top):  # each page once, with its multiplicity as the delta
+                pages, times = np.unique(pages, return_counts=True)
+                step = times.astype(np.int32) * delta
         holds, locks = _KINDS[kind]
-        if holds:  # a holder kind: its own count array, then the holder total
+        freed = pages[:0]
+        if holds:  # a holder kind: its own count array, then the holder total (only the counts that change are read)
             arr = getattr(self, kind)
             after = arr[pages] + step
-            if delta < 0 and (after < 0).any():
+            if delta < 0 and after.min() < 0:
                 raise AssertionError(f"page ledger underflow in {kind}")
             arr[pages] = after
-        freed = pages[:0]
-        if holds:  # only the counts that change are read
-            self.n_held += self._moved(self.tot, pages, step, delta)
-            if delta < 0:
-                freed = pages[self.tot[pages] == 0]
-                if freed.size:
-                    self.gen[freed] += 1
+            moved, dead = self._moved(self.tot, pages, step, delta)
+            self.n_held += moved
+            if dead is not None:
+                freed = pages[dead]
+                self.gen[freed] += 1
         if locks:  # a lock kind has no array of its own: its underflow shows in the lock total
-            self.n_prot += self._moved(self.lk, pages, step, delta, None if holds else kind)
+            self.n_prot += self._moved(self.lk, pages, step, delta, None if holds else kind)[0]
         return freed
 
     @staticmethod
-    def _moved(counts: np.ndarray, pages: np.ndarray, step, delta: int, check: Optional[str] = None) -> int:
-        """Adds ``step`` to ``counts[pages]``; returns how many pages went from 0 to > 0 (minus those that went to 0).
-        ``check``: the kind whose underflow a negative count means (raises AssertionError)."""
+    def _moved(counts: np.ndarray, pages: np.ndarray, step, delta: int, check: Optional[str] = None) -> tuple:
+        """Adds ``step`` to ``counts[pages]``; returns how many pages went from 0 to > 0 (minus those that went to 0)
+        and the mask of those that went to 0 (None: none did). ``check``: the kind whose underflow a negative count
+        means (raises AssertionError)."""
         before = counts[pages]
         after = before + step
         if delta > 0:
             counts[pages] = after
-            return int(np.count_nonzero(before == 0))
-        if check is not None and (after < 0).any():
+            return int(np.count_nonzero(before == 0)), None
+        if check is not None and after.min() < 0:
             raise AssertionError(f"page ledger underflow in {check}")
         counts[pages] = after
-        return -int(np.count_nonzero(after == 0))
+        dead = after == 0
+        n = int(np.count_nonzero(dead))
+        return -n, (dead if n else None)
 
     # radix holders
     def add_radix(self, pages, *, distinct: bool = False):
