@@ -62,10 +62,10 @@ from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, RowShape
+from tokendance_sgl.early_match import EarlyMatch
 from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, check_ledger
 from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
-from tokendance_sgl.early_match import EarlyMatch
 from tokendance_sgl.request_state import RequestState, SegmentPlan, state_of
 from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
@@ -198,7 +198,7 @@ class CollectiveTree(RadixCache):
         if self.evictable_size_ != before:  # the stock helper created exactly one new leaf: `last`
             self.radix_holds.add(last)
             st, rec = self._inserting or (None, None)  # the row's position map and master runs go with the node
-            self.path_positions.record(last, prefix_len, st.positions if st else None, st.master_runs(rec) if st else ())
+            self.path_positions.record(last, prefix_len, *((st.positions, st.master_runs(rec)) if st else (None, ())))
         return prefix_len, last
 
     def _split_node(self, key, child, split_len):
@@ -387,8 +387,8 @@ class CollectiveTree(RadixCache):
                     ) -> Optional[BuiltRow]:
         """Builds the slots of ``req``'s row positions ``[start_pos, ...)`` from master runs and new runs (diff
         allocator; ``pieces`` may be given as their plan). The live row holds their fresh pages and locks the
-        segments whose masters it reads until it is released. Returns None when the pool cannot provide the private slots (nothing
-        changed)."""
+        segments whose masters it reads until it is released. Returns None when the pool cannot provide the private
+        slots (nothing changed)."""
         st, key = state_of(req), id(req.kv)
         shape = pieces if isinstance(pieces, RowShape) else self.diff.plan(pieces)
         rec = self.diff.record(key)

@@ -282,7 +282,7 @@ class Detection:
 @dataclass
 class _Entry:
     key: Hashable
-    tokens: Any  # numpy int64 array
+    tokens: Any  # numpy int64 array once hashed (until then the caller's sequence: the store passes its own copy)
     ns: Hashable
     order: int
 
