@@ -32,7 +32,8 @@ __all__ = ["TreeStats", "COUNTERS", "pool_bytes_per_token"]
 # segment computed as a plain extend through the configured attention backend (the lead, part of the pre-pass); pages
 # copied on write (page_size > 1: a row page mixing master tokens with the row's own) and the master tokens copied;
 # selections left unmeasured because the pool had no room for the probe (those segments keep their static positions);
-# rows composed from the plan of an earlier row of their round and base (reuse.RegionTemplate).
+# rows composed from the plan of an earlier row of their round and base (reuse.RegionTemplate); admissions that took
+# the collective step's prefix match instead of matching again (early_match.EarlyMatch).
 COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens", "composed_private_slots",
             "load_back_fallbacks", "paths_inserted", "collect_steps", "collect_copy_calls", "probe_tokens",
             "probe_token_layers", "selections", "selections_shared", "privatized_tokens", "tails_computed", "rollbacks",

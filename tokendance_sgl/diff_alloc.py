@@ -3,9 +3,10 @@
 A composed region is a sequence of pieces (:mod:`tokendance_sgl.row_shape`: :class:`MasterRun`, master slots
 minus the offsets recomputed for this row; :class:`NewRun`, fresh slots for text the pre-pass computes), planned
 once into a :class:`RowShape`. :meth:`DiffAllocator.build_row` returns the region's slots and records, per row, the
-**master references**: half-open row-position intervals whose slots are a segment's. Every other slot of the region is the row's own
-(**diff** slots of recomputed tokens, slots of new tokens). The cache makes the live row a holder of every page of
-the region in the page ledger (:mod:`tokendance_sgl.ledger`), so who frees a slot is decided there, not here.
+**master references**: half-open row-position intervals whose slots are a segment's. Every other slot of the region
+is the row's own (**diff** slots of recomputed tokens, slots of new tokens). The cache makes the live row a holder of
+those fresh pages in the page ledger (:mod:`tokendance_sgl.ledger`) and locks the segments whose masters it reads,
+so who frees a slot is decided there, not here.
 
 Page granularity (``page_size > 1``): a row page -- row positions ``[k*page_size, (k+1)*page_size)``, which
 always map onto one pool page -- is either entirely a master page (all its positions reference the same master page
@@ -88,7 +89,7 @@ class BuiltRow:
     slots: torch.Tensor  # slot per row position of the built span, on the allocator's device
     segs: list  # distinct segments the span references (the caller locks them once each)
     private_tokens: int  # slots allocated for the span (whole pages when page_size > 1)
-    private_positions: np.ndarray  # offsets (within the span) of the positions with private slots
+    private_positions: np.ndarray  # offsets (within the span) of the positions with private slots (read-only)
     copies: int  # master tokens copied into copy-on-write pages
     copied_pages: int = 0  # copy-on-write pages (pages that received master tokens)
     host: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # ``slots`` on the host, as composed
@@ -295,7 +296,7 @@ class DiffAllocator:
         on a page boundary and row pages that would mix sources are copied on write as whole pages (see the module
         docstring). ``pieces`` may be given as their :meth:`plan` (rows of the same pieces share one). Returns None
         (and changes nothing) when the allocator cannot provide the private slots.
-        The caller writes ``BuiltRow.slots`` into the row, holds its pages and locks ``BuiltRow.segs``.
+        The caller writes ``BuiltRow.slots`` into the row, holds its private pages and locks ``BuiltRow.segs``.
         """
         page_size = self.page_size
         if page_size > 1 and start_pos % page_size != 0:
@@ -316,7 +317,7 @@ class DiffAllocator:
         rec.end = max(rec.end, start_pos + len(shape.src))
         dev = fresh.device if fresh.numel() else getattr(self.allocator, "device", "cpu")
         return BuiltRow(slots=torch.from_numpy(out).to(dev), segs=list(shape.segs), private_tokens=shape.n_alloc,
-                        private_positions=shape.private_positions.copy(), copies=copies, copied_pages=copied_pages,
+                        private_positions=shape.private_positions, copies=copies, copied_pages=copied_pages,
                         host=out, shape=shape)
 
     def _fill_private(self, src, reuse, private, private_positions, priv_pages, fresh) -> tuple[np.ndarray, int, int]:
