@@ -19,11 +19,14 @@ def register_all() -> None:
         segment_validation.register_hooks()
     else:
         # Scheduler (and detokenizer) processes. The forward hooks act only on requests carrying a row plan.
-        from tokendance_sgl.patches import (collective_round, cpu_extend_attention, metrics, positions,
-                                            prepass_budget, recompute_prepass, segment_admission)
+        from tokendance_sgl.patches import (collective_round, cpu_extend_attention, lead_admission,
+                                            lead_continuation, metrics, positions, prepass_budget,
+                                            recompute_prepass, segment_admission)
 
         segment_admission.register_hooks()
         prepass_budget.register_hooks()
+        lead_admission.register_hooks()
+        lead_continuation.register_hooks()
         metrics.register_hooks()
         collective_round.register_hooks()
         recompute_prepass.register_hooks()

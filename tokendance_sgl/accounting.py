@@ -33,12 +33,15 @@ __all__ = ["TreeStats", "COUNTERS", "pool_bytes_per_token"]
 # copied on write (page_size > 1: a row page mixing master tokens with the row's own) and the master tokens copied;
 # selections left unmeasured because the pool had no room for the probe (those segments keep their static positions);
 # rows composed from the plan of an earlier row of their round and base (reuse.RegionTemplate); admissions that took
-# the collective step's prefix match instead of matching again (early_match.EarlyMatch).
+# the collective step's prefix match instead of matching again (early_match.EarlyMatch); rows whose lead SGLang's
+# chunked prefill computed, their region composed when the chunk reached it, and such regions that could no longer
+# be planned there (lead_chunk).
 COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens", "composed_private_slots",
             "load_back_fallbacks", "paths_inserted", "collect_steps", "collect_copy_calls", "probe_tokens",
             "probe_token_layers", "selections", "selections_shared", "privatized_tokens", "tails_computed", "rollbacks",
             "prepass_fallbacks", "prepass_aborts", "prepass_forwards", "prepass_largest_forward", "prepass_lead_tokens",
-            "cow_pages", "cow_tokens", "probe_no_room", "compositions_shared", "matches_shared")
+            "cow_pages", "cow_tokens", "probe_no_room", "compositions_shared", "matches_shared",
+            "lead_chunks", "lead_regions_lost")
 
 _PREFILL_KEYS = ("extend_tokens", "prepass_tokens", "probe_tokens", "computed_tokens", "token_layers")
 

@@ -170,6 +170,9 @@ class RequestState:
     table: Optional[tuple] = None
     # the prefix match the collective step made while it waited (taken at admission while it holds)
     early: Optional[EarlyMatch] = None
+    # the row its prefill was cut at so that SGLang's chunked prefill computes its lead; its region is composed when
+    # the chunk reaches it (tokendance_sgl.lead_chunk; 0: none)
+    lead_cut: int = 0
 
     @property
     def composed(self) -> bool:
@@ -192,6 +195,7 @@ class RequestState:
         self.namespace = None
         self.match_ns = None
         self.early = None
+        self.lead_cut = 0
 
 
 def state_of(req: Any) -> RequestState:
