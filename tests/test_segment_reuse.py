@@ -304,3 +304,51 @@ def test_the_collective_step_pays_selection_once_per_segment(exact_run, td_repla
     end = pic_replay["stats_end"]
     assert end["rows"] == 0 and end["available_size"] + end["evictable_size"] + end["protected_size"] == end[
         "max_total_num_tokens"]
+
+
+LEAD_CHUNK, LEAD, LEAD_PAGE = 256, 300, 4
+
+
+def _with_lead(body: dict, lead: list) -> dict:
+    """``body`` with ``lead`` tokens in front of its prompt (segment spans and scored positions moved with it)."""
+    out = json.loads(json.dumps(body))
+    out["input_ids"] = list(lead) + out["input_ids"]
+    cp = out["sampling_params"]["custom_params"]
+    cp["td_seg_starts"] = [s + len(lead) for s in cp["td_seg_starts"]]
+    cp["td_seg_ends"] = [e + len(lead) for e in cp["td_seg_ends"]]
+    out["logprob_start_len"] += len(lead)
+    return out
+
+
+def test_a_long_lead_is_prefilled_by_sglangs_chunks_then_the_region_is_composed(own_server, server_factory,
+                                                                                 exact_run, record_property):
+    """Round 1's prompts behind 300 uncached tokens of their own, on a server with ``--chunked-prefill-size 256`` and
+    ``--page-size 4``: each region's pre-pass cannot fit a chunk, so SGLang's chunked prefill computes the text
+    before it (the lead) up to the region's first page, and the region is composed when the chunk reaches it
+    (``lead_chunks``; the pre-pass computes at most the lead's last partial page). Every pre-pass forward stays
+    within the chunk, the policy keeps its fidelity against exact prefill of the same prompts, and nothing leaks."""
+    url = own_server("tokendance", "--chunked-prefill-size", str(LEAD_CHUNK), "--page-size", str(LEAD_PAGE)).base_url
+    rounds = exact_run.rounds
+    _post_round(url, [_payload(a) for a in rounds[0].agents])  # registers the round's outputs as segments
+    lead = (list(rounds[0].agents[0].input_ids) + list(rounds[0].agents[1].input_ids))[::-1][:LEAD]  # no path has it
+    bodies = [_with_lead(_payload(a, policy="sink:2", keep_out_seg=False), lead) for a in rounds[1].agents]
+    exact_url = server_factory("radix", "--disable-radix-cache").base_url
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        refs = list(pool.map(lambda b: _post_generate(exact_url, b, 1800.0)[0], bodies))
+    before = _stats(url)
+    got = _post_round(url, bodies)
+    s = _stats(url)
+    d = _delta(before, s)
+    assert d["lead_chunks"] == N_AGENTS and d["lead_regions_lost"] == 0, d  # every region waited for its lead
+    assert d["prepass_lead_tokens"] < LEAD_PAGE * N_AGENTS, d  # SGLang's chunks computed the lead's whole pages
+    assert d["rows_composed"] == N_AGENTS and d["reused_tokens"] > 0 and d["cow_pages"] > 0, d
+    assert 0 < s["prepass_largest_forward"] <= LEAD_CHUNK, s
+    for a, body in zip(rounds[1].agents, got):  # the reused segment tokens count as cached
+        assert body["meta_info"]["cached_tokens"] >= sum(e - s_ for _, s_, e in a.segments) // 2, body["meta_info"]
+    f = compare_responses(refs, got, n=MAX_NEW).as_dict()
+    print(f"\nlong lead, page size {LEAD_PAGE}: fidelity {f}; counters {d}")
+    record_property("long_lead", json.dumps({"fidelity": f, "counters": d}))
+    min_top1, max_kl = THRESHOLDS["sink:2"]
+    assert f["top1"] >= min_top1 and f["kl"] <= max_kl, f
+    assert s["rows"] == 0 and s["available_size"] + s["evictable_size"] + s["protected_size"] == \
+        s["max_total_num_tokens"], s

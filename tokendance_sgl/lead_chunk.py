@@ -22,12 +22,15 @@ no room) is prefilled by SGLang like the rest of the prompt.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tokendance_sgl.request_state import state_of
 from tokendance_sgl.reuse import plan_layout, prepass_tokens
 
 __all__ = ["lead_cut", "compose_after_lead"]
+
+logger = logging.getLogger(__name__)
 
 
 def lead_cut(tree: Any, adder: Any, req: Any, has_chunked_req: bool) -> int:
@@ -51,9 +54,13 @@ def compose_after_lead(tree: Any, req: Any) -> int:
     from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
 
     st = state_of(req)
-    tree.plan_for(req)
-    limit = req._compute_max_prefix_len(len(req.full_untruncated_fill_ids))
-    layout = plan_layout(tree, req, req.prefix_len, limit, st.positions)
+    try:
+        tree.plan_for(req)
+        limit = req._compute_max_prefix_len(len(req.full_untruncated_fill_ids))
+        layout = plan_layout(tree, req, req.prefix_len, limit, st.positions)
+    except Exception:  # planning is advisory; never take the scheduler down
+        logger.exception("tokendance: planning the region of request %s after its lead failed", req.rid)
+        layout = None
     if layout is None:
         tree.stats.counters["lead_regions_lost"] += 1
         return 0
