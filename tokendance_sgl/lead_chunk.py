@@ -7,7 +7,8 @@ step's chunk rides the pre-pass (its first forward, a plain extend budgeted with
 SGLang:
 
 1. **At admission** (:func:`lead_cut`, asked from ``PrefillAdder.add_one_req``) the request is admitted without its
-   host hit, and its prefill is cut at the region's first whole page (``RequestState.lead_cut``). SGLang computes
+   host hit, and its prefill is cut at the start of the page holding the region's first token
+   (``RequestState.lead_cut``; the rest of that page, if any, stays in the pre-pass). SGLang computes
    the lead as its own extend, in as many chunks as its budget gives (each ends at the cut at the latest), and
    checkpoints it into the tree like any chunk.
 2. **At the cut** (:func:`compose_after_lead`, from ``PrefillAdder.add_chunked_req``) the region is planned again
@@ -15,8 +16,9 @@ SGLang:
    row, the request's prefix and ``cache_protected_len`` move past it, and its pre-pass is charged to the step's
    chunk. SGLang's chunked prefill goes on after the region.
 
-SGLang tracks one chunked request at a time: a request admitted while one is in flight (or after one was cut in the
-same step) keeps its lead in the pre-pass. A region that cannot be composed at the cut (a segment evicted meanwhile,
+SGLang tracks one chunked request at a time, and a cut ends the step's admissions as any truncated chunk does. While
+a request is being chunked, another one keeps its lead in the pre-pass if its region fits what is left of the chunk,
+and otherwise waits until it can be cut. A region that cannot be composed at the cut (a segment evicted meanwhile,
 no room) is prefilled by SGLang like the rest of the prompt.
 """
 
