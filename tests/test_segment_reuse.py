@@ -7,6 +7,7 @@ server, so both servers see identical prompts in every round.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -311,7 +312,7 @@ LEAD_CHUNK, LEAD, LEAD_PAGE = 256, 300, 4
 
 def _with_lead(body: dict, lead: list) -> dict:
     """``body`` with ``lead`` tokens in front of its prompt (segment spans and scored positions moved with it)."""
-    out = json.loads(json.dumps(body))
+    out = copy.deepcopy(body)
     out["input_ids"] = list(lead) + out["input_ids"]
     cp = out["sampling_params"]["custom_params"]
     cp["td_seg_starts"] = [s + len(lead) for s in cp["td_seg_starts"]]
