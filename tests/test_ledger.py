@@ -34,7 +34,7 @@ def test_split_of_a_loose_value_keeps_shared_pages_held_until_both_halves_go():
     holds.add(child)
     ledger.lock_radix(holds.pages(child))
     parent = _split(holds, child, 4, 2)
-    assert ledger.r[[2, 3]].tolist() == [2, 2] and ledger.lk[[2, 3]].tolist() == [2, 2]  # both halves locked
+    assert ledger.tot[[2, 3]].tolist() == [2, 2] and ledger.lk[[2, 3]].tolist() == [2, 2]  # both halves locked
     ledger.unlock_radix(holds.pages(parent))
     ledger.unlock_radix(holds.pages(child))
     assert holds.remove(child).size == 0  # the parent still holds pages 2 and 3
@@ -49,5 +49,5 @@ def test_split_of_whole_pages_moves_them():
     holds.add(child)
     parent = _split(holds, child, 4, 2)
     assert holds.pages(parent).tolist() == [2] and holds.pages(child).tolist() == [3]
-    assert np.array_equal(ledger.r[[2, 3]], [1, 1])
+    assert np.array_equal(ledger.tot[[2, 3]], [1, 1])
     assert holds.remove(child).tolist() == [3] and holds.remove(parent).tolist() == [2]

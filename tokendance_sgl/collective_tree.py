@@ -63,10 +63,10 @@ from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, RowShape
 from tokendance_sgl.early_match import EarlyMatch
-from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, check_ledger
+from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, check_ledger, nodes_turning
 from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
-from tokendance_sgl.request_state import RequestState, SegmentPlan, state_of
+from tokendance_sgl.request_state import RequestState, RowLayout, SegmentPlan, state_of
 from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
 from tokendance_sgl.segment_store import SegmentStore
@@ -214,19 +214,11 @@ class CollectiveTree(RadixCache):
         self.path_positions.remove(node)
         self._free_pages(self.radix_holds.remove(node))
 
-    def _lock_turning(self, node: TreeNode, from_ref: int) -> list:
-        turning = []
-        while node is not self.root_node and node is not None:
-            if node.lock_ref == from_ref:
-                turning.append(node)
-            node = node.parent
-        return turning
-
     def inc_lock_ref(self, node: TreeNode) -> IncLockRefResult:
         if self.disable or node.lock_ref > 0:  # its ancestors are locked at least as often: none turns on
             super().inc_lock_ref(node)
             return IncLockRefResult(delta=0)
-        turning, ev0 = self._lock_turning(node, 0), self.evictable_size()
+        turning, ev0 = nodes_turning(node, self.root_node, 0), self.evictable_size()
         super().inc_lock_ref(node)
         self.radix_holds.turned_on(turning)
         return IncLockRefResult(delta=self.evictable_size() - ev0)
@@ -235,7 +227,7 @@ class CollectiveTree(RadixCache):
         if self.disable or node.lock_ref > 1:  # and none of them turns off
             super().dec_lock_ref(node, params)
             return DecLockRefResult(delta=0)
-        turning, ev0 = self._lock_turning(node, 1), self.evictable_size()
+        turning, ev0 = nodes_turning(node, self.root_node, 1), self.evictable_size()
         super().dec_lock_ref(node, params)
         self.radix_holds.turned_off(turning)
         return DecLockRefResult(delta=self.evictable_size() - ev0)
@@ -309,22 +301,28 @@ class CollectiveTree(RadixCache):
             st.namespace = st.match_ns
             st.layout = None
             if self.config.reuse:
-                st.layout = plan_layout(self, req, res.device_prefix_len, len(params.key), st.positions)
+                kept, layout = early.layout_for(st.plan, self.store.epoch) if early is not None else (False, None)
+                st.layout = layout if kept else plan_layout(self, req, res.device_prefix_len, len(params.key),
+                                                            st.positions)
                 if st.layout is not None:  # PrefillAdder budgets the region, then init_load_back composes it
                     res = res._replace(host_hit_length=st.layout.end - st.layout.start)
         except Exception:  # planning is advisory; never take the scheduler down
             logger.exception("tokendance: segment planning failed for request %s", getattr(req, "rid", "?"))
         return res
 
-    def cached_prefix(self, req: Any) -> tuple[int, PositionMap]:
-        """The cached prefix a waiting request would match now (for the collective step) and its position map. The
-        match is kept for the request's admission (:mod:`tokendance_sgl.early_match`)."""
+    def early_layout(self, req: Any) -> Optional[RowLayout]:
+        """The region a waiting request would compose if admitted now (for the collective step), planned on the
+        cached prefix it would match. Match and layout are kept for the request's admission
+        (:mod:`tokendance_sgl.early_match`)."""
+        st = state_of(req)
         toks = req.origin_input_ids if not req.output_ids else req.origin_input_ids + req.output_ids
         key = _req_radix_key(self, req, toks, max_prefix_len=req._compute_max_prefix_len(len(toks)))
         exact = super().match_prefix(MatchPrefixParams(key=key))
         res, ns, pmap, alt = self._approx_match(req, key, exact)
-        state_of(req).early = EarlyMatch.of(key, self._evictions, (exact, alt), res, ns, pmap)
-        return res.device_prefix_len, pmap
+        layout = plan_layout(self, req, res.device_prefix_len, len(key), pmap) if self.config.reuse else None
+        st.early = dataclasses.replace(EarlyMatch.of(key, self._evictions, (exact, alt), res, ns, pmap),
+                                       layout=layout, planned_on=(st.plan, self.store.epoch))
+        return layout
 
     # ================================================================== composing a row (SGLang's load-back path)
 
@@ -416,8 +414,8 @@ class CollectiveTree(RadixCache):
         return built
 
     def _hold_row(self, st: RequestState, key: int, slots: torch.Tensor | np.ndarray) -> None:
-        pages = self.ledger.pages_of(slots)
-        self.ledger.hold_row(pages, distinct=True)  # pages_of gives each page once
+        pages = self.ledger.pages_of(slots, fresh=True)  # each page once: the row holds fresh slots only
+        self.ledger.hold_row(pages, distinct=True)
         st.held_pages = np.concatenate([st.held_pages, pages])
         self._live[key] = st
 
@@ -547,7 +545,7 @@ class CollectiveTree(RadixCache):
     def _release_row(self, req: Any) -> None:
         """Gives back what the live row holds: its pages and its segment locks."""
         st = state_of(req)
-        self._free_pages(self.ledger.release_row(st.held_pages))
+        self._free_pages(self.ledger.release_row(st.held_pages, distinct=True))  # fresh pages, each held once
         st.held_pages = np.empty(0, dtype=np.int64)
         for seg in st.reads:
             seg.row_refs -= 1

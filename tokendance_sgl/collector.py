@@ -37,11 +37,10 @@ from tokendance_sgl.accounting import TreeStats
 from tokendance_sgl.bases import remember
 from tokendance_sgl.diff_alloc import coalesce
 from tokendance_sgl.faults import Faults
-from tokendance_sgl.position_map import PositionMap
 from tokendance_sgl.recompute import (build_prepass_batch, forward_limit, forward_replay, pending_rows, run_probe,
                                       split_rows)
-from tokendance_sgl.request_state import row_plan_of, state_of
-from tokendance_sgl.reuse import ReuseHost, gap_budget, plan_layout, release_tails
+from tokendance_sgl.request_state import RowLayout, row_plan_of, state_of
+from tokendance_sgl.reuse import ReuseHost, gap_budget, release_tails
 from tokendance_sgl.selection import deviation_scores
 
 __all__ = ["KVCollector", "CollectorHost"]
@@ -61,7 +60,7 @@ class CollectorHost(ReuseHost, Protocol):
 
     def privatize(self, req: Any, positions: np.ndarray) -> Optional[np.ndarray]: ...
 
-    def cached_prefix(self, req: Any) -> tuple[int, PositionMap]: ...
+    def early_layout(self, req: Any) -> Optional[RowLayout]: ...
 
     def plan_for(self, req: Any) -> Any: ...
 
@@ -96,10 +95,9 @@ class KVCollector:
                 continue
             st.collected = True
             host.plan_for(req)
-            prefix_len, pmap = host.cached_prefix(req)
-            layout = plan_layout(host, req, prefix_len, len(req.origin_input_ids), pmap)
+            layout = host.early_layout(req)
             if layout is not None and layout.policy.reuses_masters:
-                groups[layout.base_key].append((layout, gap_budget(host, req, pmap)))
+                groups[layout.base_key].append((layout, gap_budget(host, req, layout.prefix_positions)))
         if not groups:
             return 0
         wants: dict = {}  # (segment, anchor, page offset) -> want: the agents at one base want the same copies

@@ -10,6 +10,9 @@ walks of the tree while it provably still holds:
   with the same slots (a split keeps them);
 * the node where each namespace's match ended has as many children as then: no longer match exists (a node gains a
   child only by an insert under it, and loses one only by an eviction).
+
+The region layout the step planned on the match is kept with it and taken too while, in addition, the request's
+segment plan and the segment store's epoch are unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class EarlyMatch:
     result: Any  # MatchResult: the longer of the two
     namespace: Optional[str]  # the namespace it lies in (None: the exact one)
     positions: PositionMap  # position map of the matched path
+    layout: Any = None  # RowLayout planned on this match (None: nothing to reuse)
+    planned_on: tuple = ()  # (segment plan, store epoch) the layout was planned from
 
     @classmethod
     def of(cls, key: Any, gen: int, matches: tuple, result: Any, namespace: Optional[str],
@@ -42,6 +47,12 @@ class EarlyMatch:
         """``matches``: the match of each namespace (None: not matched)."""
         watch = tuple((m.last_device_node, len(m.last_device_node.children)) for m in matches if m is not None)
         return cls(_sig(key), gen, watch, result, namespace, positions)
+
+    def layout_for(self, plan: Any, epoch: int) -> tuple[bool, Any]:
+        """(whether the layout planned on this match still holds, the layout): it does while the request's segment
+        plan is the same object and the store's epoch has not moved (no segment registered or dropped since)."""
+        ok = bool(self.planned_on) and self.planned_on[0] is plan and self.planned_on[1] == epoch
+        return ok, self.layout
 
     def holds(self, key: Any, gen: int) -> bool:
         """Whether the match still holds for ``key`` (module docstring); if so, its path counts as used now (the

@@ -10,9 +10,10 @@ stock SGLang. A page the tree keeps has one or more **holders**, counted here pe
   and the text between segments). A live row is always protected; the master pages it reads are protected by its
   locks on their segments (``sl``), which it keeps until it is released.
 
-``tot`` counts the holders of a page and ``lk`` its locked holders (``rl + sl + w``); ``rl`` and ``sl`` have no array
-of their own: a radix path locks and unlocks whole at every admission and release, so a lock touches one array.
-``CollectiveTree.check_invariants`` recounts all of them from the nodes, segments and rows.
+``tot`` counts the holders of a page (``r + s + w``) and ``lk`` its locked holders (``rl + sl + w``). Only ``s`` keeps
+an array of its own (eviction asks which pages a segment holds alone); every other kind is counted in the totals
+alone, so an update touches one array (a lock) or two (a segment hold). ``CollectiveTree.check_invariants``
+recounts them all from the nodes, segments and rows.
 
 A page is **held** while any holder holds it and **protected** while a locked holder or a row holds it. The tree
 frees a page exactly when its last holder lets go. :class:`PoolView` is the allocator the tree (and SGLang's code
@@ -34,11 +35,11 @@ import torch
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_host
 
-__all__ = ["PageLedger", "PoolView", "RadixHolds", "check_ledger", "slot_pages", "node_value_pages"]
+__all__ = ["PageLedger", "PoolView", "RadixHolds", "check_ledger", "nodes_turning", "slot_pages", "node_value_pages"]
 
 # holder kind -> (counts as a holder, counts as a lock); the kinds in _ARRAYS also keep a count array of their own
 _KINDS = {"r": (1, 0), "rl": (0, 1), "s": (1, 0), "sl": (0, 1), "w": (1, 1)}
-_ARRAYS = ("r", "s", "w", "tot", "lk")
+_ARRAYS = ("s", "tot", "lk")
 
 
 def slot_pages(slots: Optional[torch.Tensor | np.ndarray], page_size: int) -> np.ndarray:
@@ -132,11 +133,14 @@ class PageLedger:
         self.ensure(pages)
         return self.lk[pages] > 0
 
-    def pages_of(self, slots: torch.Tensor | np.ndarray) -> np.ndarray:
+    def pages_of(self, slots: torch.Tensor | np.ndarray, *, fresh: bool = False) -> np.ndarray:
         """The distinct pages of ``slots`` (host int64, each once, not sorted); a host array is read without a device
-        copy. O(n), no sort (:class:`~tokendance_sgl.distinct.Distinct`)."""
+        copy. O(n), no sort (:class:`~tokendance_sgl.distinct.Distinct`). ``fresh``: the slots come from one or more
+        allocations, so each is there once (and, with single-slot pages, is its own page)."""
         host = slots if isinstance(slots, np.ndarray) else to_host(slots, torch.int64)
         host = host.astype(np.int64, copy=False)
+        if fresh and self.page_size == 1:
+            return host
         return self._distinct.of(host // self.page_size if self.page_size > 1 else host)
 
     def _change(self, pages: np.ndarray, kind: str, delta: int, *, distinct: bool = False) -> np.ndarray:
@@ -144,30 +148,37 @@ class PageLedger:
         ``distinct``: the caller knows ``pages`` are distinct page ids (>= 0; the checks are skipped)."""
         if pages.size == 0:
             return pages
-        top = int(pages.max())
-        if top >= self.tot.size:
-            self._grow(top)
         step = delta
         if not distinct:
+            top = int(pages.max())
+            if top >= self.tot.size:
+                self._grow(top)
             if pages.min() < 0:
                 raise ValueError("negative page id")
             if not self._distinct.check(pages, top):  # each page once, with its multiplicity as the delta
                 pages, times = np.unique(pages, return_counts=True)
                 step = times.astype(np.int32) * delta
+        try:
+            return self._apply(pages, kind, step, delta)
+        except IndexError:  # a page beyond the arrays (only distinct pages get here unchecked): the first read raised
+            self._grow(int(pages.max()))
+            return self._apply(pages, kind, step, delta)
+
+    def _apply(self, pages: np.ndarray, kind: str, step, delta: int) -> np.ndarray:
         holds, locks = _KINDS[kind]
         freed = pages[:0]
-        if holds:  # a holder kind: its own count array, then the holder total (only the counts that change are read)
-            arr = getattr(self, kind)
-            after = arr[pages] + step
-            if delta < 0 and after.min() < 0:
-                raise AssertionError(f"page ledger underflow in {kind}")
-            arr[pages] = after
-            moved, dead = self._moved(self.tot, pages, step, delta)
+        if holds:  # the holder total (and the segments' own count); only the counts that change are read
+            if kind == "s":
+                after = self.s[pages] + step
+                if delta < 0 and after.min() < 0:
+                    raise AssertionError("page ledger underflow in s")
+                self.s[pages] = after
+            moved, dead = self._moved(self.tot, pages, step, delta, None if kind == "s" else kind)
             self.n_held += moved
             if dead is not None:
                 freed = pages[dead]
                 self.gen[freed] += 1
-        if locks:  # a lock kind has no array of its own: its underflow shows in the lock total
+        if locks:  # no lock kind has an array of its own: its underflow shows in the lock total
             self.n_prot += self._moved(self.lk, pages, step, delta, None if holds else kind)[0]
         return freed
 
@@ -192,8 +203,8 @@ class PageLedger:
     def add_radix(self, pages, *, distinct: bool = False):
         return self._change(pages, "r", 1, distinct=distinct)
 
-    def release_radix(self, pages):
-        return self._change(pages, "r", -1)
+    def release_radix(self, pages, *, distinct: bool = False):
+        return self._change(pages, "r", -1, distinct=distinct)
 
     def lock_radix(self, pages, *, distinct: bool = False):
         return self._change(pages, "rl", 1, distinct=distinct)
@@ -218,8 +229,8 @@ class PageLedger:
     def hold_row(self, pages, *, distinct: bool = False):
         return self._change(pages, "w", 1, distinct=distinct)
 
-    def release_row(self, pages):
-        return self._change(pages, "w", -1)
+    def release_row(self, pages, *, distinct: bool = False):
+        return self._change(pages, "w", -1, distinct=distinct)
 
     def exclusive_seg_pages(self, pages: np.ndarray) -> int:
         """Pages that dropping one unlocked holding segment of ``pages`` would free."""
@@ -229,7 +240,7 @@ class PageLedger:
 
     def segment_only_pages(self) -> int:
         """Pages held by segments alone (no radix node, no live row)."""
-        return int(((self.s > 0) & (self.r == 0) & (self.w == 0)).sum())
+        return int(((self.s > 0) & (self.tot == self.s)).sum())
 
 
 class PoolView:
@@ -336,7 +347,7 @@ class RadixHolds:
     def _lock(self, nodes: list, delta: int) -> None:
         if nodes:
             pages = np.concatenate([self.pages(n) for n in nodes])
-            distinct = not any(n.id in self._loose for n in nodes)
+            distinct = not (self._loose and any(n.id in self._loose for n in nodes))
             (self.ledger.lock_radix if delta > 0 else self.ledger.unlock_radix)(pages, distinct=distinct)
 
     def turned_on(self, nodes: list) -> None:
@@ -384,10 +395,22 @@ class RadixHolds:
     def remove(self, node: Any) -> np.ndarray:
         """Forgets the node; returns the pages no holder keeps any more."""
         pages = self._pages.pop(node.id, None)
+        whole = node.id not in self._loose
         self._loose.discard(node.id)
         if pages is None:
-            pages = node_value_pages(node.value, self.page_size)
-        return self.ledger.release_radix(pages)
+            pages, whole = value_pages(node.value, self.page_size)
+        return self.ledger.release_radix(pages, distinct=whole)  # whole pages of one history: each page once
+
+
+def nodes_turning(node: Any, root: Any, from_ref: int) -> list:
+    """The nodes on the path from ``node`` up to ``root`` (excluded) whose ``lock_ref`` is ``from_ref``: those a lock
+    (``from_ref`` 0) or an unlock (1) of ``node`` turns on or off."""
+    turning = []
+    while node is not root and node is not None:
+        if node.lock_ref == from_ref:
+            turning.append(node)
+        node = node.parent
+    return turning
 
 
 def check_ledger(ledger: PageLedger, holds: RadixHolds, nodes: list, store: Any, rows: list) -> None:
@@ -403,8 +426,7 @@ def check_ledger(ledger: PageLedger, holds: RadixHolds, nodes: list, store: Any,
     store.check(ref["s"], ref["sl"])
     for pages in rows:
         np.add.at(ref["w"], pages, 1)
-    counts = {"r": ref["r"], "s": ref["s"], "w": ref["w"], "tot": ref["r"] + ref["s"] + ref["w"],
-              "lk": ref["rl"] + ref["sl"] + ref["w"]}
+    counts = {"s": ref["s"], "tot": ref["r"] + ref["s"] + ref["w"], "lk": ref["rl"] + ref["sl"] + ref["w"]}
     for name, want in counts.items():
         assert np.array_equal(getattr(ledger, name).astype(np.int64), want), f"ledger {name} differs"
     held, prot = counts["tot"] > 0, counts["lk"] > 0

@@ -128,6 +128,17 @@ def _get_list(params: Mapping[str, Any], key: str) -> list:
     return list(v)
 
 
+def _well_formed(ids: list, starts: list, ends: list, prompt_len: Optional[int]) -> bool:
+    """Whether the span lists break none of the rules of :func:`parse_segment_table` (exact ``int`` offsets)."""
+    if not ids:
+        return True
+    return (all(type(x) is int for x in starts) and all(type(x) is int for x in ends)
+            and all(type(x) is str and x.strip() for x in ids)
+            and starts[0] >= 0 and all(s < e for s, e in zip(starts, ends))
+            and all(e <= s for e, s in zip(ends, starts[1:]))
+            and (prompt_len is None or ends[-1] <= prompt_len))
+
+
 def parse_segment_table(custom_params: Optional[Mapping[str, Any]], prompt_len: Optional[int]) -> Optional[SegmentTable]:
     """Parses and validates the TokenDance segment table in ``custom_params``.
 
@@ -174,7 +185,10 @@ def parse_segment_table(custom_params: Optional[Mapping[str, Any]], prompt_len: 
                 f"td_seg_ids, td_seg_starts and td_seg_ends must have the same length, got "
                 f"{len(ids)}, {len(starts)}, {len(ends)}"
             )
-        prev_end = 0
+        if _well_formed(ids, starts, ends, prompt_len):  # the common case, checked in bulk
+            spans = [SegmentSpan(sid, s, e) for sid, s, e in zip(ids, starts, ends)]
+            return SegmentTable(round=rnd, agent=agent, spans=tuple(spans), out_seg=out_seg, ns=ns, has_spans=True)
+        prev_end = 0  # which rule is broken, and where
         for i, (sid, s, e) in enumerate(zip(ids, starts, ends)):
             if not isinstance(sid, str) or not sid.strip():
                 raise SegmentTableError(f"td_seg_ids[{i}] must be a non-empty string, got {_type_name(sid)} {sid!r}")
