@@ -320,8 +320,7 @@ class CollectiveTree(RadixCache):
         exact = super().match_prefix(MatchPrefixParams(key=key))
         res, ns, pmap, alt = self._approx_match(req, key, exact)
         layout = plan_layout(self, req, res.device_prefix_len, len(key), pmap) if self.config.reuse else None
-        st.early = dataclasses.replace(EarlyMatch.of(key, self._evictions, (exact, alt), res, ns, pmap),
-                                       layout=layout, planned_on=(st.plan, self.store.epoch))
+        st.early = EarlyMatch.of(key, self._evictions, (exact, alt), res, ns, pmap, layout, (st.plan, self.store.epoch))
         return layout
 
     # ================================================================== composing a row (SGLang's load-back path)

@@ -43,10 +43,10 @@ class EarlyMatch:
 
     @classmethod
     def of(cls, key: Any, gen: int, matches: tuple, result: Any, namespace: Optional[str],
-           positions: PositionMap) -> "EarlyMatch":
+           positions: PositionMap, layout: Any = None, planned_on: tuple = ()) -> "EarlyMatch":
         """``matches``: the match of each namespace (None: not matched)."""
         watch = tuple((m.last_device_node, len(m.last_device_node.children)) for m in matches if m is not None)
-        return cls(_sig(key), gen, watch, result, namespace, positions)
+        return cls(_sig(key), gen, watch, result, namespace, positions, layout, planned_on)
 
     def layout_for(self, plan: Any, epoch: int) -> tuple[bool, Any]:
         """(whether the layout planned on this match still holds, the layout): it does while the request's segment

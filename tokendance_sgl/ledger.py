@@ -346,7 +346,7 @@ class RadixHolds:
     # their page-structured values repeat no page (a loose value may share a page with its neighbour: checked).
     def _lock(self, nodes: list, delta: int) -> None:
         if nodes:
-            pages = np.concatenate([self.pages(n) for n in nodes])
+            pages = self.pages(nodes[0]) if len(nodes) == 1 else np.concatenate([self.pages(n) for n in nodes])
             distinct = not (self._loose and any(n.id in self._loose for n in nodes))
             (self.ledger.lock_radix if delta > 0 else self.ledger.unlock_radix)(pages, distinct=distinct)
 
@@ -404,11 +404,11 @@ class RadixHolds:
 
 def nodes_turning(node: Any, root: Any, from_ref: int) -> list:
     """The nodes on the path from ``node`` up to ``root`` (excluded) whose ``lock_ref`` is ``from_ref``: those a lock
-    (``from_ref`` 0) or an unlock (1) of ``node`` turns on or off."""
+    (``from_ref`` 0) or an unlock (1) of ``node`` turns on or off. A node is locked at least as often as any node
+    below it, so they are the path's first nodes: the walk stops at the first node locked more often."""
     turning = []
-    while node is not root and node is not None:
-        if node.lock_ref == from_ref:
-            turning.append(node)
+    while node is not root and node is not None and node.lock_ref == from_ref:
+        turning.append(node)
         node = node.parent
     return turning
 
