@@ -401,3 +401,29 @@ def test_the_collective_steps_match_is_taken_at_admission_while_it_holds():
     assert sim.tree.stats.counters["matches_shared"] == 0 and got.td.row_plan.probe_start == 12  # matched: 12
     sim.finish(got)
     sim.check()
+
+
+def test_an_early_match_holds_until_the_tree_can_match_the_key_further():
+    from tokendance_sgl.early_match import EarlyMatch
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+
+    sim = Sim(ps=1, pool_tokens=128)
+    tree = sim.tree
+
+    def insert(toks):
+        slots = sim.alloc.alloc(len(toks))
+        done = tree.insert(InsertParams(key=RadixKey(array("q", toks)), value=slots))
+        tree.token_to_kv_pool_allocator.free(slots[: done.prefix_len])  # the part the tree had already
+
+    insert(T(6, 1))
+    key = RadixKey(array("q", T(6, 1) + T(4, 50)))
+    res = tree.match_prefix(MatchPrefixParams(key=key))
+    early = EarlyMatch.of(key, tree._evictions, ((res, key), None), 1, res, None, PositionMap())
+    assert res.device_prefix_len == 6 and early.holds(key, tree._evictions)
+    insert(T(6, 1) + T(3, 90))  # another path under the node where the match ended: no longer match for this key
+    assert early.holds(key, tree._evictions)
+    assert not early.holds(key, tree._evictions + 1)  # an eviction since: the matched nodes may be gone
+    insert(T(6, 1) + T(2, 50))  # now the key matches two tokens further
+    assert not early.holds(key, tree._evictions)
+    assert tree.match_prefix(MatchPrefixParams(key=key)).device_prefix_len == 8
+    sim.check()

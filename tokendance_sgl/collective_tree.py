@@ -267,16 +267,16 @@ class CollectiveTree(RadixCache):
 
     def _approx_match(self, req: Any, key: RadixKey, res: MatchResult):
         """The longer of ``res`` (exact namespace) and the match in the request's approximate namespace: (result,
-        namespace of the match or None, position map of the matched path, the approximate match or None)."""
+        namespace of the match or None, position map of the matched path, (the approximate match, its key) or None)."""
         policy = request_policy(self, req)
         if not (self.config.reuse and policy.reuses_masters):
             return res, None, PositionMap(), None
         ns = approx_namespace(req.extra_key, policy)
-        alt = super().match_prefix(MatchPrefixParams(key=RadixKey(
-            key.token_ids, ns, is_bigram=key.is_bigram, limit=key.limit, cache_salt=key.cache_salt)))
+        alt_key = RadixKey(key.token_ids, ns, is_bigram=key.is_bigram, limit=key.limit, cache_salt=key.cache_salt)
+        alt = super().match_prefix(MatchPrefixParams(key=alt_key))
         if alt.device_prefix_len <= res.device_prefix_len:
-            return res, None, PositionMap(), alt
-        return alt, ns, self.path_positions.map_of(alt.last_device_node, self.root_node), alt
+            return res, None, PositionMap(), (alt, alt_key)
+        return alt, ns, self.path_positions.map_of(alt.last_device_node, self.root_node), (alt, alt_key)
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         req = params.req
@@ -320,7 +320,8 @@ class CollectiveTree(RadixCache):
         exact = super().match_prefix(MatchPrefixParams(key=key))
         res, ns, pmap, alt = self._approx_match(req, key, exact)
         layout = plan_layout(self, req, res.device_prefix_len, len(key), pmap) if self.config.reuse else None
-        st.early = EarlyMatch.of(key, self._evictions, (exact, alt), res, ns, pmap, layout, (st.plan, self.store.epoch))
+        st.early = EarlyMatch.of(key, self._evictions, ((exact, key), alt), self.page_size, res, ns, pmap, layout,
+                                 (st.plan, self.store.epoch))
         return layout
 
     # ================================================================== composing a row (SGLang's load-back path)

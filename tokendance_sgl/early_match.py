@@ -8,8 +8,8 @@ walks of the tree while it provably still holds:
 * the key is the same (tokens, limit, namespace, salt);
 * no radix node was evicted since (the tree's eviction generation): every node the match names is still in the tree
   with the same slots (a split keeps them);
-* the node where each namespace's match ended has as many children as then: no longer match exists (a node gains a
-  child only by an insert under it, and loses one only by an eviction).
+* the node where each namespace's match ended still has no child for the key's next tokens: no longer match exists
+  (an insert of another path under the same node, say the next agent's in the same namespace, does not matter).
 
 The region layout the step planned on the match is kept with it and taken too while, in addition, the request's
 segment plan and the segment store's epoch are unchanged.
@@ -30,11 +30,18 @@ def _sig(key: Any) -> tuple:
     return (len(key.token_ids), key.limit, key.extra_key, key.cache_salt)
 
 
+def _next_child(match: Any, key: Any, page_size: int) -> tuple:
+    """Where ``match`` (of ``key``) ended, and the child key a longer match would need there (None: the key ends)."""
+    n = match.device_prefix_len
+    return match.last_device_node, (key.child_key_at(n, page_size) if n + page_size <= len(key) else None)
+
+
 @dataclass(frozen=True)
 class EarlyMatch:
     sig: tuple  # (tokens, limit, extra_key, cache_salt) of the key it matched
     gen: int  # the tree's eviction generation when matched
-    watch: tuple  # ((node, its number of children), ...): where the exact and the approximate match ended
+    watch: tuple  # ((node, child key or None), ...): where the exact and the approximate match ended, and the child
+    # a longer match would need there (None: the key ends there)
     result: Any  # MatchResult: the longer of the two
     namespace: Optional[str]  # the namespace it lies in (None: the exact one)
     positions: PositionMap  # position map of the matched path
@@ -42,10 +49,10 @@ class EarlyMatch:
     planned_on: tuple = ()  # (segment plan, store epoch) the layout was planned from
 
     @classmethod
-    def of(cls, key: Any, gen: int, matches: tuple, result: Any, namespace: Optional[str],
+    def of(cls, key: Any, gen: int, matches: tuple, page_size: int, result: Any, namespace: Optional[str],
            positions: PositionMap, layout: Any = None, planned_on: tuple = ()) -> "EarlyMatch":
-        """``matches``: the match of each namespace (None: not matched)."""
-        watch = tuple((m.last_device_node, len(m.last_device_node.children)) for m in matches if m is not None)
+        """``matches``: (match, the RadixKey it matched) of each namespace (None: not matched)."""
+        watch = tuple(_next_child(m, k, page_size) for m, k in (x for x in matches if x is not None))
         return cls(_sig(key), gen, watch, result, namespace, positions, layout, planned_on)
 
     def layout_for(self, plan: Any, epoch: int) -> tuple[bool, Any]:
@@ -57,7 +64,7 @@ class EarlyMatch:
     def holds(self, key: Any, gen: int) -> bool:
         """Whether the match still holds for ``key`` (module docstring); if so, its path counts as used now (the
         access times a new match would refresh, for SGLang's LRU eviction)."""
-        if self.gen != gen or self.sig != _sig(key) or any(len(n.children) != c for n, c in self.watch):
+        if self.gen != gen or self.sig != _sig(key) or any(c is not None and c in n.children for n, c in self.watch):
             return False
         now = time.monotonic()
         node = self.result.last_device_node
