@@ -140,7 +140,7 @@ class PageLedger:
         host = slots if isinstance(slots, np.ndarray) else to_host(slots, torch.int64)
         host = host.astype(np.int64, copy=False)
         if fresh and self.page_size == 1:
-            return host
+            return host.copy()  # not a view of the allocator's tensor
         return self._distinct.of(host // self.page_size if self.page_size > 1 else host)
 
     def _change(self, pages: np.ndarray, kind: str, delta: int, *, distinct: bool = False) -> np.ndarray:

@@ -56,7 +56,7 @@ class SegmentPlan:
     out_seg: Optional[str]
     ns_key: str
     source: str  # "table" | "detected" | "none"
-    spans: list  # [PlannedSegment]
+    spans: list  # [PlannedSegment], sorted by start (a table's spans are; detection finds them left to right)
     error: Optional[str]
     epoch: int  # the store's epoch when planned (re-planned when the store changed)
     prompt_len: int

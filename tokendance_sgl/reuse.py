@@ -94,7 +94,7 @@ def plan_layout(host: ReuseHost, req: Any, prefix_len: int, limit: int,
     page_size = host.page_size
     spans = []
     last = prefix_len
-    for s in sorted(plan.spans, key=lambda s: s.start):
+    for s in plan.spans:  # sorted by start
         if s.status != "resident" or s.kv_len <= 0 or s.start < last:
             continue  # evicted / pending / mismatch, inside the cached prefix, or overlapping: recomputed normally
         node = host.store.get(s.key)
@@ -145,7 +145,7 @@ def _template_key(layout: RowLayout, positions: PositionMap) -> tuple:
     """Rows whose regions agree on this read the same copies at the same offsets: a span at row ``a >= region
     start`` reads the copy rotated for position ``a + positions.total``."""
     start = layout.start
-    return (str(layout.policy), layout.base_key, start + positions.total, layout.end - start,
+    return (layout.policy, layout.base_key, start + positions.total, layout.end - start,
             tuple((a - start, b - start, planned.key) for a, b, planned in layout.spans))
 
 

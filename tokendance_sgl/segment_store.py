@@ -399,7 +399,8 @@ class SegmentStore:
             b = int(starts[j])
             node = SegmentNode(key=key, tokens=seg.tokens, ns_key=seg.ns_key, anchor=anchor, round=self.current_round,
                                agent=seg.agent, strong=True, master=dst_dev[a : a + n], host=dst[a : a + n],
-                               pages=self.ledger.pages_of(block[b : b + int(spans[j])]), copy_of=seg.copy_of or seg.key,
+                               pages=self.ledger.pages_of(block[b : b + int(spans[j])], fresh=True),
+                               copy_of=seg.copy_of or seg.key,
                                tail_pending=bool(tails[j]), holding=True)
             node.used_round = self.current_round
             pages.append(node.pages)
