@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from array import array
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence
 
@@ -391,23 +390,18 @@ class CollectiveTree(RadixCache):
         shape = pieces if isinstance(pieces, RowShape) else self.diff.plan(pieces)
         rec = self.diff.record(key)
         already = {id(s) for s in rec.segs()} if rec is not None else ()
-        locked: list = []
+        new = [s for s in shape.segs if id(s) not in already]
+        self.store.lock_for_row(new)  # the segments the row reads, locked before allocating (allocation may evict)
         built = None
         try:
-            for s in shape.segs:  # the segments the row reads, locked before allocating (allocation may evict)
-                if id(s) not in already:
-                    self.store.lock(s)
-                    locked.append(s)
             built = self.diff.build_row(key, start_pos, shape, agent=agent, owner=req.kv)
         finally:
-            for s in locked:
-                if built is not None:
-                    s.row_refs += 1
-                    s.rows_served += 1
-                    st.reads.append(s)
-                else:
-                    self.store.unlock(s)
+            if built is None:
+                self.store.unlock_for_row(new)
         if built is not None:  # its fresh slots (on the host: no device read); its segment locks protect the masters
+            st.reads.extend(new)
+            for s in new:
+                s.rows_served += 1
             self._hold_row(st, key, built.host[built.private_positions])
             self.stats.counters["cow_pages"] += built.copied_pages
             self.stats.counters["cow_tokens"] += built.copies
@@ -468,8 +462,7 @@ class CollectiveTree(RadixCache):
 
     def _drop_read(self, st: RequestState, seg: Any) -> None:
         st.reads = [s for s in st.reads if s is not seg]
-        seg.row_refs -= 1
-        self.store.unlock(seg)
+        self.store.unlock_for_row([seg])
 
     # ================================================================== checkpoint, registration, release
 
@@ -518,7 +511,7 @@ class CollectiveTree(RadixCache):
         st = state_of(req)
         # a strong segment holds its pages: a part still in the request's range stays with it when the row is freed
         node, _ = self.store.register(
-            array("q", out), master, anchor=st.positions.position_of(kv_start),
+            out, master, anchor=st.positions.position_of(kv_start),
             round=table.round if table is not None else None, agent=table.agent if table is not None else None,
             seg_id=out_seg, ns_key=ns_key_of(req, table.ns if table is not None else ""), strong=strong)
         if node is not None:
@@ -547,9 +540,7 @@ class CollectiveTree(RadixCache):
         st = state_of(req)
         self._free_pages(self.ledger.release_row(st.held_pages, distinct=True))  # fresh pages, each held once
         st.held_pages = np.empty(0, dtype=np.int64)
-        for seg in st.reads:
-            seg.row_refs -= 1
-            self.store.unlock(seg)
+        self.store.unlock_for_row(st.reads)
         st.reads = []
         st.host_slots = st.row_plan = None
         self._live.pop(id(req.kv), None)

@@ -219,11 +219,11 @@ class PageLedger:
     def release_seg(self, pages):
         return self._change(pages, "s", -1, distinct=True)
 
-    def lock_seg(self, pages):
-        return self._change(pages, "sl", 1, distinct=True)
+    def lock_seg(self, pages, *, distinct: bool = True):
+        return self._change(pages, "sl", 1, distinct=distinct)
 
-    def unlock_seg(self, pages):
-        return self._change(pages, "sl", -1, distinct=True)
+    def unlock_seg(self, pages, *, distinct: bool = True):
+        return self._change(pages, "sl", -1, distinct=distinct)
 
     # live request rows
     def hold_row(self, pages, *, distinct: bool = False):

@@ -192,7 +192,7 @@ class SegmentStore:
         if master_slots is not None and master_slots.numel() > 0:
             if master_slots.numel() > len(toks):
                 raise ValueError(f"{master_slots.numel()} master slots for {len(toks)} tokens")
-            master = master_slots.detach().to(device=self.device, dtype=torch.int64).clone()
+            master = master_slots.detach().to(device=self.device, dtype=torch.int64, copy=True)
         existing = self._nodes.get(key)
         if existing is not None:
             if self.has_kv(existing) or master is None:
@@ -206,7 +206,7 @@ class SegmentStore:
             if existing.lock_ref > 0:  # cannot happen: a locked segment holds valid KV
                 raise AssertionError(f"locked segment without KV: {existing!r}")
             self.drop(existing)
-        host = to_host(master, torch.int64).copy() if master is not None else None
+        host = to_host(master, torch.int64) if master is not None else None  # (a view of our own copy on a CPU)
         pages = self.ledger.pages_of(host) if host is not None else np.empty(0, dtype=np.int64)
         if master is not None and not strong and not self.ledger.held_mask(pages).all():
             logger.debug("weak segment refused: its pages are not held by the tree")
@@ -299,11 +299,50 @@ class SegmentStore:
         if seg.lock_ref > 0:
             return
         self.ledger.unlock_seg(seg.pages)
+        self._unlocked(seg)
+
+    def _unlocked(self, seg: SegmentNode) -> None:
+        """``seg``'s last lock went (the ledger knows): a weak segment stops holding its pages."""
         if not seg.strong and seg.holding:
             if self._release_hold(seg):  # its pages died with it: the weak segment has no KV any more
                 self.drop(seg)
             else:
                 seg.page_gens = self.ledger.gen[seg.pages].copy()
+
+    def lock_for_row(self, segs: Sequence[SegmentNode]) -> None:
+        """:meth:`lock` of each of ``segs`` (distinct) for a live row that reads its master (``row_refs``), the pages
+        of those turning locked in one ledger update. All or nothing: raises :class:`SegmentUnavailable` first."""
+        for seg in segs:
+            if self._nodes.get(seg.key) is not seg or not self.has_kv(seg):
+                raise SegmentUnavailable(f"segment has no valid KV: {seg!r}")
+        now, turning = time.monotonic(), []
+        for seg in segs:
+            if not seg.holding:  # weak: hold while locked
+                self._hold(seg)
+            if seg.lock_ref == 0:
+                turning.append(seg.pages)
+            seg.lock_ref += 1
+            seg.row_refs += 1
+            seg.last_access_time = now
+        if turning:  # two segments may share a page (a weak one reads radix pages): counted with multiplicity
+            self.ledger.lock_seg(np.concatenate(turning), distinct=len(turning) == 1)
+
+    def unlock_for_row(self, segs: Sequence[SegmentNode]) -> None:
+        """:meth:`unlock` of each of ``segs`` (distinct) for a row that no longer reads it."""
+        turning = []
+        for seg in segs:
+            if seg.lock_ref <= 0 or seg.row_refs <= 0:
+                raise RuntimeError(f"row unlock of a segment no row locked: {seg!r}")
+            seg.row_refs -= 1
+            seg.lock_ref -= 1
+            if self._nodes.get(seg.key) is not seg:
+                seg.holding = False  # dropped by reset(): the (fresh) ledger does not know it
+            elif seg.lock_ref == 0:
+                turning.append(seg)
+        if turning:
+            self.ledger.unlock_seg(np.concatenate([s.pages for s in turning]), distinct=len(turning) == 1)
+            for seg in turning:
+                self._unlocked(seg)
 
     # ------------------------------------------------------------------ re-rotated copies
 
