@@ -266,7 +266,7 @@ class CollectiveTree(RadixCache):
 
     def _approx_match(self, req: Any, key: RadixKey, res: MatchResult):
         """The longer of ``res`` (exact namespace) and the match in the request's approximate namespace: (result,
-        namespace of the match or None, position map of the matched path, (the approximate match, its key) or None)."""
+        namespace of the match or None, position map of the matched path, (approximate match, its key) or None)."""
         policy = request_policy(self, req)
         if not (self.config.reuse and policy.reuses_masters):
             return res, None, PositionMap(), None

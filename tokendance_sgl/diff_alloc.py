@@ -33,6 +33,7 @@ import torch
 
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_host
+from tokendance_sgl.page_counts import bump
 from tokendance_sgl.row_shape import MasterRun, NewRun, Piece, RowShape, coalesce, plan_shape, seg_id
 
 __all__ = [
@@ -178,12 +179,14 @@ class DiffAllocator:
         """The row's references changed: its distinct master slots (``now``, when the caller knows them) are counted
         again."""
         now = _distinct_slots(rec, self._distinct) if now is None else now
-        if now.size and int(now.max()) >= self._refcount.size:
+        bump(self._refcount, rec.counted, -1, what="master refcounts")
+        try:
+            bump(self._refcount, now, 1)
+        except IndexError:  # a slot past the counts (nothing was written): grow them
             grown = np.zeros(max(int(now.max()) + 1, 2 * self._refcount.size), dtype=np.int32)
             grown[: self._refcount.size] = self._refcount
             self._refcount = grown
-        self._refcount[rec.counted] -= 1
-        self._refcount[now] += 1
+            bump(self._refcount, now, 1)
         rec.counted = now
 
     def add_master_ref(
@@ -310,8 +313,12 @@ class DiffAllocator:
         rec = self.ensure_record(key, agent=agent, owner=owner)
         if shape.runs:  # master references (views of the shape's read-only slots)
             first = not rec.refs
-            self._merge_refs(rec, [MasterRef(start_pos + a, start_pos + b, shape.pieces[i].seg, shape.src[a:b])
-                                   for a, b, i in shape.runs])
+            refs = [MasterRef(start_pos + a, start_pos + b, shape.pieces[i].seg, shape.src[a:b])
+                    for a, b, i in shape.runs]
+            if first:  # the shape's runs are sorted and disjoint
+                rec.refs = refs
+            else:
+                self._merge_refs(rec, refs)
             self._recount(rec, shape.distinct if first else None)
         rec.private_tokens += shape.n_alloc
         rec.end = max(rec.end, start_pos + len(shape.src))

@@ -34,6 +34,7 @@ import torch
 
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_host
+from tokendance_sgl.page_counts import NO_STEPS, bump
 
 __all__ = ["PageLedger", "PoolView", "RadixHolds", "check_ledger", "nodes_turning", "slot_pages", "node_value_pages"]
 
@@ -165,39 +166,24 @@ class PageLedger:
             return self._apply(pages, kind, step, delta)
 
     def _apply(self, pages: np.ndarray, kind: str, step, delta: int) -> np.ndarray:
+        """The count updates of :meth:`_change` (:func:`~tokendance_sgl.page_counts.bump`); a page outside the arrays
+        raises IndexError from the first one, before anything is written."""
         holds, locks = _KINDS[kind]
+        steps, step = (step.astype(np.int32), 0) if isinstance(step, np.ndarray) else (NO_STEPS, step)
+        pages = pages.astype(np.int64, copy=False)
         freed = pages[:0]
-        if holds:  # the holder total (and the segments' own count); only the counts that change are read
+        if holds:  # the holder total (and the segments' own count)
             if kind == "s":
-                after = self.s[pages] + step
-                if delta < 0 and after.min() < 0:
-                    raise AssertionError("page ledger underflow in s")
-                self.s[pages] = after
-            moved, dead = self._moved(self.tot, pages, step, delta, None if kind == "s" else kind)
-            self.n_held += moved
+                bump(self.s, pages, step, steps, what="s")
+            up, down, dead = bump(self.tot, pages, step, steps, dead=delta < 0, what=kind)
+            self.n_held += up - down
             if dead is not None:
                 freed = pages[dead]
                 self.gen[freed] += 1
         if locks:  # no lock kind has an array of its own: its underflow shows in the lock total
-            self.n_prot += self._moved(self.lk, pages, step, delta, None if holds else kind)[0]
+            up, down, _ = bump(self.lk, pages, step, steps, what=kind)
+            self.n_prot += up - down
         return freed
-
-    @staticmethod
-    def _moved(counts: np.ndarray, pages: np.ndarray, step, delta: int, check: Optional[str] = None) -> tuple:
-        """Adds ``step`` to ``counts[pages]``; returns how many pages went from 0 to > 0 (minus those that went to 0)
-        and the mask of those that went to 0 (None: none did). ``check``: the kind whose underflow a negative count
-        means (raises AssertionError)."""
-        before = counts[pages]
-        after = before + step
-        if delta > 0:
-            counts[pages] = after
-            return int(np.count_nonzero(before == 0)), None
-        if check is not None and after.min() < 0:
-            raise AssertionError(f"page ledger underflow in {check}")
-        counts[pages] = after
-        dead = after == 0
-        n = int(np.count_nonzero(dead))
-        return -n, (dead if n else None)
 
     # radix holders
     def add_radix(self, pages, *, distinct: bool = False):

@@ -83,7 +83,7 @@ class SegmentNode:
 
     @property
     def kv_len(self) -> int:
-        return 0 if self.master is None else int(self.master.numel())
+        return 0 if self.host is None else self.host.size  # `host` mirrors `master` (set and dropped together)
 
     def __len__(self) -> int:
         return len(self.tokens)
