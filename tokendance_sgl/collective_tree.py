@@ -513,7 +513,8 @@ class CollectiveTree(RadixCache):
         node, _ = self.store.register(
             out, master, anchor=st.positions.position_of(kv_start),
             round=table.round if table is not None else None, agent=table.agent if table is not None else None,
-            seg_id=out_seg, ns_key=ns_key_of(req, table.ns if table is not None else ""), strong=strong)
+            seg_id=out_seg, ns_key=ns_key_of(req, table.ns if table is not None else ""), strong=strong,
+            fresh=True)  # the output's own slots
         if node is not None:
             st.registered = node.key
 

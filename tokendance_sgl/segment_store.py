@@ -176,8 +176,9 @@ class SegmentStore:
 
     def register(self, tokens: Sequence[int], master_slots: Optional[torch.Tensor], *, anchor: int,
                  round: Optional[int] = None, agent: Optional[int] = None, seg_id: Optional[str] = None,
-                 ns_key: str = "", strong: bool = True) -> tuple[Optional[SegmentNode], bool]:
-        """Registers ``tokens`` as a segment whose first ``len(master_slots)`` tokens have KV in ``master_slots``.
+                 ns_key: str = "", strong: bool = True, fresh: bool = False) -> tuple[Optional[SegmentNode], bool]:
+        """Registers ``tokens`` as a segment whose first ``len(master_slots)`` tokens have KV in ``master_slots``
+        (``fresh``: slots the pool gave one request's output, so each is there once).
 
         A strong segment starts holding the pages of ``master_slots``; a weak one needs pages the tree holds. If a
         segment with the same content already has valid KV, ``seg_id`` becomes an alias of it and nothing is taken.
@@ -207,7 +208,7 @@ class SegmentStore:
                 raise AssertionError(f"locked segment without KV: {existing!r}")
             self.drop(existing)
         host = to_host(master, torch.int64) if master is not None else None  # (a view of our own copy on a CPU)
-        pages = self.ledger.pages_of(host) if host is not None else np.empty(0, dtype=np.int64)
+        pages = self.ledger.pages_of(host, fresh=fresh) if host is not None else np.empty(0, dtype=np.int64)
         if master is not None and not strong and not self.ledger.held_mask(pages).all():
             logger.debug("weak segment refused: its pages are not held by the tree")
             return None, False
