@@ -13,9 +13,12 @@ import torch
 __all__ = ["to_host"]
 
 
+_CPU = torch.device("cpu")
+
+
 def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
     """``t``'s values as a host numpy array (copied from the device when it lives there)."""
-    t = t.detach().to("cpu")
-    if dtype is not None:
+    t = t.detach().to(_CPU)  # (no copy for a host tensor)
+    if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     return t.numpy()
