@@ -505,7 +505,7 @@ class CollectiveTree(RadixCache):
         if not strong:
             kv_end = min(kv_end, req.kv.cache_protected_len)  # a weak segment refers to pages the radix holds
         row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
-        master = row[kv_start:kv_end].to(torch.int64) if kv_end > kv_start else None
+        master = row[kv_start:kv_end] if kv_end > kv_start else None  # (the store copies it)
         if master is None and not strong:
             return
         st = state_of(req)
