@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import tokendance_sgl  # noqa: F401
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, MatchPrefixParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
+from tokendance_sgl.early_match import EarlyMatch
 from tokendance_sgl.position_map import PathPositions, PositionMap, shift_batch
 from tokendance_sgl.recompute import split_rows
 from tokendance_sgl.request_state import RowPlan
@@ -404,9 +405,6 @@ def test_the_collective_steps_match_is_taken_at_admission_while_it_holds():
 
 
 def test_an_early_match_holds_until_the_tree_can_match_the_key_further():
-    from tokendance_sgl.early_match import EarlyMatch
-    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
-
     sim = Sim(ps=1, pool_tokens=128)
     tree = sim.tree
 

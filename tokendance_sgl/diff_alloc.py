@@ -167,7 +167,7 @@ class DiffAllocator:
         """Forgets the row; returns its record."""
         rec = self.rows.pop(key, None)
         if rec is not None:
-            self._refcount[rec.counted] -= 1
+            bump(self._refcount, rec.counted, -1, what="master refcounts")
             rec.counted = rec.counted[:0]
         return rec
 

@@ -281,38 +281,22 @@ class SegmentStore:
     def lock(self, seg: SegmentNode) -> None:
         """Pins ``seg``: its master pages become protected and it cannot be evicted. Raises
         :class:`SegmentUnavailable` when it has no valid KV."""
-        if self._nodes.get(seg.key) is not seg or not self.has_kv(seg):
-            raise SegmentUnavailable(f"segment has no valid KV: {seg!r}")
-        if not seg.holding:  # weak: hold while locked
-            self._hold(seg)
-        if seg.lock_ref == 0:
-            self.ledger.lock_seg(seg.pages)
-        seg.lock_ref += 1
-        seg.last_access_time = time.monotonic()
+        self._lock((seg,), 0)
 
     def unlock(self, seg: SegmentNode) -> None:
-        if seg.lock_ref <= 0:
-            raise RuntimeError(f"unlock of an unlocked segment: {seg!r}")
-        seg.lock_ref -= 1
-        if self._nodes.get(seg.key) is not seg:
-            seg.holding = False  # dropped by reset(): the (fresh) ledger does not know it
-            return
-        if seg.lock_ref > 0:
-            return
-        self.ledger.unlock_seg(seg.pages)
-        self._unlocked(seg)
-
-    def _unlocked(self, seg: SegmentNode) -> None:
-        """``seg``'s last lock went (the ledger knows): a weak segment stops holding its pages."""
-        if not seg.strong and seg.holding:
-            if self._release_hold(seg):  # its pages died with it: the weak segment has no KV any more
-                self.drop(seg)
-            else:
-                seg.page_gens = self.ledger.gen[seg.pages].copy()
+        self._unlock((seg,), 0)
 
     def lock_for_row(self, segs: Sequence[SegmentNode]) -> None:
-        """:meth:`lock` of each of ``segs`` (distinct) for a live row that reads its master (``row_refs``), the pages
-        of those turning locked in one ledger update. All or nothing: raises :class:`SegmentUnavailable` first."""
+        """:meth:`lock` of each of ``segs`` (distinct) for a live row that reads its master (``row_refs``)."""
+        self._lock(segs, 1)
+
+    def unlock_for_row(self, segs: Sequence[SegmentNode]) -> None:
+        """:meth:`unlock` of each of ``segs`` (distinct) for a row that no longer reads it."""
+        self._unlock(segs, 1)
+
+    def _lock(self, segs: Sequence[SegmentNode], rows: int) -> None:
+        """Locks each of the distinct ``segs`` (``rows``: 1 when a row reads them); the pages of those turning locked
+        go into the ledger in one update. All or nothing: raises :class:`SegmentUnavailable` before any lock."""
         for seg in segs:
             if self._nodes.get(seg.key) is not seg or not self.has_kv(seg):
                 raise SegmentUnavailable(f"segment has no valid KV: {seg!r}")
@@ -323,18 +307,17 @@ class SegmentStore:
             if seg.lock_ref == 0:
                 turning.append(seg.pages)
             seg.lock_ref += 1
-            seg.row_refs += 1
+            seg.row_refs += rows
             seg.last_access_time = now
         if turning:  # two segments may share a page (a weak one reads radix pages): counted with multiplicity
             self.ledger.lock_seg(np.concatenate(turning), distinct=len(turning) == 1)
 
-    def unlock_for_row(self, segs: Sequence[SegmentNode]) -> None:
-        """:meth:`unlock` of each of ``segs`` (distinct) for a row that no longer reads it."""
+    def _unlock(self, segs: Sequence[SegmentNode], rows: int) -> None:
         turning = []
         for seg in segs:
-            if seg.lock_ref <= 0 or seg.row_refs <= 0:
-                raise RuntimeError(f"row unlock of a segment no row locked: {seg!r}")
-            seg.row_refs -= 1
+            if seg.lock_ref <= 0 or seg.row_refs < rows:
+                raise RuntimeError(f"unlock of a segment that is not locked{' by a row' if rows else ''}: {seg!r}")
+            seg.row_refs -= rows
             seg.lock_ref -= 1
             if self._nodes.get(seg.key) is not seg:
                 seg.holding = False  # dropped by reset(): the (fresh) ledger does not know it
@@ -342,8 +325,12 @@ class SegmentStore:
                 turning.append(seg)
         if turning:
             self.ledger.unlock_seg(np.concatenate([s.pages for s in turning]), distinct=len(turning) == 1)
-            for seg in turning:
-                self._unlocked(seg)
+            for seg in turning:  # a weak segment stops holding its pages with its last lock
+                if not seg.strong and seg.holding:
+                    if self._release_hold(seg):  # its pages died with it: the weak segment has no KV any more
+                        self.drop(seg)
+                    else:
+                        seg.page_gens = self.ledger.gen[seg.pages].copy()
 
     # ------------------------------------------------------------------ re-rotated copies
 
