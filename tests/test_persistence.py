@@ -271,7 +271,7 @@ def test_pages_share_whole_master_pages_and_copy_on_write_the_rest(ps):
         sim.check()
     copies = [s for s in sim.tree.store.segments() if s.copy_of is not None]
     assert sorted({s.key.rsplit("/", 1)[1] for s in copies}) == ["1", "3"]  # one copy per alignment
-    shared = [set(sim.tree.diff.record(id(reqs[a].kv)).counted.tolist()) for a in (1, 2)]
+    shared = [set(sim.tree.diff.record(id(reqs[a].kv)).distinct.tolist()) for a in (1, 2)]
     assert len(shared[0] & shared[1]) >= 4 * ps  # whole pages of one copy, read by both
     counters = sim.tree.stats.counters
     assert counters["cow_pages"] >= 3 and counters["cow_tokens"] > 0
@@ -319,7 +319,7 @@ def test_the_rows_of_one_base_are_stamped_from_one_plan(ps, policy):
         reqs = _round_of_agents(sim, out0, out1, [2, 3, 4, 5], policy=policy, clear_templates=clear)
         rows = [(sim.master_positions(r).tolist(), r.td.row_plan.compute_spans,
                  [(it.start, it.n, it.sel_key, it.static.tolist()) for it in r.td.row_plan.select],
-                 sorted(sim.tree.diff.record(id(r.kv)).counted.tolist())) for r in reqs]
+                 sorted(sim.tree.diff.record(id(r.kv)).distinct.tolist())) for r in reqs]
         return sim, reqs, rows
 
     sim, reqs, stamped = run(clear=False)

@@ -6,7 +6,7 @@ Definitions (docs/architecture.md, "Metrics"):
   counted as ``1 / rows_served`` each (``rows_served``: the rows that have read that master; the masters its
   cached path references count the same way), accumulated per round
   (``kv_per_agent_by_round``); ``shared_tokens`` / ``shared_held_tokens``: the row's segment-span tokens and the
-  slots held for them.
+  slots held for them. Summed over an agent's released rows, in bytes: ``kv_bytes_by_agent_cumulative``.
 * **KV bytes by agent** (live rows): master bytes divided among the live rows reading them, plus each row's own
   slots (its diffs, the text composed for it and its tail past the cached prefix).
 * **Prefill work per round**: tokens the forwards computed for a round's requests (extend, pre-pass, probes) and
@@ -89,41 +89,38 @@ class TreeStats:
         d["computed_tokens"] += extend + prepass
         d["token_layers"] += (extend + prepass) * self.num_layers + probe_token_layers
 
-    def note_release(self, rnd: Optional[int], allocated: int, shared: float, runs: Any) -> None:
-        """A released row: ``allocated`` slots in its row, ``shared`` segment-span tokens, ``runs`` the rows
-        ``[a, b)`` that reference the master of ``seg`` for each ``(a, b, seg)`` (the cached path's and the region
-        composed for it: :meth:`RequestState.master_runs`)."""
+    def note_release(self, rnd: Optional[int], agent: Optional[int], allocated: int, shared: float, runs: Any,
+                     bytes_per_token: float) -> None:
+        """A released row of ``agent``: ``allocated`` slots in its row, ``shared`` segment-span tokens, ``runs`` the
+        rows ``[a, b)`` that reference the master of ``seg`` for each ``(a, b, seg)`` (the cached path's and the
+        region composed for it: :meth:`RequestState.master_runs`). Its KV per agent goes to its round and, in bytes,
+        to its agent's cumulative total."""
         if allocated <= 0:
             return
         saved = 0.0
         for a, b, seg in runs:
             saved += max(0, min(b, allocated) - a) * (1.0 - 1.0 / max(1, seg.rows_served))
         acc = self.kv_by_round.setdefault(-1 if rnd is None else int(rnd), [0, 0.0, 0.0, 0.0])
+        held = float(allocated) - saved
         acc[0] += 1
-        acc[1] += float(allocated) - saved
+        acc[1] += held
         acc[2] += shared
         acc[3] += shared - saved
-
-    def note_row_bytes(self, agent: Optional[int], nbytes: float) -> None:
-        self.cum_bytes_by_agent[agent] = self.cum_bytes_by_agent.get(agent, 0.0) + nbytes
+        self.cum_bytes_by_agent[agent] = self.cum_bytes_by_agent.get(agent, 0.0) + held * bytes_per_token
 
     @staticmethod
-    def row_tokens(diff: DiffAllocator, key: Any) -> float:
-        """Token-equivalents the live row ``key`` holds: masters divided among the rows reading them, its composed
-        private slots and its tail past the cached prefix (costs the row's size)."""
-        rec = diff.rows[key]
-        out = diff.row_tokens(key)
-        kv = rec.owner
-        allocated = int(getattr(kv, "kv_allocated_len", 0) or 0)
-        if allocated:
-            owned_from = max(int(getattr(kv, "cache_protected_len", 0) or 0), rec.end)
-            page_size = diff.page_size
-            out += max(0, -(-allocated // page_size) * page_size - owned_from)
+    def live_row_tokens(diff: DiffAllocator) -> dict:
+        """Row key -> token-equivalents the live row holds: masters divided among the rows reading them, its composed
+        private slots and its tail past the cached prefix (one pass over the live rows' master slots)."""
+        out = diff.row_kv_tokens()
+        page_size = diff.page_size
+        for key, rec in diff.rows.items():
+            kv = rec.owner
+            allocated = int(getattr(kv, "kv_allocated_len", 0) or 0)
+            if allocated:
+                owned_from = max(int(getattr(kv, "cache_protected_len", 0) or 0), rec.end)
+                out[key] += max(0, -(-allocated // page_size) * page_size - owned_from)
         return out
-
-    def live_row_tokens(self, diff: DiffAllocator) -> dict:
-        """Row key -> :meth:`row_tokens`, for every live row."""
-        return {key: self.row_tokens(diff, key) for key in diff.rows}
 
     def kv_bytes_by_agent(self, diff: DiffAllocator) -> dict:
         out: dict = {}

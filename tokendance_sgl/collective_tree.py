@@ -523,16 +523,12 @@ class CollectiveTree(RadixCache):
         key = id(req.kv)
         if st.row_plan is not None and st.row_plan.pending:
             release_tails(st.row_plan.tails)  # released before its pre-pass ran
-        rec = self.diff.record(key) if self.diff.rows else None
+        rec = self.diff.pop_row(key) if self.diff.rows else None
         plan = st.plan
-        self.stats.note_release(plan.round if plan is not None else None,
+        self.stats.note_release(plan.round if plan is not None else None, st.agent,
                                 int(getattr(req.kv, "kv_allocated_len", 0) or 0),
                                 float(sum(len(s) for s in plan.spans)) if plan is not None else 0.0,
-                                st.master_runs(rec))
-        if rec is not None:
-            toks = self.stats.row_tokens(self.diff, key)
-            self.stats.note_row_bytes(rec.agent, toks * self.diff.bytes_per_token)
-            self.diff.pop_row(key)
+                                st.master_runs(rec), self.diff.bytes_per_token)
         self._release_row(req)
         st.release_row()
 

@@ -16,9 +16,10 @@ whole page**: a fresh page is allocated, the master tokens that are reused are c
 ``copy_fn(src, dst)`` and the private tokens get the page's other slots.
 
 :meth:`DiffAllocator.privatize` turns master positions of a built row into the row's own (a ``deviation`` choice
-made after composition). Per-agent accounting (:meth:`row_tokens`): the row's master slots weighted by
-``1/refcount`` (``refcount``: the live rows referencing that slot) plus its private slots. The refcounts are kept
-as rows gain and lose references (one host array indexed by slot), so accounting for a row costs its own size.
+made after composition). Per-agent accounting (:meth:`row_kv_tokens`): a row's master slots weighted by
+``1/refcount`` (``refcount``: the live rows referencing that slot) plus its private slots. Each record keeps its
+distinct master slots (a row of a shared plan takes the plan's, no work); the refcounts are counted from them when
+asked (one pass over the live rows' master slots, for the stats), so composing and releasing a row never touch them.
 
 This module imports no sglang: unit tests drive it with a real SGLang allocator or a fake.
 """
@@ -33,7 +34,6 @@ import torch
 
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_host
-from tokendance_sgl.page_counts import bump
 from tokendance_sgl.row_shape import MasterRun, NewRun, Piece, RowShape, coalesce, plan_shape, seg_id
 
 __all__ = [
@@ -69,8 +69,8 @@ class RowRecord:
     private_tokens: int = 0  # slots of the composed region that are the row's own (diffs, new tokens)
     end: int = 0  # first row position after the composed region
     owner: Any = None  # keeps the keyed object alive (ids are only unique among live objects)
-    counted: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # its distinct master slots,
-    # as counted in the allocator's refcounts
+    distinct: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # its distinct master slots
+    # (read-only: rows of one plan share the array)
 
     def segs(self) -> list:
         seen: dict = {}
@@ -137,7 +137,6 @@ class DiffAllocator:
         self.copy_fn = copy_fn
         self.alloc_fn = alloc_fn
         self.rows: dict[Hashable, RowRecord] = {}
-        self._refcount = np.zeros(0, dtype=np.int32)  # slot -> live rows whose master references include it
         self._distinct = Distinct()  # scratch of a row's distinct master slots
 
     # ------------------------------------------------------------------ records
@@ -165,29 +164,15 @@ class DiffAllocator:
 
     def pop_row(self, key: Hashable) -> Optional[RowRecord]:
         """Forgets the row; returns its record."""
-        rec = self.rows.pop(key, None)
-        if rec is not None:
-            bump(self._refcount, rec.counted, -1, what="master refcounts")
-            rec.counted = rec.counted[:0]
-        return rec
+        return self.rows.pop(key, None)
 
     def clear(self) -> None:
         self.rows.clear()
-        self._refcount = np.zeros(0, dtype=np.int32)
 
     def _recount(self, rec: RowRecord, now: Optional[np.ndarray] = None) -> None:
-        """The row's references changed: its distinct master slots (``now``, when the caller knows them) are counted
-        again."""
-        now = _distinct_slots(rec, self._distinct) if now is None else now
-        bump(self._refcount, rec.counted, -1, what="master refcounts")
-        try:
-            bump(self._refcount, now, 1)
-        except IndexError:  # a slot past the counts (nothing was written): grow them
-            grown = np.zeros(max(int(now.max()) + 1, 2 * self._refcount.size), dtype=np.int32)
-            grown[: self._refcount.size] = self._refcount
-            self._refcount = grown
-            bump(self._refcount, now, 1)
-        rec.counted = now
+        """The row's references changed: its distinct master slots are ``now`` (when the caller knows them) or
+        recomputed."""
+        rec.distinct = _distinct_slots(rec, self._distinct) if now is None else now
 
     def add_master_ref(
         self, key: Hashable, start: int, end: int, seg: Hashable, slots, *, agent=None, owner=None
@@ -358,25 +343,25 @@ class DiffAllocator:
 
     # ------------------------------------------------------------------ accounting
 
+    def _refcounts(self) -> np.ndarray:
+        """slot -> number of live rows whose master references include it (one pass over their master slots)."""
+        kept = [rec.distinct for rec in self.rows.values() if rec.distinct.size]
+        return np.bincount(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+
     def master_refcounts(self) -> dict[int, int]:
-        """slot -> number of live rows whose master references include it (diagnostics: walks the pool)."""
-        nz = np.nonzero(self._refcount)[0]
-        return dict(zip(nz.tolist(), self._refcount[nz].tolist()))
+        """slot -> number of live rows whose master references include it (diagnostics)."""
+        counts = self._refcounts()
+        nz = np.nonzero(counts)[0]
+        return dict(zip(nz.tolist(), counts[nz].tolist()))
 
     def check(self) -> None:
-        """The kept refcounts equal a recount of every live row's references (AssertionError if not)."""
-        want = np.zeros(self._refcount.size, dtype=np.int32)
+        """Every record's distinct master slots are those of its references (AssertionError if not)."""
         for rec in self.rows.values():
-            slots = _distinct_slots(rec)
-            assert np.array_equal(slots, np.sort(rec.counted)), f"row {rec.key!r}: counted slots differ from its refs"
-            want[slots] += 1
-        assert np.array_equal(want, self._refcount), "master refcounts differ from the live rows' references"
-
-    def row_tokens(self, key: Hashable) -> float:
-        """Token-equivalents row ``key`` holds: its master slots weighted by 1/refcount plus its private slots."""
-        rec = self.rows[key]
-        return float((1.0 / self._refcount[rec.counted]).sum()) + rec.private_tokens
+            assert np.array_equal(_distinct_slots(rec), np.sort(rec.distinct)), \
+                f"row {rec.key!r}: its distinct master slots differ from its refs"
 
     def row_kv_tokens(self) -> dict[Hashable, float]:
-        """Row key -> :meth:`row_tokens`, for every live row."""
-        return {key: self.row_tokens(key) for key in self.rows}
+        """Row key -> token-equivalents the live row holds: its master slots weighted by 1/refcount plus its private
+        slots (the refcounts counted once for all rows)."""
+        counts = self._refcounts()
+        return {key: float((1.0 / counts[rec.distinct]).sum()) + rec.private_tokens for key, rec in self.rows.items()}
