@@ -61,18 +61,54 @@ class MasterRef:
         return self.end - self.start
 
 
-@dataclass
+@dataclass(eq=False)
 class RowRecord:
+    """A live row's master references and private slots. A row composed from a shared plan keeps the plan and its
+    start until its references are asked for (:attr:`refs`): composing a row costs no reference objects."""
+
     key: Hashable
     agent: Optional[int] = None
-    refs: list[MasterRef] = field(default_factory=list)
     private_tokens: int = 0  # slots of the composed region that are the row's own (diffs, new tokens)
     end: int = 0  # first row position after the composed region
     owner: Any = None  # keeps the keyed object alive (ids are only unique among live objects)
     distinct: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # its distinct master slots
     # (read-only: rows of one plan share the array)
+    _refs: Optional[list] = field(default=None, repr=False)
+    _planned: Optional[tuple] = field(default=None, repr=False)  # (start, shape) of refs not built yet
+    _runs: Optional[list] = field(default=None, repr=False)  # (start, end, seg) per reference, once asked
+
+    @property
+    def refs(self) -> list[MasterRef]:
+        """The row's master references, sorted by start and disjoint."""
+        if self._refs is None:
+            self._refs = []
+            if self._planned is not None:
+                start, shape = self._planned
+                self._refs = [MasterRef(start + a, start + b, shape.pieces[i].seg, shape.src[a:b])
+                              for a, b, i in shape.runs]
+        return self._refs
+
+    @refs.setter
+    def refs(self, refs: list) -> None:
+        self._refs, self._planned, self._runs = refs, None, None
+
+    def plan_refs(self, start: int, shape: Any) -> None:
+        """The references are the kept runs of ``shape`` at row ``start`` (built when first asked for)."""
+        self._refs, self._planned, self._runs = None, (start, shape), None
+
+    def runs(self) -> list:
+        """``(start, end, segment)`` of every master reference."""
+        if self._runs is None:
+            if self._refs is None and self._planned is not None:
+                start, shape = self._planned
+                self._runs = [(start + a, start + b, shape.pieces[i].seg) for a, b, i in shape.runs]
+            else:
+                self._runs = [(r.start, r.end, r.seg) for r in self.refs]
+        return self._runs
 
     def segs(self) -> list:
+        if self._refs is None and self._planned is not None:
+            return list(self._planned[1].segs)
         seen: dict = {}
         for r in self.refs:
             seen.setdefault(seg_id(r.seg), r.seg)
@@ -82,7 +118,6 @@ class RowRecord:
         if not self.refs:
             return np.empty(0, dtype=np.int64)
         return np.concatenate([np.arange(r.start, r.end, dtype=np.int64) for r in self.refs])
-
 
 
 @dataclass
@@ -297,14 +332,13 @@ class DiffAllocator:
                                                        shape.priv_pages, fresh)
         rec = self.ensure_record(key, agent=agent, owner=owner)
         if shape.runs:  # master references (views of the shape's read-only slots)
-            first = not rec.refs
-            refs = [MasterRef(start_pos + a, start_pos + b, shape.pieces[i].seg, shape.src[a:b])
-                    for a, b, i in shape.runs]
-            if first:  # the shape's runs are sorted and disjoint
-                rec.refs = refs
+            if not rec.refs:  # the shape's runs are sorted and disjoint
+                rec.plan_refs(start_pos, shape)
+                self._recount(rec, shape.distinct)
             else:
-                self._merge_refs(rec, refs)
-            self._recount(rec, shape.distinct if first else None)
+                self._merge_refs(rec, [MasterRef(start_pos + a, start_pos + b, shape.pieces[i].seg, shape.src[a:b])
+                                       for a, b, i in shape.runs])
+                self._recount(rec)
         rec.private_tokens += shape.n_alloc
         rec.end = max(rec.end, start_pos + len(shape.src))
         dev = fresh.device if fresh.numel() else getattr(self.allocator, "device", "cpu")

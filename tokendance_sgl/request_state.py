@@ -181,7 +181,7 @@ class RequestState:
     def master_runs(self, rec: Any) -> list:
         """Every run of the row that references a master: the matched path's and those of ``rec`` (the row's diff
         record, None: nothing composed), as ``(first row, end row, segment)``."""
-        return self.path_runs + ([(r.start, r.end, r.seg) for r in rec.refs] if rec is not None else [])
+        return self.path_runs + rec.runs() if rec is not None else self.path_runs
 
     def release_row(self) -> None:
         """Forgets the row (SGLang released it); the caller has given back ``held_pages`` and ``reads``."""
