@@ -98,8 +98,13 @@ class TreeStats:
         if allocated <= 0:
             return
         saved = 0.0
-        for a, b, seg in runs:
-            saved += max(0, min(b, allocated) - a) * (1.0 - 1.0 / max(1, seg.rows_served))
+        for a, b, seg in runs:  # sorted by start
+            if a >= allocated:
+                break
+            served = seg.rows_served
+            if served > 1:
+                n = (b if b < allocated else allocated) - a
+                saved += n - n / served
         acc = self.kv_by_round.setdefault(-1 if rnd is None else int(rnd), [0, 0.0, 0.0, 0.0])
         held = float(allocated) - saved
         acc[0] += 1

@@ -527,7 +527,7 @@ class CollectiveTree(RadixCache):
         plan = st.plan
         self.stats.note_release(plan.round if plan is not None else None, st.agent,
                                 int(getattr(req.kv, "kv_allocated_len", 0) or 0),
-                                float(sum(len(s) for s in plan.spans)) if plan is not None else 0.0,
+                                float(plan.span_tokens) if plan is not None else 0.0,
                                 st.master_runs(rec), self.diff.bytes_per_token)
         self._release_row(req)
         st.release_row()

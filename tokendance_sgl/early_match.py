@@ -36,8 +36,8 @@ def _next_child(match: Any, key: Any, page_size: int) -> tuple:
     return match.last_device_node, (key.child_key_at(n, page_size) if n + page_size <= len(key) else None)
 
 
-@dataclass(frozen=True)
-class EarlyMatch:
+@dataclass(eq=False, slots=True)
+class EarlyMatch:  # never changed after it is made
     sig: tuple  # (tokens, limit, extra_key, cache_salt) of the key it matched
     gen: int  # the tree's eviction generation when matched
     watch: tuple  # ((node, child key or None), ...): where the exact and the approximate match ended, and the child

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from array import array
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from tokendance_sgl.request_state import PlannedSegment, SegmentPlan, state_of
 from tokendance_sgl.segment_store import SegmentStore
@@ -41,11 +41,9 @@ def ns_key_of(req: Any, td_ns: str = "") -> str:
     return json.dumps([td_ns or "", extra, salt], default=str)
 
 
-def _is_prefix(part: Sequence[int], whole: array) -> bool:
+def _is_prefix(part: array, whole: array) -> bool:
     n = len(part)
-    if not isinstance(part, array):
-        part = array("q", part)
-    return 0 < n <= len(whole) and part == whole[:n]
+    return 0 < n <= len(whole) and (part == whole if n == len(whole) else part == whole[:n])
 
 
 def _warn_once(req: Any, msg: str) -> None:
@@ -59,9 +57,12 @@ def _table_spans(store: SegmentStore, table, prompt, ns_key: str, rnd: Optional[
     """The planned spans of a segment table, or an error that refuses the request."""
     spans: list[PlannedSegment] = []
     now = time.monotonic()
+    if not isinstance(prompt, array):
+        prompt = array("q", prompt)  # once: its spans are then compared without a conversion each
+    ids = store.ids
     for i, sp in enumerate(table.spans):
         toks = prompt[sp.start : sp.end]
-        rec = store.ids.get(sp.seg_id)
+        rec = ids.get(sp.seg_id)
         if rec is None:
             if sp.seg_id in store.pending_ids:
                 spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, None, "table", "pending", 0))

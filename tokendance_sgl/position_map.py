@@ -107,13 +107,20 @@ class PathPositions:
 
     def record(self, node: Any, start: int, pmap: Optional[PositionMap], runs: Sequence[tuple] = ()) -> None:
         """A new node holding rows ``[start, start + len(node.key))`` of a row mapped by ``pmap`` whose rows
-        ``[a, b)`` reference the master of ``seg`` for each ``(a, b, seg)`` of ``runs``."""
+        ``[a, b)`` reference the master of ``seg`` for each ``(a, b, seg)`` of ``runs`` (sorted by start, disjoint:
+        read from the last one back to the first before the node)."""
         end = start + len(node.key)
         got = pmap.breaks_in(start, end) if pmap else None
         if got:
             self._breaks[node.id] = got
-        mine = [(max(a, start) - start, min(b, end) - max(a, start), seg) for a, b, seg in runs if a < end and b > start]
+        mine = []
+        for a, b, seg in reversed(runs):
+            if b <= start:
+                break
+            if a < end:
+                mine.append((max(a, start) - start, min(b, end) - max(a, start), seg))
         if mine:
+            mine.reverse()
             self._runs[node.id] = mine
 
     def split(self, parent: Any, child: Any, split_len: int) -> None:

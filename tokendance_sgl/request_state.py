@@ -65,6 +65,11 @@ class SegmentPlan:
     def reusable_tokens(self) -> int:
         return sum(s.kv_len for s in self.spans)
 
+    @property
+    def span_tokens(self) -> int:
+        """Prompt tokens inside the spans."""
+        return sum(s.end - s.start for s in self.spans)
+
 
 @dataclass
 class RowLayout:
@@ -180,7 +185,8 @@ class RequestState:
 
     def master_runs(self, rec: Any) -> list:
         """Every run of the row that references a master: the matched path's and those of ``rec`` (the row's diff
-        record, None: nothing composed), as ``(first row, end row, segment)``."""
+        record, None: nothing composed), as ``(first row, end row, segment)``, sorted and disjoint (the region
+        composed for the row starts where its matched path ends)."""
         return self.path_runs + rec.runs() if rec is not None else self.path_runs
 
     def release_row(self) -> None:
