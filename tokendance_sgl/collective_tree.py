@@ -146,8 +146,10 @@ class CollectiveTree(RadixCache):
         then allocate."""
         if n % self.page_size:
             raise ValueError(f"{n} slots asked of a pool of {self.page_size}-token pages")
-        self.pool.evict_to_free_tokens(self, n)
-        return self.pool.alloc(n)
+        alloc = self.pool.allocator
+        if alloc.available_size() < n:  # (SGLang's evict_to_free_tokens: nothing to do when the pool has room)
+            alloc.evict_to_free_tokens(self, n)
+        return alloc.alloc(n)
 
     def _free_pages(self, pages: np.ndarray) -> None:
         if self.pool is not None:

@@ -85,16 +85,16 @@ def _table_spans(store: SegmentStore, table, prompt, ns_key: str, rnd: Optional[
             spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, rec.key, "table", "mismatch", 0))
             continue
         if node is None or not store.has_kv(node):
-            status, kv_len, anchor = "evicted", 0, None
+            status, kv_len, anchor, resident = "evicted", 0, None, None
         elif node.ns_key != ns_key:
-            status, kv_len, anchor = "other-namespace", 0, None
+            status, kv_len, anchor, resident = "other-namespace", 0, None, None
         else:
-            status, kv_len, anchor = "resident", min(node.kv_len, len(toks)), node.anchor
+            status, kv_len, anchor, resident = "resident", min(node.kv_len, len(toks)), node.anchor, node
         if node is not None:
             if rnd is not None and rnd > node.used_round:
                 node.used_round = rnd
             node.last_access_time = now
-        spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, rec.key, "table", status, kv_len, anchor))
+        spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, rec.key, "table", status, kv_len, anchor, resident))
     return spans, None
 
 
@@ -108,7 +108,8 @@ def _detected_spans(store: SegmentStore, prompt, ns_key: str, rnd: Optional[int]
         valid = store.has_kv(node)
         seg_id = min(node.ids) if node.ids else None
         spans.append(PlannedSegment(d.start, d.end, seg_id, node.key, "detected", "resident" if valid else "evicted",
-                                    min(node.kv_len, len(d)) if valid else 0, node.anchor if valid else None))
+                                    min(node.kv_len, len(d)) if valid else 0, node.anchor if valid else None,
+                                    node if valid else None))
         if rnd is not None and rnd > node.used_round:
             node.used_round = rnd
         node.last_access_time = now

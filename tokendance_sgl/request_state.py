@@ -42,6 +42,7 @@ class PlannedSegment:
     status: str  # "resident" | "evicted" | "pending" | "other-namespace" | "mismatch"
     kv_len: int  # tokens of the span whose master KV is resident now (0: recompute all)
     anchor: Optional[int] = None  # position the master's first token was computed (rotated) for
+    node: Any = None  # the segment node, when resident at the plan's store epoch
 
     def __len__(self) -> int:
         return self.end - self.start

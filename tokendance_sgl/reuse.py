@@ -94,13 +94,16 @@ def plan_layout(host: ReuseHost, req: Any, prefix_len: int, limit: int,
     page_size = host.page_size
     spans = []
     last = prefix_len
+    store = host.store
+    current = plan.epoch == store.epoch  # no segment dropped since planning: its resident nodes are the store's
     for s in plan.spans:  # sorted by start
         if s.status != "resident" or s.kv_len <= 0 or s.start < last:
             continue  # evicted / pending / mismatch, inside the cached prefix, or overlapping: recomputed normally
-        node = host.store.get(s.key)
-        if node is None or not host.store.has_kv(node):
+        node = s.node if current else store.get(s.key)
+        if node is None or not store.has_kv(node):
             continue
-        a, b = s.start, min(s.start + (len(s) if complete else s.kv_len), limit)
+        a = s.start
+        b = min(a + (s.end - a if complete else s.kv_len), limit)
         if b <= a:
             break
         spans.append((a, b, s))
@@ -184,7 +187,7 @@ def _new_template(host: ReuseHost, layout: RowLayout, positions: PositionMap, pi
         offsets.flags.writeable = False  # shared by the rows stamped from the template
         pieces.append(MasterRun(seg, seg.master[:n], recompute=offsets, host=seg.host[:n]))
         points.append(a - start + offsets)  # recomputed positions
-        if n == len(seg.tokens) and n - 1 not in offsets:
+        if n == len(seg.tokens) and (offsets.size == 0 or offsets[-1] != n - 1):  # (offsets are sorted)
             tails.append((seg, a - start + n - 1))
         if n < b - a:
             pieces.append(NewRun(b - a - n))
