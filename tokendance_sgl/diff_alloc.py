@@ -328,7 +328,7 @@ class DiffAllocator:
         fresh = self._alloc(shape.n_alloc)
         if fresh is None:
             return None
-        out, copies, copied_pages = self._fill_private(shape.src, shape.reuse, ~shape.keep, shape.private_positions,
+        out, copies, copied_pages = self._fill_private(shape.src, shape.reuse, shape.private_positions,
                                                        shape.priv_pages, fresh)
         rec = self.ensure_record(key, agent=agent, owner=owner)
         if shape.runs:  # master references (views of the shape's read-only slots)
@@ -346,13 +346,14 @@ class DiffAllocator:
                         private_positions=shape.private_positions, copies=copies, copied_pages=copied_pages,
                         host=out, shape=shape)
 
-    def _fill_private(self, src, reuse, private, private_positions, priv_pages, fresh) -> tuple[np.ndarray, int, int]:
-        """The region's slots: masters where kept, fresh slots elsewhere; with pages, the reused master tokens of a
-        copied page are copied into it (``copy_fn``). Returns the slots, the tokens copied and the pages copied."""
+    def _fill_private(self, src, reuse, private_positions, priv_pages, fresh) -> tuple[np.ndarray, int, int]:
+        """The region's slots: masters where kept, fresh slots elsewhere (``private_positions``, ascending, one fresh
+        slot each in order); with pages, the reused master tokens of a copied page are copied into it (``copy_fn``).
+        Returns the slots, the tokens copied and the pages copied."""
         page_size = self.page_size
         out = src.copy()
         if page_size == 1:
-            out[private] = to_host(fresh)
+            out[private_positions] = to_host(fresh)
             return out, 0, 0
         copies_src: list[int] = []
         copies_dst: list[int] = []
