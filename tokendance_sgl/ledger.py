@@ -26,7 +26,6 @@ shared by a radix path, a segment and a live row goes back to the pool once, by 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any, Optional
 
 import numpy as np
@@ -350,17 +349,20 @@ class RadixHolds:
         else:
             self._lock(nodes, -1)
 
-    @contextmanager
-    def relocking(self):
-        """A window in which an unlock is followed at once by a lock (SGLang's checkpoint: the request's old path,
-        then its new path): the path both share keeps its ledger locks, so only the new leaf's pages change instead
-        of the whole path's twice. Nothing may read the radix locks of the ledger between the two."""
+    def relocking(self) -> "RadixHolds":
+        """``with holds.relocking():`` a window in which an unlock is followed at once by a lock (SGLang's
+        checkpoint: the request's old path, then its new path): the path both share keeps its ledger locks, so only
+        the new leaf's pages change instead of the whole path's twice. Nothing may read the radix locks of the ledger
+        between the two."""
         self._relock = []
-        try:
-            yield
-        finally:
-            off, self._relock = self._relock, None
-            self._lock(off or [], -1)  # an unlock no lock followed
+        return self
+
+    def __enter__(self) -> "RadixHolds":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        off, self._relock = self._relock, None
+        self._lock(off or [], -1)  # an unlock no lock followed
 
     def split(self, parent: Any, child: Any, pages: np.ndarray, split_len: int, old_len: int) -> None:
         """``parent`` took the first ``split_len`` tokens of ``child`` (whose pages were ``pages``)."""

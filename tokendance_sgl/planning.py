@@ -59,7 +59,7 @@ def _table_spans(store: SegmentStore, table, prompt, ns_key: str, rnd: Optional[
     now = time.monotonic()
     if not isinstance(prompt, array):
         prompt = array("q", prompt)  # once: its spans are then compared without a conversion each
-    ids = store.ids
+    ids, get, has_kv = store.ids, store.get, store.has_kv
     for i, sp in enumerate(table.spans):
         toks = prompt[sp.start : sp.end]
         rec = ids.get(sp.seg_id)
@@ -69,7 +69,7 @@ def _table_spans(store: SegmentStore, table, prompt, ns_key: str, rnd: Optional[
                 continue
             return [], (f"segment {i}: unknown segment id {sp.seg_id!r} (no request registered it or announced it "
                         f"as td_out_seg)")
-        node = store.get(rec.key)
+        node = get(rec.key)
         if node is not None:
             ok = _is_prefix(toks, node.tokens)
         elif len(toks) == rec.length:
@@ -84,7 +84,7 @@ def _table_spans(store: SegmentStore, table, prompt, ns_key: str, rnd: Optional[
             _warn_once(req, msg + "; the span is recomputed")
             spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, rec.key, "table", "mismatch", 0))
             continue
-        if node is None or not store.has_kv(node):
+        if node is None or not has_kv(node):
             status, kv_len, anchor, resident = "evicted", 0, None, None
         elif node.ns_key != ns_key:
             status, kv_len, anchor, resident = "other-namespace", 0, None, None
