@@ -264,8 +264,7 @@ def build_row(host: ReuseHost, req: Any, layout: RowLayout) -> Optional[Composed
             release_tails([t for t in tails if t[1] in own])
             tails = [t for t in tails if t[1] not in own]
     finally:
-        for seg in pinned:
-            host.store.unlock(seg)
+        host.store.unlock_all(pinned)
         if built is None:
             release_tails(tails)
     row_plan = RowPlan(compute_spans=compute, select=select, probe_start=layout.start, tails=tails,

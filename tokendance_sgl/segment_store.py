@@ -286,6 +286,10 @@ class SegmentStore:
     def unlock(self, seg: SegmentNode) -> None:
         self._unlock((seg,), 0)
 
+    def unlock_all(self, segs: Sequence[SegmentNode]) -> None:
+        """:meth:`unlock` of each of ``segs`` (a segment may repeat: once per lock), in one ledger update."""
+        self._unlock(segs, 0)
+
     def lock_for_row(self, segs: Sequence[SegmentNode]) -> None:
         """:meth:`lock` of each of ``segs`` (distinct) for a live row that reads its master (``row_refs``)."""
         self._lock(segs, 1)
@@ -348,8 +352,7 @@ class SegmentStore:
             try:
                 return self._copies(wants, None, sources)
             finally:
-                for seg in sources:
-                    self.unlock(seg)
+                self._unlock(sources, 0)
         return self._copies(wants, pinned, pinned)
 
     def _copies(self, wants: Sequence[tuple], pinned: Optional[list], sources: list) -> list:
@@ -361,29 +364,28 @@ class SegmentStore:
                 continue
             align = int(rest[0]) % ps if rest else 0
             if seg.copy_of is None and seg.anchor == anchor and int(seg.host[0]) % ps == align:
-                self._pin(seg, pinned)
                 out[i] = seg
                 continue
             key = f"{seg.copy_of or seg.key}@{anchor}" + (f"/{align}" if ps > 1 else "")
             node = self._nodes.get(key)
             if node is not None and self.has_kv(node) and node.kv_len >= seg.kv_len:
                 node.round = max(node.round, self.current_round)
-                self._pin(node, pinned)
                 out[i] = node
             elif key in todo:
                 todo[key][3].append(i)
             else:
                 todo[key] = (seg, int(anchor), align, [i])
+        self._pin([node for node in out if node is not None], pinned)  # before the allocation below (it may evict)
         if not todo:
             return out
         if self.rerotate is None:
             raise RuntimeError("re-rotation needs the model's RoPE (the store has no rerotate function)")
-        for seg, *_ in todo.values():
-            self.lock(seg)  # the allocation below may evict
-            sources.append(seg)
+        srcs = [seg for seg, *_ in todo.values()]
+        self._lock(srcs, 0)
+        sources.extend(srcs)
         made = self._make_copies(list(todo.items()))
+        self._pin(made or [], pinned)
         for (seg, _, _, idx), node in zip(todo.values(), made or ()):
-            self._pin(node, pinned)
             for i in idx:
                 out[i] = node
         return out
@@ -440,10 +442,11 @@ class SegmentStore:
         self.counters["copy_pad_slots"] += int((spans - sizes).sum())
         return made
 
-    def _pin(self, seg: SegmentNode, pinned: Optional[list]) -> None:
-        if pinned is not None:
-            self.lock(seg)
-            pinned.append(seg)
+    def _pin(self, segs: list, pinned: Optional[list]) -> None:
+        """Locks ``segs`` (repeats allowed) into ``pinned`` (None: nothing is locked)."""
+        if pinned is not None and segs:
+            self._lock(segs, 0)
+            pinned.extend(segs)
 
     # ------------------------------------------------------------------ eviction
 
