@@ -110,13 +110,13 @@ def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     has a few dozen pieces), not one slice assignment per piece."""
     if not pieces:
         return np.empty(0, np.int64), np.zeros(0, bool), np.empty(0, np.int64)
-    srcs, flags, lens, recompute, bounds = [], [], [], [], []
+    masters, flags, lens, recompute, bounds = [], [], [], [], []
     off = 0
     for p in pieces:
         if isinstance(p, MasterRun):
-            n = len(p)
             slots = p.host if p.host is not None else to_host(p.slots, torch.int64)
-            srcs.append(np.asarray(slots, dtype=np.int64))
+            n = len(slots)
+            masters.append((off, slots))
             flags.append(True)
             if p.recompute is not None and len(p.recompute):
                 offsets = np.asarray(p.recompute, dtype=np.int64)
@@ -126,13 +126,14 @@ def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarra
             n = p.length
             if n < 0:
                 raise ValueError("NewRun length must be >= 0")
-            srcs.append(np.full(n, -1, dtype=np.int64))
             flags.append(False)
         else:
             raise TypeError(f"unknown piece {p!r}")
         lens.append(n)
         off += n
-    src = np.concatenate(srcs)
+    src = np.full(off, -1, dtype=np.int64)  # new runs keep -1
+    for a, slots in masters:
+        src[a : a + len(slots)] = slots
     is_master = np.asarray(flags)
     reuse = np.repeat(is_master, lens)
     if (src[reuse] < 0).any():
