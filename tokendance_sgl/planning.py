@@ -89,7 +89,8 @@ def _table_spans(store: SegmentStore, table, prompt, ns_key: str, rnd: Optional[
         elif node.ns_key != ns_key:
             status, kv_len, anchor, resident = "other-namespace", 0, None, None
         else:
-            status, kv_len, anchor, resident = "resident", min(node.kv_len, len(toks)), node.anchor, node
+            kv_len, n = node.kv_len, sp.end - sp.start
+            status, kv_len, anchor, resident = "resident", kv_len if kv_len < n else n, node.anchor, node
         if node is not None:
             if rnd is not None and rnd > node.used_round:
                 node.used_round = rnd

@@ -30,7 +30,7 @@ __all__ = ["PlannedSegment", "SegmentPlan", "RowLayout", "SelectItem", "RowPlan"
            "row_plan_of"]
 
 
-@dataclass
+@dataclass(slots=True)
 class PlannedSegment:
     """One span of the prompt that names (or contains) a registered segment."""
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import operator
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence
@@ -71,8 +72,8 @@ class SegmentTableError(ValueError):
     the client (HTTP 400)."""
 
 
-@dataclass(frozen=True)
-class SegmentSpan:
+@dataclass(slots=True)
+class SegmentSpan:  # a parsed table's span: never changed (not frozen: a table makes one per span, cheaply)
     seg_id: str
     start: int
     end: int
@@ -132,11 +133,14 @@ def _well_formed(ids: list, starts: list, ends: list, prompt_len: Optional[int])
     """Whether the span lists break none of the rules of :func:`parse_segment_table` (exact ``int`` offsets)."""
     if not ids:
         return True
-    return (all(type(x) is int for x in starts) and all(type(x) is int for x in ends)
-            and all(type(x) is str and x.strip() for x in ids)
-            and starts[0] >= 0 and all(s < e for s, e in zip(starts, ends))
-            and all(e <= s for e, s in zip(ends, starts[1:]))
+    return (set(map(type, starts)) == _INT and set(map(type, ends)) == _INT and set(map(type, ids)) == _STR
+            and all(map(str.strip, ids))
+            and starts[0] >= 0 and all(map(operator.lt, starts, ends))  # each span non-empty
+            and all(map(operator.le, ends, starts[1:]))  # sorted, disjoint
             and (prompt_len is None or ends[-1] <= prompt_len))
+
+
+_INT, _STR = {int}, {str}
 
 
 def parse_segment_table(custom_params: Optional[Mapping[str, Any]], prompt_len: Optional[int]) -> Optional[SegmentTable]:
