@@ -73,8 +73,8 @@ def value_pages(value: Any, page_size: int) -> tuple[np.ndarray, bool]:
     if value is None or isinstance(value, list) or value.numel() == 0:
         return np.empty(0, dtype=np.int64), True
     v = to_host(value, torch.int64)
-    if page_size == 1:
-        return v.copy(), True
+    if page_size == 1:  # (a node's value is never written in place: a split clones both parts)
+        return v, True
     if _structured(v, page_size):
         return v[::page_size] // page_size, True
     return np.unique(v // page_size), False  # not page-structured (e.g. simulated values): the distinct pages
