@@ -173,6 +173,43 @@ def test_kv_bytes_by_agent_divides_master_bytes():
     assert d.row_kv_tokens()["a1"] == pytest.approx(2 / 2 + 8 / 3)
 
 
+def test_rows_of_one_plan_share_it_until_their_references_are_asked_for():
+    """A row built from a shape keeps the shape and its start: its references, runs, segments and distinct master
+    slots read the same as a row whose references were built at once; a second composition merges them."""
+    alloc = make_alloc(1, size=128)
+    d = DiffAllocator(alloc)
+    m1, m2 = alloc.alloc(6), alloc.alloc(4)
+    shape = d.plan([MasterRun("A", m1, recompute=[2]), NewRun(1), MasterRun("B", m2)])
+    for key, start in (("r1", 10), ("r2", 40)):
+        d.build_row(key, start, shape, agent=0)
+    rec = d.record("r2")
+    assert rec.segs() == ["A", "B"]
+    assert rec.runs() == [(40, 42, "A"), (43, 46, "A"), (47, 51, "B")]
+    assert [(r.start, r.end, r.seg) for r in rec.refs] == rec.runs()
+    assert rec.refs[1].slots.tolist() == m1[3:].tolist()
+    assert sorted(rec.distinct.tolist()) == sorted(m1[[0, 1, 3, 4, 5]].tolist() + m2.tolist())
+    d.check()
+    d.build_row("r2", 60, [MasterRun("C", alloc.alloc(2))])  # a later region of the same row: merged, recounted
+    assert [r.seg for r in d.record("r2").refs] == ["A", "A", "B", "C"] and d.record("r2").segs() == ["A", "B", "C"]
+    assert d.master_refcounts()[int(m2[0])] == 2
+    d.check()
+
+
+def test_a_released_row_counts_the_same_kv_for_its_round_and_its_agent():
+    """The cumulative KV bytes by agent add up the KV per agent of the agent's released rows: master runs divided
+    among the rows served, the runs read only up to the row's allocated end."""
+    from types import SimpleNamespace
+
+    stats = TreeStats()
+    seg, alone = SimpleNamespace(rows_served=4), SimpleNamespace(rows_served=1)
+    stats.note_release(1, 7, 100, 40.0, [(0, 8, alone), (10, 50, seg)], 2.0)
+    assert stats.kv_by_round[1][:2] == [1, pytest.approx(100 - 40 * 0.75)]
+    assert stats.cum_bytes_by_agent[7] == pytest.approx(2.0 * 70)
+    stats.note_release(1, 7, 30, 0.0, [(10, 50, seg), (60, 70, seg)], 2.0)  # only rows [10, 30) are in this row
+    assert stats.cum_bytes_by_agent[7] == pytest.approx(2.0 * (70 + 30 - 20 * 0.75))
+    assert stats.report(2.0)["kv_per_agent_by_round"]["1"]["tokens"] == pytest.approx((70 + 15) / 2)
+
+
 def test_coalesce():
     assert coalesce([(5, 8), (0, 2), (2, 4), (7, 9), (10, 10)]) == [(0, 4), (5, 9)]
 
