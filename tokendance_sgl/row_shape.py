@@ -106,8 +106,8 @@ def coalesce(ranges: Iterable[tuple[int, int]], points: Optional[np.ndarray] = N
 
 def _lay_out(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per position of a composition: the master slot (-1 for new runs), whether it reads the master (not
-    recomputed) and the index of its piece. Validates the pieces. One concatenation for the whole region (a row
-    has a few dozen pieces), not one slice assignment per piece."""
+    recomputed) and the index of its piece. Validates the pieces. The region's slots are one array (-1 filled once),
+    the master runs copied into it; the flags and piece indices are repeated per piece in one call each."""
     if not pieces:
         return np.empty(0, np.int64), np.zeros(0, bool), np.empty(0, np.int64)
     masters, flags, lens, recompute, bounds = [], [], [], [], []
