@@ -64,11 +64,10 @@ class CanonicalBases:
         ``max_gap`` leaves no other choice)."""
         gap = self.config.max_gap if max_gap is None else min(int(max_gap), self.config.max_gap)
         bases = self.bases.get(key)
-        fits = [b for b in bases if start <= b <= start + gap] if bases is not None else None
-        if fits:  # a base covers it already (plan would open none)
-            self.bases.move_to_end(key)
-            return min(fits)
-        bases = self.plan(key, [start])
+        if bases is not None and any(start <= b <= start + gap for b in bases):
+            self.bases.move_to_end(key)  # a base covers it already: plan would open none
+        else:
+            bases = self.plan(key, [start])
         fits = [b for b in bases if start <= b <= start + gap]
         if fits:
             return min(fits)

@@ -61,6 +61,11 @@ class MasterRef:
         return self.end - self.start
 
 
+def _shape_refs(start: int, shape: RowShape) -> list[MasterRef]:
+    """The master references of ``shape``'s kept runs at row ``start`` (views of its read-only slots)."""
+    return [MasterRef(start + a, start + b, shape.pieces[i].seg, shape.src[a:b]) for a, b, i in shape.runs]
+
+
 @dataclass(eq=False)
 class RowRecord:
     """A live row's master references and private slots. A row composed from a shared plan keeps the plan and its
@@ -81,11 +86,7 @@ class RowRecord:
     def refs(self) -> list[MasterRef]:
         """The row's master references, sorted by start and disjoint."""
         if self._refs is None:
-            self._refs = []
-            if self._planned is not None:
-                start, shape = self._planned
-                self._refs = [MasterRef(start + a, start + b, shape.pieces[i].seg, shape.src[a:b])
-                              for a, b, i in shape.runs]
+            self._refs = _shape_refs(*self._planned) if self._planned is not None else []
         return self._refs
 
     @refs.setter
@@ -336,8 +337,7 @@ class DiffAllocator:
                 rec.plan_refs(start_pos, shape)
                 self._recount(rec, shape.distinct)
             else:
-                self._merge_refs(rec, [MasterRef(start_pos + a, start_pos + b, shape.pieces[i].seg, shape.src[a:b])
-                                       for a, b, i in shape.runs])
+                self._merge_refs(rec, _shape_refs(start_pos, shape))
                 self._recount(rec)
         rec.private_tokens += shape.n_alloc
         rec.end = max(rec.end, start_pos + len(shape.src))

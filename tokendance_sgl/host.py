@@ -19,7 +19,7 @@ _CPU = torch.device("cpu")
 def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
     """``t``'s values as a host numpy array (copied from the device when it lives there)."""
     if type(t) is not torch.Tensor or not t.is_cpu:  # (a plain host tensor is read in place)
-        t = t.detach().to(_CPU)
+        t = t.to(_CPU)
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     return t.detach().numpy()

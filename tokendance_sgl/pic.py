@@ -79,8 +79,7 @@ def build_pic_row(tree: CollectiveTree, req: Any, layout: RowLayout) -> Optional
         tree.rerotate_into(torch.cat(src), dst_t, torch.cat(delta).to(dst_t.device))
         tree.store.counters["rotated_tokens"] += int(dst_t.numel())
     finally:
-        for seg in pinned:
-            tree.store.unlock(seg)
+        tree.store.unlock_all(pinned)
     plan = RowPlan(compute_spans=coalesce(compute), select=select, probe_start=layout.start, private_copies=True,
                    lead_end=lead_end(layout))
     note_layout_stats(layout, plan, recomputed, built.private_tokens)
