@@ -9,12 +9,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # source folder -> package it installs as (pyproject.toml's package-dir)
 PACKAGES = {"tokendance_sgl": "tokendance_sgl", "kernels": "tokendance_sgl.kernels", "patches": "tokendance_sgl.patches"}
-MAX_LINES = 600
+MAX_LINES = 520  # about 500: a module reads in one sitting
 MAX_FUNCTION_LINES = 80
 # the core: the cache, its parts and the worker side (the frontend, workloads and tools may have longer functions)
 CORE = ("accounting", "backend", "bases", "collective_tree", "collector", "config", "diff_alloc", "host", "ledger",
-        "pic", "planning", "position_map", "recompute", "request_state", "reuse", "segment_store", "segments",
-        "selection", "support")
+        "live_rows", "pic", "planning", "position_map", "recompute", "request_state", "reuse", "segment_store",
+        "segments", "selection", "support")
 
 
 def _modules() -> dict[str, Path]:

@@ -11,12 +11,8 @@ import random
 import pytest
 
 import tokendance_sgl  # noqa: F401  (prepares the CPU environment before anything imports sglang)
-from tokendance_sgl.workloads import (
-    EMPTY_OUTPUT_FILLER,
-    Workload,
-    clean_output,
-    simulate,
-)
+from tokendance_sgl.chat_ids import EMPTY_OUTPUT_FILLER, clean_output
+from tokendance_sgl.workloads import Workload, simulate
 
 STYLES = ["generative_agents", "agent_society"]
 

@@ -9,6 +9,7 @@ from SGLang's cache contract to the parts of the system (``docs/architecture.md`
   eviction;
 * :mod:`~tokendance_sgl.planning` -- which segments a prompt contains (segment tables, detection);
 * :mod:`~tokendance_sgl.reuse` and :mod:`~tokendance_sgl.collector` -- composing rows from masters, once per round;
+* :mod:`~tokendance_sgl.live_rows` -- what a composed row holds (fresh pages, segment locks) until its release;
 * :mod:`~tokendance_sgl.position_map` -- the position map of aligned rows, kept with the cached paths;
 * :mod:`~tokendance_sgl.accounting` -- counters and KV per agent;
 * :mod:`~tokendance_sgl.request_state` -- ``req.td``, everything we keep about a request.
@@ -63,9 +64,10 @@ from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, RowShape
 from tokendance_sgl.early_match import EarlyMatch
 from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, check_ledger, nodes_turning
+from tokendance_sgl.live_rows import LiveRows
 from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
-from tokendance_sgl.request_state import RequestState, RowLayout, SegmentPlan, state_of
+from tokendance_sgl.request_state import RowLayout, SegmentPlan, state_of
 from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
 from tokendance_sgl.segment_store import SegmentStore
@@ -112,7 +114,7 @@ class CollectiveTree(RadixCache):
                                   alloc=self.alloc_slots, free_pages=self._free_pages)
         self.collector = self.collector_class(self)
         self.rope: Optional[RopeSpec] = None  # set by build_collective_tree from the loaded model
-        self._live: dict[int, RequestState] = {}  # id(req.kv) -> state of every live composed row
+        self.rows = LiveRows(self)  # every live composed row: its fresh pages and segment locks
         self._inserting: Optional[tuple] = None  # (state, diff record) of the row a checkpoint is inserting
         self.templates: OrderedDict = OrderedDict()  # region compositions shared by a round's rows (reuse.py)
         self.tp_size = 1  # set by build_collective_tree
@@ -137,7 +139,7 @@ class CollectiveTree(RadixCache):
         self.bases.reset()
         self.templates.clear()
         self.stats.reset_rounds()
-        self._live.clear()
+        self.rows.clear()
         if hasattr(self, "diff"):
             self.diff.clear()
 
@@ -349,23 +351,12 @@ class CollectiveTree(RadixCache):
                 self.stats.note_load(layout.stats)
         except Exception:
             logger.exception("tokendance: composing the row of request %s failed; prefilling it normally", req.rid)
-            self._roll_back_row(req, layout)
+            self.rows.roll_back(req, layout)
             out = None
         if out is None:
             self.stats.counters["load_back_fallbacks"] += 1
             return 0, node
         return layout.end - layout.start, node
-
-    def _roll_back_row(self, req: Any, layout: Any) -> None:
-        """Undoes a composition that failed half way: the row's holds, locks, record and claims go back; the request
-        is then prefilled as if nothing had been reused."""
-        st = state_of(req)
-        if st.row_plan is not None:
-            release_tails(st.row_plan.tails)
-        self.diff.pop_row(id(req.kv))
-        self._release_row(req)
-        st.positions, st.namespace = layout.prefix_positions, st.match_ns  # as matched, nothing composed
-        self.stats.counters["rollbacks"] += 1
 
     def build_row(self, req: Any, layout: Any) -> Optional[Composed]:
         """Composes ``req``'s reused region (:func:`tokendance_sgl.reuse.build_row`; the ``pic`` backend overrides)."""
@@ -382,89 +373,16 @@ class CollectiveTree(RadixCache):
         path = self.path_device_indices(req.last_node)[:r] if r > 0 else extra[:0]
         return torch.cat([path.to(device=extra.device, dtype=torch.int64), extra.to(torch.int64)])
 
+    # the live rows (tokendance_sgl.live_rows): the host protocol of reuse.py and the collector
     def compose_row(self, req: Any, start_pos: int, pieces: Sequence[Any] | RowShape, *, agent: Optional[int] = None
                     ) -> Optional[BuiltRow]:
-        """Builds the slots of ``req``'s row positions ``[start_pos, ...)`` from master runs and new runs (diff
-        allocator; ``pieces`` may be given as their plan). The live row holds their fresh pages and locks the
-        segments whose masters it reads until it is released. Returns None when the pool cannot provide the private
-        slots (nothing changed)."""
-        st, key = state_of(req), id(req.kv)
-        shape = pieces if isinstance(pieces, RowShape) else self.diff.plan(pieces)
-        rec = self.diff.record(key)
-        already = {id(s) for s in rec.segs()} if rec is not None else ()
-        new = [s for s in shape.segs if id(s) not in already]
-        self.store.lock_for_row(new)  # the segments the row reads, locked before allocating (allocation may evict)
-        built = None
-        try:
-            built = self.diff.build_row(key, start_pos, shape, agent=agent, owner=req.kv)
-        finally:
-            if built is None:
-                self.store.unlock_for_row(new)
-        if built is not None:  # its fresh slots (on the host: no device read); its segment locks protect the masters
-            st.reads.extend(new)
-            for s in new:
-                s.rows_served += 1
-            self._hold_row(st, key, built.host[built.private_positions])
-            self.stats.counters["cow_pages"] += built.copied_pages
-            self.stats.counters["cow_tokens"] += built.copies
-        return built
-
-    def _hold_row(self, st: RequestState, key: int, slots: torch.Tensor | np.ndarray) -> None:
-        pages = self.ledger.pages_of(slots, fresh=True)  # each page once: the row holds fresh slots only
-        self.ledger.hold_row(pages, distinct=True)
-        st.held_pages = np.concatenate([st.held_pages, pages])
-        self._live[key] = st
+        return self.rows.compose(req, start_pos, pieces, agent=agent)
 
     def privatize(self, req: Any, positions: np.ndarray) -> Optional[np.ndarray]:
-        """Gives the row positions of ``req`` that read a master private diff slots (written into its ``req_to_token``
-        row; their KV is then recomputed). With pages, whole row pages are copied on write: the master's KV is copied
-        into the fresh page and only ``positions`` are recomputed. Positions that are the row's own already stay as
-        they are. Returns the positions that became private (none: an empty array), or None (nothing changed) when
-        the pool has no room."""
-        st, kv = state_of(req), req.kv
-        widened = self.diff.master_pages_of(id(kv), np.asarray(positions, dtype=np.int64))
-        if widened.size == 0:
-            return widened
-        fresh = self.alloc_slots(int(widened.size))
-        if fresh is None:
-            return None
-        row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
-        where = torch.from_numpy(widened).to(row.device)
-        if self.page_size > 1:  # copy on write: the page keeps the master's KV except at the recomputed positions
-            self.diff.copy_fn(row[where].to(torch.int64), fresh.to(torch.int64))
-            self.stats.counters["cow_pages"] += int(widened.size) // self.page_size
-            self.stats.counters["cow_tokens"] += int(widened.size)
-        released = self.diff.privatize(id(kv), widened, fresh)
-        row[where] = fresh.to(row.dtype)
-        self._hold_row(st, id(kv), fresh)
-        for seg in released:
-            self._drop_read(st, seg)
-        self.stats.counters["privatized_tokens"] += int(widened.size)
-        return widened
+        return self.rows.privatize(req, positions)
 
     def recompute_region(self, req: Any) -> Optional[tuple[int, int]]:
-        """After a failed pre-pass: ``req``'s composed region becomes its own (every row that reads a master gets a
-        private slot) and is to be computed in full at the matched prefix's positions, as a plain prefill would.
-        Returns the region's rows, or None (the row is left as it was) when the pool has no room."""
-        st = state_of(req)
-        plan, layout = st.row_plan, st.layout
-        rec = self.diff.record(id(req.kv))
-        masters = rec.master_positions() if rec is not None else np.empty(0, dtype=np.int64)
-        if masters.size and self.privatize(req, masters) is None:
-            return None
-        release_tails(plan.tails)
-        counters = self.stats.counters
-        counters["reused_tokens"] -= layout.end - layout.start - plan.compute_tokens
-        counters["rollbacks"] += 1
-        counters["prepass_fallbacks"] += 1
-        plan.tails, plan.select, plan.compute_spans = [], [], [(layout.start, layout.end)]
-        plan.lead_end = plan.lead_done = 0
-        st.positions, st.namespace = layout.prefix_positions, st.match_ns
-        return layout.start, layout.end
-
-    def _drop_read(self, st: RequestState, seg: Any) -> None:
-        st.reads = [s for s in st.reads if s is not seg]
-        self.store.unlock_for_row([seg])
+        return self.rows.recompute_region(req)
 
     # ================================================================== checkpoint, registration, release
 
@@ -531,18 +449,8 @@ class CollectiveTree(RadixCache):
                                 int(getattr(req.kv, "kv_allocated_len", 0) or 0),
                                 float(plan.span_tokens) if plan is not None else 0.0,
                                 st.master_runs(rec), self.diff.bytes_per_token)
-        self._release_row(req)
+        self.rows.release(req)
         st.release_row()
-
-    def _release_row(self, req: Any) -> None:
-        """Gives back what the live row holds: its pages and its segment locks."""
-        st = state_of(req)
-        self._free_pages(self.ledger.release_row(st.held_pages, distinct=True))  # fresh pages, each held once
-        st.held_pages = np.empty(0, dtype=np.int64)
-        self.store.unlock_for_row(st.reads)
-        st.reads = []
-        st.host_slots = st.row_plan = None
-        self._live.pop(id(req.kv), None)
 
     # ================================================================== diagnostics
 
@@ -584,5 +492,5 @@ class CollectiveTree(RadixCache):
         seen = {id(x) for x in nodes}
         assert all(id(x) in seen for x in self.evictable_leaves), "an evictable leaf is not in the tree"
         check_ledger(self.ledger, self.radix_holds, [x for x in nodes if not x.evicted], self.store,
-                     [st.held_pages for st in self._live.values()])
+                     self.rows.held_pages())
         self.diff.check()

@@ -13,7 +13,7 @@ final answer; only the final answer is shared with the others (``td_out_seg``) i
 
 A request's history holds its earlier outputs as the raw generated ids (the KV a server cached for them), each
 closed with ``<|im_end|>`` when the generation did not stop on it; the blocks hold the cleaned outputs
-(:func:`tokendance_sgl.workloads.clean_output`). The segment table names every gathered segment in the prompt
+(:func:`tokendance_sgl.chat_ids.clean_output`). The segment table names every gathered segment in the prompt
 (all rounds so far). Rounds and turns must be built in order once per run.
 """
 
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from tokendance_sgl.workloads import IM_END, IM_START, AgentRequest, Workload, _rng
+from tokendance_sgl.chat_ids import IM_END, IM_START
+from tokendance_sgl.workloads import AgentRequest, Workload, _rng
 
 __all__ = ["HistoryWorkload", "THINK", "ANSWER"]
 

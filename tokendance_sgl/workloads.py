@@ -14,14 +14,14 @@ and the raw generated ids of the previous round, concatenated as ids, in ChatML 
     HEADER  { LABEL_j  SEGMENT_j  "\\n" }  for every agent j (round r >= 1; round 0 has an opening event instead)
     TASK  <|im_end|>\\n<|im_start|>assistant\\n
 
-``SEGMENT_j`` is exactly the id list agent ``j`` generated in round ``r-1`` (after :func:`clean_output`), so the
+``SEGMENT_j`` is exactly the id list agent ``j`` generated in round ``r-1`` (after :func:`~tokendance_sgl.chat_ids.clean_output`), so the
 same ids appear in every agent's prompt.  Each request carries its segment table in
 ``sampling_params.custom_params`` (see :mod:`tokendance_sgl.segments`): ``td_round``, ``td_agent``, ``td_seg_ids`` (``"r{r-1}/a{j}"``),
 ``td_seg_starts``/``td_seg_ends`` (token offsets into ``input_ids``) and ``td_out_seg`` (``"r{r}/a{i}"``).
 
 Output cleaning: trailing stop/EOS ids (``<|im_end|>``, the tokenizer's EOS, ``<|endoftext|>``) are stripped from a
 generated output before it is used as a segment.  If nothing is left (the model stopped at once) the segment is
-the fixed filler :data:`EMPTY_OUTPUT_FILLER` tokenized on its own, so a shared block is never empty; such a segment
+the fixed filler :data:`~tokendance_sgl.chat_ids.EMPTY_OUTPUT_FILLER` tokenized on its own, so a shared block is never empty; such a segment
 is not the producing request's generated ids, so a server that registered the raw output will see it as new.
 
 Every random choice goes through ``random.Random`` instances seeded from the workload seed and the purpose
@@ -34,7 +34,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+from tokendance_sgl.chat_ids import EMPTY_OUTPUT_FILLER, IM_END, IM_START, clean_output, load_tokenizer, stop_token_ids
+from tokendance_sgl.workload_text import (
+    AS_DISTRICTS, AS_FEED_MEMORY, AS_FIRST, AS_GUIDELINES, AS_INTERESTS, AS_JOBS, AS_MOODS, AS_NEWS, AS_RULES,
+    AS_STANCES, AS_SUFFIX, AS_TOPICS, FAKE_AS, FAKE_GA, GA_ACTIVITIES, GA_CONCERNS, GA_DAYS, GA_EVENTS, GA_EXTRA_FIRST,
+    GA_EXTRA_HOMES, GA_EXTRA_JOBS, GA_EXTRA_LAST, GA_GUIDELINES, GA_HABITS, GA_PEOPLE, GA_PLACES, GA_QUESTIONS,
+    GA_RELATIONS, GA_RULES, GA_TIMES, GA_TRAITS, VILLAGE,
+)
 
 STYLES = ("generative_agents", "agent_society")
 STYLE_ALIASES = {
@@ -49,46 +57,6 @@ STYLE_ALIASES = {
 }
 ORDERS = ("same", "permuted")
 
-#: Used as the segment of an agent whose output was empty after stripping the trailing stop ids.
-EMPTY_OUTPUT_FILLER = "(no reply)"
-
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-
-from tokendance_sgl.workload_text import (  # noqa: E402
-    VILLAGE,
-    GA_PEOPLE,
-    GA_EXTRA_FIRST,
-    GA_EXTRA_LAST,
-    GA_EXTRA_JOBS,
-    GA_EXTRA_HOMES,
-    GA_TRAITS,
-    GA_HABITS,
-    GA_CONCERNS,
-    GA_PLACES,
-    GA_ACTIVITIES,
-    GA_RELATIONS,
-    GA_TIMES,
-    GA_DAYS,
-    GA_EVENTS,
-    GA_QUESTIONS,
-    GA_RULES,
-    GA_GUIDELINES,
-    AS_FIRST,
-    AS_SUFFIX,
-    AS_DISTRICTS,
-    AS_JOBS,
-    AS_INTERESTS,
-    AS_MOODS,
-    AS_STANCES,
-    AS_NEWS,
-    AS_TOPICS,
-    AS_RULES,
-    AS_GUIDELINES,
-    AS_FEED_MEMORY,
-    FAKE_GA,
-    FAKE_AS,
-)
 
 @dataclass
 class Agent:
@@ -140,50 +108,6 @@ class AgentRequest:
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(tokenizer: Any = None) -> Any:
-    """A HF tokenizer: an object with ``encode``/``decode`` is returned as is; a path or model name is loaded with
-    ``AutoTokenizer``; ``None`` loads the default model's tokenizer (:func:`tokendance_sgl.model.prepare_model`)."""
-    if tokenizer is not None and not isinstance(tokenizer, (str, bytes)) and hasattr(tokenizer, "decode"):
-        return tokenizer
-    from transformers import AutoTokenizer
-
-    if tokenizer is None:
-        from tokendance_sgl.model import prepare_model
-
-        tokenizer = prepare_model()
-    return AutoTokenizer.from_pretrained(str(tokenizer))
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Ids that end a generation: ``<|im_end|>``, the tokenizer's EOS and ``<|endoftext|>`` when they exist."""
-    ids: list[int] = []
-    candidates = [getattr(tokenizer, "eos_token_id", None)]
-    for tok in (IM_END, "<|endoftext|>", "</s>", "<|eot_id|>"):
-        try:
-            tid = tokenizer.convert_tokens_to_ids(tok)
-        except Exception:  # pragma: no cover - odd tokenizers
-            tid = None
-        unk = getattr(tokenizer, "unk_token_id", None)
-        # <|endoftext|> is this model's unk token, which is still a stop token; other unknown names map to unk.
-        if tid is not None and (tid != unk or tok == getattr(tokenizer, "unk_token", None)):
-            candidates.append(tid)
-    for tid in candidates:
-        if isinstance(tid, int) and tid >= 0 and tid not in ids:
-            ids.append(tid)
-    return ids
-
-
-def clean_output(ids: Sequence[int], stop_ids: Iterable[int], filler_ids: Sequence[int] | None = None) -> list[int]:
-    """Strip trailing stop/EOS ids from a generated output; an empty result becomes ``filler_ids`` (if given)."""
-    stop = set(stop_ids)
-    out = list(ids)
-    while out and out[-1] in stop:
-        out.pop()
-    if not out and filler_ids is not None:
-        out = list(filler_ids)
-    return out
 
 
 def _rng(seed: int, *parts: Any) -> random.Random:
@@ -587,13 +511,9 @@ def make_workload(style: str = "generative_agents", **kwargs: Any) -> Workload:
 __all__ = [
     "Agent",
     "AgentRequest",
-    "EMPTY_OUTPUT_FILLER",
     "ORDERS",
     "STYLES",
     "Workload",
-    "clean_output",
-    "load_tokenizer",
     "make_workload",
     "simulate",
-    "stop_token_ids",
 ]

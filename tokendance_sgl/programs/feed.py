@@ -39,7 +39,7 @@ from tokendance_sgl.programs.common import (
     run_program,
     short_meta,
 )
-from tokendance_sgl.workloads import AS_DISTRICTS, AS_FIRST, AS_INTERESTS, AS_JOBS, AS_NEWS, AS_STANCES, AS_SUFFIX
+from tokendance_sgl.workload_text import AS_DISTRICTS, AS_FIRST, AS_INTERESTS, AS_JOBS, AS_NEWS, AS_STANCES, AS_SUFFIX
 
 REACTIONS = ["agree", "disagree", "laugh", "ignore"]
 

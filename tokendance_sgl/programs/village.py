@@ -37,7 +37,7 @@ from tokendance_sgl.programs.common import (
     run_program,
     short_meta,
 )
-from tokendance_sgl.workloads import (
+from tokendance_sgl.workload_text import (
     GA_CONCERNS,
     GA_EVENTS,
     GA_EXTRA_FIRST,
