@@ -15,7 +15,9 @@ kernels are no-ops here, they are device work on a GPU), the harness and a ``gc.
 previous size's caches are garbage). Every size runs ``--repeats`` times, the backends interleaved. Reported per
 backend and size: the median over the repeats of the median over the rounds >= 1 of the round's scheduler time, its
 ratio to radix (and the ratio within each repeat), the mean per round >= 1 of each phase (``phases_s``, median over
-the repeats), and the growth exponent of the time in agents x history tokens (a log-log fit).
+the repeats), and the growth exponent of the time in agents x history tokens (a log-log fit). Also counted, per
+phase: the tensor reads that come to the host (``tokendance_sgl.host.to_host``; each waits for the device stream on a
+GPU), per request of the rounds >= 1 (``device_reads_per_request``, the same in every repeat).
 
 Writes benchmarks/results/overhead[_quick].json and .png.
 """
@@ -35,6 +37,8 @@ import _common as C  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from tokendance_sgl.host import DeviceReads  # noqa: E402
 
 NAME = "overhead"
 PERSONA, TASK = 64, 16
@@ -91,11 +95,16 @@ class Harness:
             self.tree.store.rerotate = self.tree.rerotate_into
         self.backend = backend
         self.timed = dict.fromkeys(("match", "collect", "load_back", "alloc", "checkpoint", "release"), 0.0)
+        self.reads = dict.fromkeys(self.timed, 0)  # tensor reads to the host, by phase
+        self._reads = None  # the DeviceReads counting them (run_size)
 
     def _t(self, phase: str, fn, *args, **kwargs):
+        n0 = self._reads.total if self._reads is not None else 0
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.timed[phase] += time.perf_counter() - t0
+        if self._reads is not None:
+            self.reads[phase] += self._reads.total - n0
         return out
 
     def _alloc(self, n: int):
@@ -171,37 +180,41 @@ def run_size(backend: str, n: int, history: int, segments: int, rounds: int, see
     prompts = [toks(PERSONA) for _ in range(n)]
     last_out: list = [None] * n
     per_round, prompt_tokens, phases = [], [], dict.fromkeys(h.timed, 0.0)
-    for r in range(rounds):
-        tables, full = [], []
-        for i in range(n):
-            p = list(prompts[i])
-            if last_out[i] is not None:
-                p += last_out[i]  # its own answer stays in its history
-            table = {"td_round": r, "td_agent": i, "td_out_seg": f"r{r}/a{i}"}
-            if r > 0:  # the block: the last round's outputs of every agent of its group, in the group's order
-                ids, starts, ends = [], [], []
-                group = i // segments * segments
-                for a in range(group, min(group + segments, n)):
-                    ids.append(f"r{r - 1}/a{a}")
-                    starts.append(len(p))
-                    p += last_out[a]
-                    ends.append(len(p))
-                table.update(td_seg_ids=ids, td_seg_starts=starts, td_seg_ends=ends)
-            p += toks(TASK)
-            tables.append(table)
-            full.append(p)
-        outs = [toks(seg_len) for _ in range(n)]
-        before = dict(h.timed)
-        h.round(full, tables, outs)
-        per_round.append(sum(h.timed.values()) - sum(before.values()))
-        if r > 0:  # as the median: round 0 has no block (and pays the lazy imports)
-            for k in phases:
-                phases[k] += (h.timed[k] - before[k]) / (rounds - 1)
-        prompt_tokens.append(statistics.mean(len(p) for p in full))
-        prompts, last_out = full, outs
+    reads = dict.fromkeys(h.timed, 0.0)
+    with DeviceReads() as h._reads:
+        for r in range(rounds):
+            tables, full = [], []
+            for i in range(n):
+                p = list(prompts[i])
+                if last_out[i] is not None:
+                    p += last_out[i]  # its own answer stays in its history
+                table = {"td_round": r, "td_agent": i, "td_out_seg": f"r{r}/a{i}"}
+                if r > 0:  # the block: the last round's outputs of every agent of its group, in the group's order
+                    ids, starts, ends = [], [], []
+                    group = i // segments * segments
+                    for a in range(group, min(group + segments, n)):
+                        ids.append(f"r{r - 1}/a{a}")
+                        starts.append(len(p))
+                        p += last_out[a]
+                        ends.append(len(p))
+                    table.update(td_seg_ids=ids, td_seg_starts=starts, td_seg_ends=ends)
+                p += toks(TASK)
+                tables.append(table)
+                full.append(p)
+            outs = [toks(seg_len) for _ in range(n)]
+            before, reads_before = dict(h.timed), dict(h.reads)
+            h.round(full, tables, outs)
+            per_round.append(sum(h.timed.values()) - sum(before.values()))
+            if r > 0:  # as the median: round 0 has no block (and pays the lazy imports)
+                for k in phases:
+                    phases[k] += (h.timed[k] - before[k]) / (rounds - 1)
+                    reads[k] += h.reads[k] - reads_before[k]
+            prompt_tokens.append(statistics.mean(len(p) for p in full))
+            prompts, last_out = full, outs
     return {"backend": backend, "agents": n, "history": history, "segment_tokens": seg_len,
             "segments": min(segments, n), "round_s": per_round, "prompt_tokens_by_round": prompt_tokens,
             "median_round_s": statistics.median(per_round[1:]), "phases_s": phases,
+            "device_reads_per_request": {k: v / (n * (rounds - 1)) for k, v in reads.items()},
             "reused_tokens": h.tree.stats.counters["reused_tokens"] if backend != "radix" else 0}
 
 

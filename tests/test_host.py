@@ -96,3 +96,30 @@ def test_ledger_and_diff_allocator_on_device_slots():
     d = DiffAllocator(pool)
     built = d.build_row("r", 0, [MasterRun("S", dev(master), recompute=[1]), NewRun(2)])
     assert built.private_tokens == 3 and np.array_equal(d.record("r").master_positions(), [0, 2, 3])
+
+
+def test_matching_reads_nothing_and_a_release_reads_only_its_new_leaf():
+    """The tensor reads (``DeviceReads``; each waits for the stream on a GPU) of the scheduler path: matching and
+    planning a reused region read none; finishing a request reads the slots of its new radix leaf once -- its output's
+    segment takes its master's slots from the inserted path's pages, not from the device."""
+    from tokendance_sgl.host import DeviceReads
+    from tree_sim import Sim, T, produce, tbl
+
+    sim = Sim(ps=1, pool_tokens=256)
+    out = T(10, 500)
+    produce(sim, T(10, 100), out, round_=0, agent=0, out="r0/a0")
+    prompt = T(10, 200) + out + T(4, 900)
+    req = sim.make(prompt, tbl(round_=1, agent=1, spans=[("r0/a0", 10, 20)], out="r1/a1"))
+    with DeviceReads() as reads:
+        req.init_next_round_input(sim.tree)  # the prefix match, the segment plan and the region's layout
+    assert req.host_hit_length > 0 and reads.total == 0, (req.host_hit_length, reads.by_caller)
+    req = sim.admit_reused(prompt, tbl(round_=1, agent=1, spans=[("r0/a0", 10, 20)], out="r1/a1"), first=1)
+    assert req.td.row_plan is not None  # composed from the master
+    for t in T(5, 700):
+        assert sim.decode(req, t)
+    with DeviceReads() as reads:
+        sim.finish(req)
+    seg = sim.tree.store.for_id("r1/a1")
+    assert seg is not None and seg.holding and seg.master.tolist() == seg.host.tolist()
+    assert dict(reads.by_caller) == {"value_pages": 1}, reads.by_caller  # the new leaf (the output's decode slots)
+    sim.check()

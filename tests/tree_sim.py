@@ -244,6 +244,11 @@ class Sim:
         # every radix value is whole pages in row order: rows are page-aligned (the ledger's fallback is never needed)
         for x in radix_nodes(tree):
             assert x.evicted or value_pages(x.value, ps)[1], f"radix node {x.id}'s value is not whole pages"
+            if not x.evicted:  # the host's slots of a path (from its pages) are the device's
+                path = tree.path_device_indices(x).tolist()
+                for a, b in ((0, len(path)), (len(path) // 3, max(len(path) - 1, 0)), (len(path) - 1, len(path))):
+                    got = tree.radix_holds.path_slots(x, tree.root_node, len(path), max(a, 0), b)
+                    assert got is not None and got.tolist() == path[max(a, 0):b], (x.id, a, b)
         free = self.alloc.get_all_free_pages().tolist()
         assert len(free) == len(set(free)), "a page is in the free list twice"
         free = set(free)

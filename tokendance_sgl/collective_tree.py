@@ -428,13 +428,17 @@ class CollectiveTree(RadixCache):
         master = row[kv_start:kv_end] if kv_end > kv_start else None  # (the store copies it)
         if master is None and not strong:
             return
-        st = state_of(req)
+        st, path_len = state_of(req), req.kv.cache_protected_len
+        # the row's first `path_len` rows are the inserted path's (the stock checkpoint wrote them): their slots are
+        # known on the host from the path's pages, with no device read
+        host = (self.radix_holds.path_slots(req.last_node, self.root_node, path_len, kv_start, kv_end)
+                if master is not None and kv_end <= path_len else None)
         # a strong segment holds its pages: a part still in the request's range stays with it when the row is freed
         node, _ = self.store.register(
             out, master, anchor=st.positions.position_of(kv_start),
             round=table.round if table is not None else None, agent=table.agent if table is not None else None,
             seg_id=out_seg, ns_key=ns_key_of(req, table.ns if table is not None else ""), strong=strong,
-            fresh=True)  # the output's own slots
+            fresh=True, master_host=host)  # the output's own slots
         if node is not None:
             st.registered = node.key
 

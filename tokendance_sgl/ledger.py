@@ -322,6 +322,25 @@ class RadixHolds:
             got = self._derive(node)
         return got
 
+    def path_slots(self, node: Any, root: Any, path_len: int, start: int, end: int) -> Optional[np.ndarray]:
+        """The slots of row positions ``[start, end)`` of the path from ``root`` to ``node`` (``path_len`` tokens),
+        from the pages kept here: no device read. None when a node there is not whole pages in order (its slots are
+        not known from its pages)."""
+        ps, parts, hi = self.page_size, [], path_len
+        while hi > start and node is not root and node is not None:
+            lo = hi - len(node.value)
+            if lo < end:  # (the node holds some of the rows)
+                if node.id in self._loose:
+                    return None
+                pages = self.pages(node)
+                slots = pages if ps == 1 else (pages[:, None] * ps + np.arange(ps)).reshape(-1)
+                parts.append(slots[max(start - lo, 0): min(end, hi) - lo])
+            node, hi = node.parent, lo
+        if hi > start:
+            return None
+        parts.reverse()
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
     def add(self, node: Any) -> None:
         pages = self._derive(node)  # page-structured: one page per row page of one request history (see _lock)
         self.ledger.add_radix(pages, distinct=node.id not in self._loose)

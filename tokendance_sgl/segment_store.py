@@ -176,12 +176,14 @@ class SegmentStore:
 
     def register(self, tokens: Sequence[int], master_slots: Optional[torch.Tensor], *, anchor: int,
                  round: Optional[int] = None, agent: Optional[int] = None, seg_id: Optional[str] = None,
-                 ns_key: str = "", strong: bool = True, fresh: bool = False) -> tuple[Optional[SegmentNode], bool]:
+                 ns_key: str = "", strong: bool = True, fresh: bool = False,
+                 master_host: Optional[np.ndarray] = None) -> tuple[Optional[SegmentNode], bool]:
         """Registers ``tokens`` as a segment whose first ``len(master_slots)`` tokens have KV in ``master_slots``
         (``fresh``: slots the pool gave one request's output, so each is there once).
 
         A strong segment starts holding the pages of ``master_slots``; a weak one needs pages the tree holds. If a
         segment with the same content already has valid KV, ``seg_id`` becomes an alias of it and nothing is taken.
+        ``master_host``: the values of ``master_slots`` when the caller knows them (no device read).
         Returns the node (None if a weak registration was refused) and whether it took ``master_slots``."""
         toks = array("q", tokens)  # own copy
         if len(toks) == 0:
@@ -207,7 +209,12 @@ class SegmentStore:
             if existing.lock_ref > 0:  # cannot happen: a locked segment holds valid KV
                 raise AssertionError(f"locked segment without KV: {existing!r}")
             self.drop(existing)
-        host = to_host(master, torch.int64) if master is not None else None  # (a view of our own copy on a CPU)
+        if master is None:
+            host = None
+        elif master_host is not None and master_host.size == master.numel():
+            host = np.array(master_host, dtype=np.int64)  # own copy
+        else:
+            host = to_host(master, torch.int64)  # (a view of our own copy on a CPU)
         pages = self.ledger.pages_of(host, fresh=fresh) if host is not None else np.empty(0, dtype=np.int64)
         if master is not None and not strong and not self.ledger.held_mask(pages).all():
             logger.debug("weak segment refused: its pages are not held by the tree")
@@ -502,6 +509,8 @@ class SegmentStore:
                 if seg.lock_ref > 0:
                     np.add.at(sl, seg.pages, 1)
             if seg.master is not None:
-                assert np.array_equal(np.unique(to_host(seg.master) // self.page_size), np.sort(seg.pages)), seg
+                master = to_host(seg.master)
+                assert np.array_equal(master, seg.host) and np.array_equal(np.unique(master // self.page_size),
+                                                                           np.sort(seg.pages)), seg
             assert seg.copy_of is not None or seg.key in self.detector or len(seg.tokens) < self.detector.min_len, seg
         assert holding == self.n_holding, (holding, self.n_holding)
