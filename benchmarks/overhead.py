@@ -38,7 +38,8 @@ import _common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tokendance_sgl.host import DeviceReads  # noqa: E402
+from tokendance_sgl.host import DeviceReads, to_host  # noqa: E402
+from tokendance_sgl.slot_mirror import note_extend  # noqa: E402
 
 NAME = "overhead"
 PERSONA, TASK = 64, 16
@@ -116,6 +117,19 @@ class Harness:
             raise RuntimeError(f"the pool ran out ({n} tokens wanted): raise pool_tokens")
         return out
 
+    def _note_extend(self, idx, start, n, prefix, slots):
+        """What the hook after SGLang's ``write_cache_indices`` does (reuse backends: their row mirror)."""
+        rows = getattr(self.tree, "row_mirror", None)
+        if rows is not None:
+            note_extend(rows, slots, [idx], [start], [n - start], [prefix])
+
+    def _note_decode(self, idx, start, slots):
+        """What the hook after SGLang's ``alloc_for_decode`` does, for the decode steps of one request (one call: a
+        step's hook takes the whole batch at once)."""
+        rows = getattr(self.tree, "row_mirror", None)
+        if rows is not None:
+            rows.write(idx, start, to_host(slots, torch.int64))
+
     def round(self, prompts: list, tables: list, outputs: list) -> None:
         """Admits every agent's prompt, 'computes' it, appends its output and finishes it."""
         from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
@@ -144,9 +158,11 @@ class Harness:
             n, start = len(req.origin_input_ids), req.prefix_len
             rest = self._alloc(n - start)
             idx = req.kv.req_pool_idx
+            prefix = self.tree.prefix_device_indices(req) if start else None
             if start:
-                self.pool.write((idx, slice(0, start)), self.tree.prefix_device_indices(req))
+                self.pool.write((idx, slice(0, start)), prefix)
             self.pool.write((idx, slice(start, n)), rest)
+            self._t("alloc", self._note_extend, idx, start, n, prefix, rest)  # (the row mirror's hook)
             plan = getattr(getattr(req, "td", None), "row_plan", None)
             if plan is not None:  # the pre-pass (fake forward)
                 plan.pending = False
@@ -160,6 +176,7 @@ class Harness:
             n = req.kv.kv_committed_len
             slots = self._alloc(len(out) - 1)
             self.pool.write((req.kv.req_pool_idx, slice(n, n + len(out) - 1)), slots)
+            self._t("alloc", self._note_decode, req.kv.req_pool_idx, n, slots)  # (the row mirror's hook, per step)
             req.output_ids.extend(out[1:])
             req.kv.kv_allocated_len = req.kv.kv_committed_len = n + len(out) - 1
             req.finished_reason = FINISH_LENGTH(length=len(out))

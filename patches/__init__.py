@@ -21,7 +21,7 @@ def register_all() -> None:
         # Scheduler (and detokenizer) processes. The forward hooks act only on requests carrying a row plan.
         from tokendance_sgl.patches import (collective_round, cpu_extend_attention, lead_admission,
                                             lead_continuation, metrics, positions, prepass_budget,
-                                            recompute_prepass, segment_admission)
+                                            recompute_prepass, row_mirror, segment_admission)
 
         segment_admission.register_hooks()
         prepass_budget.register_hooks()
@@ -31,4 +31,5 @@ def register_all() -> None:
         collective_round.register_hooks()
         recompute_prepass.register_hooks()
         positions.register_hooks()
+        row_mirror.register_hooks()
         cpu_extend_attention.register_hooks()

@@ -15,8 +15,9 @@ _servers: dict[tuple, object] = {}
 # configuration of the suite alive at once a 24 GB machine runs out of memory and thrashes.
 CORE = {("radix", (), ()), ("radix", ("--disable-radix-cache",), ()), ("tokendance", (), ())}
 # Every test server runs SGLang's busy-mode memory check (a leak or a double count crashes its scheduler) on top of
-# the idle check that is always on.
-SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
+# the idle check that is always on; with it, a reuse backend compares the host's copies of the request rows and the
+# allocator's free list with the device's (patches/row_mirror.py).
+SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1", "TOKENDANCE_CHECK_SLOTS": "1"}
 
 
 @pytest.fixture(scope="session")

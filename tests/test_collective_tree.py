@@ -301,7 +301,7 @@ def test_live_row_holds_its_composed_region_and_release_frees_only_its_own_slots
     req.lock = sim.tree.lock(req.last_node)
     sim.pool.alloc([req])
     built = sim.tree.compose_row(req, 0, [NewRun(4), MasterRun(seg, seg.master, recompute=[0]), NewRun(3)], agent=5)
-    sim.pool.write((req.kv.req_pool_idx, slice(0, 15)), built.slots)
+    sim.tree.write_row(req, 0, built.slots)
     req.kv.kv_allocated_len = req.kv.kv_committed_len = 15
     req.kv.cache_protected_len = 15  # the composed region is the tree's
     assert seg.lock_ref == 1 and seg.row_refs == 1
@@ -584,3 +584,29 @@ TestTreeMachinePaged = TreeMachinePaged.TestCase
 TestTreeMachinePaged.settings = _settings
 TestTreeMachinePaged16 = TreeMachinePaged16.TestCase
 TestTreeMachinePaged16.settings = _settings
+
+
+@pytest.mark.parametrize("ps", [1, 4])
+def test_the_rows_host_copy_follows_a_checkpoint_that_finds_its_tokens_cached(ps):
+    """Two requests compute the same prompt at once: the second's checkpoint finds it cached (SGLang frees the second
+    row's duplicate slots and points the row at the tree's), and the row's host copy follows; the release that
+    registers the second's output reads its slots from that copy."""
+    from sglang.srt.mem_cache.common import checkpoint_kv_cache
+
+    sim = Sim(ps=ps, pool_tokens=256)
+    prompt = T(14, 100)
+    a = sim.admit(prompt, tbl(out="a"), checkpoint=False)
+    b = sim.admit(prompt, tbl(out="b"), checkpoint=False)
+    mirror = sim.tree.row_mirror
+    before = mirror.get(b.kv.req_pool_idx, 0, 12).tolist()
+    checkpoint_kv_cache(a, sim.tree)
+    checkpoint_kv_cache(b, sim.tree)  # finds [0, 12) cached: b's row now reads a's slots there
+    after = mirror.get(b.kv.req_pool_idx, 0, 12).tolist()
+    assert after != before and after == mirror.get(a.kv.req_pool_idx, 0, 12).tolist()
+    sim.check()  # (the host copies equal the device rows)
+    for t in T(6, 600):
+        assert sim.decode(a, t) and sim.decode(b, t + 50)
+    sim.finish(b)
+    sim.finish(a)
+    assert sim.tree.store.for_id("b") is not None and sim.tree.store.for_id("a") is not None
+    sim.check()

@@ -98,28 +98,33 @@ def test_ledger_and_diff_allocator_on_device_slots():
     assert built.private_tokens == 3 and np.array_equal(d.record("r").master_positions(), [0, 2, 3])
 
 
-def test_matching_reads_nothing_and_a_release_reads_only_its_new_leaf():
+def test_the_scheduler_path_reads_nothing_from_the_device():
     """The tensor reads (``DeviceReads``; each waits for the stream on a GPU) of the scheduler path: matching and
-    planning a reused region read none; finishing a request reads the slots of its new radix leaf once -- its output's
-    segment takes its master's slots from the inserted path's pages, not from the device."""
+    planning a reused region, composing it, the extend, the decode, the checkpoint and the release with its output's
+    registration read none. The slots are known on the host: the allocator's free list is kept there, the rows are
+    mirrored (``tokendance_sgl.slot_mirror``), and every tensor made from host values is remembered."""
     from tokendance_sgl.host import DeviceReads
     from tree_sim import Sim, T, produce, tbl
 
-    sim = Sim(ps=1, pool_tokens=256)
-    out = T(10, 500)
-    produce(sim, T(10, 100), out, round_=0, agent=0, out="r0/a0")
-    prompt = T(10, 200) + out + T(4, 900)
-    req = sim.make(prompt, tbl(round_=1, agent=1, spans=[("r0/a0", 10, 20)], out="r1/a1"))
-    with DeviceReads() as reads:
-        req.init_next_round_input(sim.tree)  # the prefix match, the segment plan and the region's layout
-    assert req.host_hit_length > 0 and reads.total == 0, (req.host_hit_length, reads.by_caller)
-    req = sim.admit_reused(prompt, tbl(round_=1, agent=1, spans=[("r0/a0", 10, 20)], out="r1/a1"), first=1)
-    assert req.td.row_plan is not None  # composed from the master
-    for t in T(5, 700):
-        assert sim.decode(req, t)
-    with DeviceReads() as reads:
-        sim.finish(req)
-    seg = sim.tree.store.for_id("r1/a1")
-    assert seg is not None and seg.holding and seg.master.tolist() == seg.host.tolist()
-    assert dict(reads.by_caller) == {"value_pages": 1}, reads.by_caller  # the new leaf (the output's decode slots)
-    sim.check()
+    for ps in (1, 4):
+        sim = Sim(ps=ps, pool_tokens=256)
+        out = T(10, 500)
+        with DeviceReads() as reads:
+            produce(sim, T(12, 100), out, round_=0, agent=0, out="r0/a0")
+        assert reads.total == 0 and reads.known > 0, (ps, reads.by_caller)
+        prompt = T(12, 200) + out + T(4, 900)
+        table = tbl(round_=1, agent=1, spans=[("r0/a0", 12, 22)], out="r1/a1")
+        req = sim.make(prompt, table)
+        with DeviceReads() as reads:
+            req.init_next_round_input(sim.tree)  # the prefix match, the segment plan and the region's layout
+        assert req.host_hit_length > 0 and reads.total == 0, (ps, req.host_hit_length, reads.by_caller)
+        with DeviceReads() as reads:
+            req = sim.admit_reused(prompt, table, first=1)
+            assert req.td.row_plan is not None  # composed from the master
+            for t in T(6, 700):
+                assert sim.decode(req, t)
+            sim.finish(req)
+        assert reads.total == 0, (ps, reads.by_caller)
+        seg = sim.tree.store.for_id("r1/a1")
+        assert seg is not None and seg.holding and seg.master.tolist() == seg.host.tolist()
+        sim.check()  # (the rows' host copies equal the device's)

@@ -35,6 +35,7 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 from sglang.srt.sampling.sampling_params import SamplingParams
 
+from tokendance_sgl.slot_mirror import note_extend
 from tokendance_sgl.collective_tree import CollectiveTree, TreeConfig
 
 CLASSES = [RadixCache, CollectiveTree]
@@ -291,9 +292,12 @@ class Driver:
             return None
         self.pool.alloc([req])
         idx = req.kv.req_pool_idx
+        prefix = self.cache.prefix_device_indices(req) if req.prefix_len else torch.empty(0, dtype=torch.int64)
         if req.prefix_len:
-            self.pool.write((idx, slice(0, req.prefix_len)), self.cache.prefix_device_indices(req))
+            self.pool.write((idx, slice(0, req.prefix_len)), prefix)
         self.pool.write((idx, slice(req.prefix_len, n)), slots)
+        if getattr(self.cache, "row_mirror", None) is not None:  # (the hook after SGLang's write_cache_indices)
+            note_extend(self.cache.row_mirror, slots, [idx], [req.prefix_len], [n - req.prefix_len], [prefix])
         req.kv.kv_allocated_len = req.kv.kv_committed_len = n
         req.extend_end = n
         req.output_ids.append(first)
@@ -311,6 +315,8 @@ class Driver:
             row[p] = int(s[0])
         else:
             row[p] = int(row[p - 1]) + 1
+        if getattr(self.cache, "row_mirror", None) is not None:  # (the hook after SGLang's alloc_for_decode)
+            self.cache.row_mirror.decode([req.kv.req_pool_idx], [p], [int(row[p])])
         req.kv.kv_committed_len = req.kv.kv_allocated_len = p + 1
         req.output_ids.append(token)
         return True

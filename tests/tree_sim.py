@@ -29,6 +29,8 @@ from tokendance_sgl.collective_tree import CollectiveTree
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.diff_alloc import MasterRun, NewRun
 from tokendance_sgl.ledger import value_pages
+from tokendance_sgl.host import remember, to_host
+from tokendance_sgl.slot_mirror import note_extend
 
 
 class Sim:
@@ -63,18 +65,21 @@ class Sim:
         need = -(-n // ps) * ps
         self.alloc.evict_to_free_tokens(self.tree, need)
         out = self.alloc.alloc(need)
-        return None if out is None else out[:n]
+        if out is None or need == n:
+            return out
+        return remember(out[:n], to_host(out)[:n])  # (as SGLang's paged extend allocates: exactly n, remembered)
 
     def make(self, prompt, custom=None):
         self.n += 1
         return Req(f"q{self.n}", "", array("q", prompt), SamplingParams(max_new_tokens=256, custom_params=custom))
 
     def admit(self, prompt, custom=None, *, compose=False, recompute_frac=0.0, rng=None, first=7, no_insert=False,
-              chunk=None):
+              chunk=None, checkpoint=True):
         """Admits a request like the scheduler. With ``compose``, the row after the radix prefix is built from the
         masters of the resident segments its plan names (recomputed positions and the rest get private slots).
         ``no_insert`` sets ``req.skip_radix_cache_insert`` (nothing of the request enters the radix tree).
-        ``chunk`` checkpoints the prompt at that length first, as chunked prefill does between chunks."""
+        ``chunk`` checkpoints the prompt at that length first, as chunked prefill does between chunks. Without
+        ``checkpoint`` the prefill's checkpoint is left to the caller (``checkpoint_kv_cache``)."""
         req = self.make(prompt, custom)
         req.skip_radix_cache_insert = no_insert
         req.init_next_round_input(self.tree)
@@ -123,10 +128,7 @@ class Sim:
                 return None
             self.pool.alloc([req])
             private = np.arange(n - start)
-        idx = req.kv.req_pool_idx
-        if start:
-            self.pool.write((idx, slice(0, start)), self.tree.prefix_device_indices(req))
-        self.pool.write((idx, slice(start, n)), slots)
+        self._write_extend(req, start, slots)
         # the forward computes KV for the private positions (recomputed and new tokens)
         toks = np.asarray(prompt[start:n], dtype=np.int64)
         self.kv[slots.numpy()[private]] = toks[private]
@@ -137,7 +139,8 @@ class Sim:
             self.tree.check_invariants()
         req.extend_end = n
         req.output_ids.append(first)
-        checkpoint_kv_cache(req, self.tree)
+        if checkpoint:
+            checkpoint_kv_cache(req, self.tree)
         self.running[req.rid] = req
         return req
 
@@ -173,9 +176,7 @@ class Sim:
             self.tree.unlock(req.lock)
             return None
         idx = req.kv.req_pool_idx
-        if start:
-            self.pool.write((idx, slice(0, start)), self.tree.prefix_device_indices(req))
-        self.pool.write((idx, slice(start, n)), rest)
+        self._write_extend(req, start, rest)
         row = self.pool.req_to_token[idx].numpy().astype(np.int64)
         toks = np.asarray(prompt, dtype=np.int64)
         plan = req.td.row_plan
@@ -193,6 +194,15 @@ class Sim:
         self.running[req.rid] = req
         return req
 
+    def _write_extend(self, req, start, slots):
+        """What SGLang's ``write_cache_indices`` does for one request (and the row mirror's hook after it)."""
+        idx = req.kv.req_pool_idx
+        prefix = self.tree.prefix_device_indices(req) if start else torch.empty(0, dtype=torch.int64)
+        if start:
+            self.pool.write((idx, slice(0, start)), prefix)
+        self.pool.write((idx, slice(start, start + len(slots))), slots)
+        note_extend(self.tree.row_mirror, slots, [idx], [start], [len(slots)], [prefix])
+
     def master_positions(self, req) -> np.ndarray:
         """Row positions of ``req`` that read a master (its diff-allocator record)."""
         rec = self.tree.diff.record(id(req.kv))
@@ -208,6 +218,7 @@ class Sim:
             row[p] = int(s[0])
         else:
             row[p] = int(row[p - 1]) + 1
+        self.tree.row_mirror.decode([req.kv.req_pool_idx], [p], [int(row[p])])  # (the hook after alloc_for_decode)
         self.kv[int(row[p])] = req.output_ids[-1]
         req.kv.kv_committed_len = req.kv.kv_allocated_len = p + 1
         req.output_ids.append(token)

@@ -63,16 +63,18 @@ from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, RowShape
 from tokendance_sgl.early_match import EarlyMatch
+from tokendance_sgl.host import read_device, to_device, to_host
 from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, check_ledger, nodes_turning
 from tokendance_sgl.live_rows import LiveRows
-from tokendance_sgl.planning import ns_key_of, plan_for, table_of, validate_request
+from tokendance_sgl.outputs import register_output
+from tokendance_sgl.planning import plan_for, validate_request
 from tokendance_sgl.position_map import PathPositions, PositionMap
 from tokendance_sgl.request_state import RowLayout, SegmentPlan, state_of
 from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
 from tokendance_sgl.segment_store import SegmentStore
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
-from tokendance_sgl.segments import SegmentTableError
+from tokendance_sgl.slot_mirror import RowMirror, keep_on_host, write_row
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +116,9 @@ class CollectiveTree(RadixCache):
                                   alloc=self.alloc_slots, free_pages=self._free_pages)
         self.collector = self.collector_class(self)
         self.rope: Optional[RopeSpec] = None  # set by build_collective_tree from the loaded model
-        self.rows = LiveRows(self)  # every live composed row: its fresh pages and segment locks
-        self._inserting: Optional[tuple] = None  # (state, diff record) of the row a checkpoint is inserting
+        self.live_rows = LiveRows(self)  # every live composed row: its fresh pages and segment locks
+        self._inserting: Optional[tuple] = None  # (state, diff record, row) of the row a checkpoint is inserting
+        self.row_mirror: Optional[RowMirror] = None
         self.templates: OrderedDict = OrderedDict()  # region compositions shared by a round's rows (reuse.py)
         self.tp_size = 1  # set by build_collective_tree
         super().__init__(dataclasses.replace(params, token_to_kv_pool_allocator=self.pool))  # calls reset()
@@ -125,6 +128,12 @@ class CollectiveTree(RadixCache):
             self.pool, page_size=page_size,
             bytes_per_token=bytes_per_token if bytes_per_token is not None else pool_bytes_per_token(alloc),
             copy_fn=copy_fn if copy_fn is not None else self._pool_copy, alloc_fn=self.alloc_slots)
+        # the slots as the host knows them (tokendance_sgl.slot_mirror): the allocator's free list and the rows
+        if rtt is not None:
+            self.row_mirror = RowMirror(*rtt.shape)
+            self.req_to_token_pool.tokendance_rows = self.row_mirror  # (patches/row_mirror.py follows SGLang's writes)
+        if alloc is not None:
+            keep_on_host(alloc, self.row_mirror)
 
     # ================================================================== lifecycle and pool
 
@@ -139,7 +148,7 @@ class CollectiveTree(RadixCache):
         self.bases.reset()
         self.templates.clear()
         self.stats.reset_rounds()
-        self.rows.clear()
+        self.live_rows.clear()
         if hasattr(self, "diff"):
             self.diff.clear()
 
@@ -199,8 +208,11 @@ class CollectiveTree(RadixCache):
         before = self.evictable_size_
         prefix_len, last = super()._insert_helper(node, key, value, priority, inserted_len)
         if self.evictable_size_ != before:  # the stock helper created exactly one new leaf: `last`
-            self.radix_holds.add(last)
-            st, rec = self._inserting or (None, None)  # the row's position map and master runs go with the node
+            st, rec, row = self._inserting or (None, None, None)
+            # its value is the inserting row's positions [prefix_len, ...): known on the host
+            host = self.row_mirror.get(row, prefix_len, prefix_len + len(last.value)) if row is not None else None
+            self.radix_holds.add(last, host)
+            # the row's position map and master runs go with the node
             self.path_positions.record(last, prefix_len, *((st.positions, st.master_runs(rec)) if st else (None, ())))
         return prefix_len, last
 
@@ -351,7 +363,7 @@ class CollectiveTree(RadixCache):
                 self.stats.note_load(layout.stats)
         except Exception:
             logger.exception("tokendance: composing the row of request %s failed; prefilling it normally", req.rid)
-            self.rows.roll_back(req, layout)
+            self.live_rows.roll_back(req, layout)
             out = None
         if out is None:
             self.stats.counters["load_back_fallbacks"] += 1
@@ -366,23 +378,43 @@ class CollectiveTree(RadixCache):
         return True  # the composed region is the tree's: the live row holds its pages (or locks their segments)
 
     def prefix_device_indices(self, req: Any) -> torch.Tensor:
+        """The matched path's slots (and the composed region's), remembered with their host values."""
         extra = state_of(req).host_slots
+        r = req.prefix_len - (int(extra.numel()) if extra is not None else 0)
+        host = self.radix_holds.path_head(req.last_node, self.root_node, r)
+        if host is not None:  # made from the host's values (a non-blocking copy on a GPU)
+            host = host if extra is None else np.concatenate([host, to_host(extra, torch.int64)])
+            return to_device(host, self.device)
         if extra is None:
             return super().prefix_device_indices(req)
-        r = req.prefix_len - int(extra.numel())
         path = self.path_device_indices(req.last_node)[:r] if r > 0 else extra[:0]
         return torch.cat([path.to(device=extra.device, dtype=torch.int64), extra.to(torch.int64)])
+
+    def write_row(self, req: Any, start: int, slots: torch.Tensor, positions: Optional[np.ndarray] = None) -> None:
+        """Writes ``slots`` into ``req``'s ``req_to_token`` row at ``[start, ...)`` (or at ``positions``), and into
+        its host copy."""
+        write_row(self.req_to_token_pool.req_to_token, self.row_mirror, req.kv.req_pool_idx, start, slots, positions)
+
+    def free_kv_row(self, kv: Any, ranges: list) -> None:
+        """SGLang's release of row positions: their slots are known from the row's host copy."""
+        if self.pool is None or self.row_mirror is None:
+            return super().free_kv_row(kv, ranges)
+        self.pool.row = (self.row_mirror, kv.req_pool_idx)
+        try:
+            super().free_kv_row(kv, ranges)
+        finally:
+            self.pool.row, self.pool.row_frees = None, []
 
     # the live rows (tokendance_sgl.live_rows): the host protocol of reuse.py and the collector
     def compose_row(self, req: Any, start_pos: int, pieces: Sequence[Any] | RowShape, *, agent: Optional[int] = None
                     ) -> Optional[BuiltRow]:
-        return self.rows.compose(req, start_pos, pieces, agent=agent)
+        return self.live_rows.compose(req, start_pos, pieces, agent=agent)
 
     def privatize(self, req: Any, positions: np.ndarray) -> Optional[np.ndarray]:
-        return self.rows.privatize(req, positions)
+        return self.live_rows.privatize(req, positions)
 
     def recompute_region(self, req: Any) -> Optional[tuple[int, int]]:
-        return self.rows.recompute_region(req)
+        return self.live_rows.recompute_region(req)
 
     # ================================================================== checkpoint, registration, release
 
@@ -390,8 +422,10 @@ class CollectiveTree(RadixCache):
         if self.disable:
             return
         st = state_of(req)
-        extra = req.extra_key
-        self._inserting = (st, self.diff.record(id(req.kv)))
+        extra, row, start, rewritten = req.extra_key, req.kv.req_pool_idx, req.kv.cache_protected_len, []
+        self._inserting = (st, self.diff.record(id(req.kv)), row if self.row_mirror is not None else None)
+        if self.pool is not None and self.row_mirror is not None:
+            self.pool.row, self.pool.row_frees = (self.row_mirror, row), []  # the insert frees duplicate row positions
         if st.namespace is not None:  # an approximate row goes under its policy's namespace (stock insert)
             req.extra_key = st.namespace
         try:
@@ -400,47 +434,18 @@ class CollectiveTree(RadixCache):
         finally:
             req.extra_key = extra
             self._inserting = None
+            if self.pool is not None:
+                self.pool.row, rewritten, self.pool.row_frees = None, self.pool.row_frees, []
+        # The stock checkpoint points the row's [start, end) at the inserted path: that differs from the row only where
+        # the tree had the tokens already (the insert freed the row's duplicates there, the ranges seen above).
+        end = req.kv.cache_protected_len
+        for a, n in (rewritten if self.row_mirror is not None and end > start else ()):
+            b = min(a + n, end)
+            if b > a >= start:
+                self.row_mirror.write(row, a, self.radix_holds.path_slots(req.last_node, self.root_node, end, a, b), b)
         if req.finished():
             self.stats.counters["paths_inserted"] += int(st.namespace is not None)
-            self._register_output(req, up_to)
-
-    def _register_output(self, req: Any, up_to: int) -> None:
-        if type(getattr(req, "finished_reason", None)).__name__ == "FINISH_ABORT":
-            return
-        out = getattr(req, "output_ids_through_stop", None)
-        out = req.output_ids if out is None else out
-        if len(out) == 0:
-            return
-        try:
-            table = table_of(req)
-        except SegmentTableError as e:
-            logger.warning("request %s: ignoring its segment table at registration: %s", getattr(req, "rid", "?"), e)
-            table = None
-        out_seg = table.out_seg if table is not None else None
-        strong = out_seg is not None
-        if not strong and (not self.config.auto_register or len(out) < self.config.min_segment_len):
-            return
-        kv_start = len(req.origin_input_ids)
-        kv_end = min(int(up_to), kv_start + len(out))
-        if not strong:
-            kv_end = min(kv_end, req.kv.cache_protected_len)  # a weak segment refers to pages the radix holds
-        row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
-        master = row[kv_start:kv_end] if kv_end > kv_start else None  # (the store copies it)
-        if master is None and not strong:
-            return
-        st, path_len = state_of(req), req.kv.cache_protected_len
-        # the row's first `path_len` rows are the inserted path's (the stock checkpoint wrote them): their slots are
-        # known on the host from the path's pages, with no device read
-        host = (self.radix_holds.path_slots(req.last_node, self.root_node, path_len, kv_start, kv_end)
-                if master is not None and kv_end <= path_len else None)
-        # a strong segment holds its pages: a part still in the request's range stays with it when the row is freed
-        node, _ = self.store.register(
-            out, master, anchor=st.positions.position_of(kv_start),
-            round=table.round if table is not None else None, agent=table.agent if table is not None else None,
-            seg_id=out_seg, ns_key=ns_key_of(req, table.ns if table is not None else ""), strong=strong,
-            fresh=True, master_host=host)  # the output's own slots
-        if node is not None:
-            st.registered = node.key
+            register_output(self, req, up_to)
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         st = state_of(req)
@@ -453,7 +458,7 @@ class CollectiveTree(RadixCache):
                                 int(getattr(req.kv, "kv_allocated_len", 0) or 0),
                                 float(plan.span_tokens) if plan is not None else 0.0,
                                 st.master_runs(rec), self.diff.bytes_per_token)
-        self.rows.release(req)
+        self.live_rows.release(req)
         st.release_row()
 
     # ================================================================== diagnostics
@@ -496,5 +501,16 @@ class CollectiveTree(RadixCache):
         seen = {id(x) for x in nodes}
         assert all(id(x) in seen for x in self.evictable_leaves), "an evictable leaf is not in the tree"
         check_ledger(self.ledger, self.radix_holds, [x for x in nodes if not x.evicted], self.store,
-                     self.rows.held_pages())
+                     self.live_rows.held_pages())
         self.diff.check()
+        self.check_slots()
+
+    def check_slots(self) -> None:
+        """The host's copies of the request rows equal the device's, and no page of the allocator's (host-kept) free
+        list is one the tree holds (AssertionError if not)."""
+        if self.row_mirror is not None:
+            self.row_mirror.check(self.req_to_token_pool.req_to_token)
+        free = self.pool.get_all_free_pages() if self.pool is not None else None
+        if free is not None and len(free):
+            pages = read_device(free, torch.int64)
+            assert not self.ledger.held_mask(pages).any(), "a page the tree holds is in the free list"

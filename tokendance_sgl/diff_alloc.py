@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from tokendance_sgl.distinct import Distinct
-from tokendance_sgl.host import to_host
+from tokendance_sgl.host import to_device, to_host
 from tokendance_sgl.row_shape import MasterRun, NewRun, Piece, RowShape, coalesce, plan_shape, seg_id
 
 __all__ = [
@@ -175,6 +175,11 @@ class DiffAllocator:
         self.rows: dict[Hashable, RowRecord] = {}
         self._distinct = Distinct()  # scratch of a row's distinct master slots
 
+    @property
+    def device(self) -> Any:
+        """Where the KV (and the slot tensors) live: a host-kept allocator's ``kv_device``."""
+        return getattr(self.allocator, "kv_device", None) or getattr(self.allocator, "device", "cpu")
+
     # ------------------------------------------------------------------ records
 
     def __len__(self) -> int:
@@ -293,7 +298,7 @@ class DiffAllocator:
 
     def _alloc(self, n: int) -> Optional[torch.Tensor]:
         if n == 0:
-            return torch.empty(0, dtype=torch.int64, device=getattr(self.allocator, "device", "cpu"))
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         fn = self.alloc_fn or self.allocator.alloc
         out = fn(n)
         if out is None:
@@ -341,8 +346,8 @@ class DiffAllocator:
                 self._recount(rec)
         rec.private_tokens += shape.n_alloc
         rec.end = max(rec.end, start_pos + len(shape.src))
-        dev = fresh.device if fresh.numel() else getattr(self.allocator, "device", "cpu")
-        return BuiltRow(slots=torch.from_numpy(out).to(dev), segs=list(shape.segs), private_tokens=shape.n_alloc,
+        dev = fresh.device if fresh.numel() else self.device
+        return BuiltRow(slots=to_device(out, dev), segs=list(shape.segs), private_tokens=shape.n_alloc,
                         private_positions=shape.private_positions, copies=copies, copied_pages=copied_pages,
                         host=out, shape=shape)
 
@@ -358,7 +363,7 @@ class DiffAllocator:
         copies_src: list[int] = []
         copies_dst: list[int] = []
         if len(private_positions):
-            page_base = to_host(fresh.view(-1, page_size)[:, 0])  # first slot of each fresh page
+            page_base = to_host(fresh, torch.int64)[::page_size]  # first slot of each fresh page
             page_index = {int(pg): j for j, pg in enumerate(priv_pages.tolist())}
             for pos in private_positions.tolist():
                 dst = int(page_base[page_index[pos // page_size]]) + (pos % page_size)
@@ -372,8 +377,8 @@ class DiffAllocator:
                     self.allocator.free(fresh)
                 raise ValueError("copy-on-write of a master page needs copy_fn (page_size > 1)")
             dev = fresh.device
-            self.copy_fn(torch.tensor(copies_src, dtype=torch.int64, device=dev),
-                         torch.tensor(copies_dst, dtype=torch.int64, device=dev))
+            self.copy_fn(to_device(np.asarray(copies_src, dtype=np.int64), dev),
+                         to_device(np.asarray(copies_dst, dtype=np.int64), dev))
         return out, len(copies_src), int(np.unique(np.asarray(copies_dst, dtype=np.int64) // page_size).size)
 
     # ------------------------------------------------------------------ accounting

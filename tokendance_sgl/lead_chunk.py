@@ -72,7 +72,7 @@ def compose_after_lead(tree: Any, req: Any) -> int:
     if not loaded:
         st.layout = None
         return 0
-    tree.req_to_token_pool.write((req.kv.req_pool_idx, slice(layout.start, layout.end)), st.host_slots)
+    tree.write_row(req, layout.start, st.host_slots)
     req.prefix_len = layout.end
     req.kv.cache_protected_len = layout.end  # the composed region is the tree's, as after a load-back
     tree.stats.counters["lead_chunks"] += 1

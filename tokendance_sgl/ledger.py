@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from tokendance_sgl.distinct import Distinct
-from tokendance_sgl.host import to_host
+from tokendance_sgl.host import remember, to_device, to_host
 from tokendance_sgl.page_counts import NO_STEPS, bump
+from tokendance_sgl.slot_mirror import is_host_kept
 
 __all__ = ["PageLedger", "PoolView", "RadixHolds", "check_ledger", "nodes_turning", "slot_pages", "node_value_pages"]
 
@@ -239,6 +240,10 @@ class PoolView:
     def __init__(self, allocator: Any, ledger: PageLedger):
         self._allocator = allocator
         self._ledger = ledger
+        # (row mirror, row) while the tree frees positions of one request's row (``free_segment``'s ``start_pos`` is
+        # the row position): their slots are known on the host; the row ranges freed meanwhile
+        self.row: Optional[tuple] = None
+        self.row_frees: list = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._allocator, name)
@@ -247,18 +252,28 @@ class PoolView:
     def allocator(self) -> Any:
         return self._allocator
 
-    def _unheld(self, slots: torch.Tensor) -> Optional[torch.Tensor]:
-        """``slots`` without those on held pages (None: nothing left to free)."""
+    def _host_of(self, slots: torch.Tensor, start_pos: Optional[int]) -> np.ndarray:
+        if self.row is not None and start_pos is not None:
+            mirror, row = self.row
+            got = mirror.get(row, start_pos, start_pos + slots.numel())
+            if got is not None:
+                return got
+        return to_host(slots, torch.int64)
+
+    def _unheld(self, slots: torch.Tensor, start_pos: Optional[int] = None) -> Optional[torch.Tensor]:
+        """``slots`` without those on held pages (None: nothing left to free); a host-kept allocator gets them as a
+        host tensor. ``start_pos``: their first position in the row :attr:`row` names."""
         if slots is None or slots.numel() == 0:
             return None
-        ps = self._ledger.page_size
-        held = torch.from_numpy(self._ledger.held_mask(to_host(slots, torch.int64) // ps))
-        if not bool(held.any()):
-            return slots
-        keep = ~held
-        if not bool(keep.any()):
-            return None
-        return slots[keep.to(slots.device)]
+        host = self._host_of(slots, start_pos)
+        held = self._ledger.held_mask(host // self._ledger.page_size)
+        if held.any():
+            host = host[~held]
+            if host.size == 0:
+                return None
+        elif not is_host_kept(self._allocator):
+            return slots  # a stock allocator frees the tensor itself
+        return to_device(host, "cpu" if is_host_kept(self._allocator) else slots.device)
 
     def free(self, free_index: torch.Tensor) -> None:
         kept = self._unheld(free_index)
@@ -266,7 +281,9 @@ class PoolView:
             self._allocator.free(kept)
 
     def free_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
-        kept = self._unheld(free_index)
+        if self.row is not None:
+            self.row_frees.append((start_pos, free_index.numel()))
+        kept = self._unheld(free_index, start_pos)
         if kept is None:
             return
         if kept.numel() == free_index.numel():
@@ -290,7 +307,7 @@ class PoolView:
     def free_pages(self, pages: np.ndarray, device: Any) -> None:
         """Returns ``pages`` (that the ledger reported as held by no one) to the pool."""
         if pages.size:  # in the order given (stock eviction frees a node's pages in row order)
-            self._allocator.free_page_ids(torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).to(device))
+            self._allocator.free_page_ids(to_device(pages, "cpu" if is_host_kept(self._allocator) else device))
 
 
 class RadixHolds:
@@ -326,14 +343,13 @@ class RadixHolds:
         """The slots of row positions ``[start, end)`` of the path from ``root`` to ``node`` (``path_len`` tokens),
         from the pages kept here: no device read. None when a node there is not whole pages in order (its slots are
         not known from its pages)."""
-        ps, parts, hi = self.page_size, [], path_len
+        parts, hi = [], path_len
         while hi > start and node is not root and node is not None:
             lo = hi - len(node.value)
             if lo < end:  # (the node holds some of the rows)
                 if node.id in self._loose:
                     return None
-                pages = self.pages(node)
-                slots = pages if ps == 1 else (pages[:, None] * ps + np.arange(ps)).reshape(-1)
+                slots = self._slots(self.pages(node))
                 parts.append(slots[max(start - lo, 0): min(end, hi) - lo])
             node, hi = node.parent, lo
         if hi > start:
@@ -341,7 +357,34 @@ class RadixHolds:
         parts.reverse()
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
-    def add(self, node: Any) -> None:
+    def path_head(self, node: Any, root: Any, n: int) -> Optional[np.ndarray]:
+        """The slots of the first ``n`` positions of the path from ``root`` to ``node`` (None: a node there is not
+        whole pages in order, or the path is shorter)."""
+        nodes = []
+        while node is not root and node is not None:
+            nodes.append(node)
+            node = node.parent
+        parts, got = [], 0
+        for x in reversed(nodes):
+            if got >= n:
+                break
+            if x.id in self._loose:
+                return None
+            parts.append(self._slots(self.pages(x))[: n - got])
+            got += len(parts[-1])
+        if got < n:
+            return None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def _slots(self, pages: np.ndarray) -> np.ndarray:
+        """The slots of whole pages ``pages``, in order."""
+        ps = self.page_size
+        return pages if ps == 1 else (pages[:, None] * ps + np.arange(ps)).reshape(-1)
+
+    def add(self, node: Any, host: Optional[np.ndarray] = None) -> None:
+        """A new node; ``host``: its value's slots, when the caller knows them (no device read)."""
+        if host is not None:
+            remember(node.value, host)  # (its eviction frees the value: known then too)
         pages = self._derive(node)  # page-structured: one page per row page of one request history (see _lock)
         self.ledger.add_radix(pages, distinct=node.id not in self._loose)
 
@@ -387,8 +430,10 @@ class RadixHolds:
         """``parent`` took the first ``split_len`` tokens of ``child`` (whose pages were ``pages``)."""
         ps = self.page_size
         if child.id not in self._loose and split_len % ps == 0 and pages.size * ps == old_len:
-            k = split_len // ps  # whole pages: they split with the value
+            k = split_len // ps  # whole pages: they split with the value (both values are new tensors)
             self._pages[parent.id], self._pages[child.id] = pages[:k], pages[k:]
+            remember(parent.value, self._slots(pages[:k]))
+            remember(child.value, self._slots(pages[k:]))
             return
         head, tail = self._derive(parent), self._derive(child)
         # The node held each of `pages`; now the parent and the child hold theirs, so a page in both (the value was

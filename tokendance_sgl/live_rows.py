@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tokendance_sgl.diff_alloc import BuiltRow, RowShape
+from tokendance_sgl.host import to_device
 from tokendance_sgl.request_state import RequestState, state_of
 from tokendance_sgl.reuse import release_tails
 
@@ -92,15 +93,14 @@ class LiveRows:
         fresh = tree.alloc_slots(int(widened.size))
         if fresh is None:
             return None
-        row = tree.req_to_token_pool.req_to_token[kv.req_pool_idx]
-        where = torch.from_numpy(widened).to(row.device)
         counters = tree.stats.counters
         if tree.page_size > 1:  # copy on write: the page keeps the master's KV except at the recomputed positions
-            tree.diff.copy_fn(row[where].to(torch.int64), fresh.to(torch.int64))
+            row = tree.req_to_token_pool.req_to_token[kv.req_pool_idx]
+            tree.diff.copy_fn(row[to_device(widened, row.device)].to(torch.int64), fresh.to(torch.int64))
             counters["cow_pages"] += int(widened.size) // tree.page_size
             counters["cow_tokens"] += int(widened.size)
         released = tree.diff.privatize(id(kv), widened, fresh)
-        row[where] = fresh.to(row.dtype)
+        tree.write_row(req, 0, fresh, positions=widened)
         self._hold(st, id(kv), fresh)
         for seg in released:  # segments the row reads no more
             st.reads = [s for s in st.reads if s is not seg]

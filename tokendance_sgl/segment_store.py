@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tokendance_sgl.config import TreeConfig
-from tokendance_sgl.host import to_host
+from tokendance_sgl.host import read_device, remember, to_device, to_host
 from tokendance_sgl.ledger import PageLedger
 from tokendance_sgl.segments import SegmentDetector, content_hash
 
@@ -213,8 +213,10 @@ class SegmentStore:
             host = None
         elif master_host is not None and master_host.size == master.numel():
             host = np.array(master_host, dtype=np.int64)  # own copy
+            remember(master, host)
         else:
-            host = to_host(master, torch.int64)  # (a view of our own copy on a CPU)
+            host = np.array(to_host(master_slots, torch.int64))  # (known when whoever made them remembered them)
+            remember(master, host)
         pages = self.ledger.pages_of(host, fresh=fresh) if host is not None else np.empty(0, dtype=np.int64)
         if master is not None and not strong and not self.ledger.held_mask(pages).all():
             logger.debug("weak segment refused: its pages are not held by the tree")
@@ -420,9 +422,9 @@ class SegmentStore:
         delta = np.repeat(np.array([anchor - seg.anchor for _, (seg, anchor, _, _) in todo], dtype=np.int64), sizes)
         delta[first + sizes - 1] += tails  # a stand-in last token: the previous token's K one position on
         dev = slots.device
-        dst_dev = torch.from_numpy(dst).to(dev)
+        dst_dev = to_device(dst, dev)
         try:
-            self.rerotate(torch.from_numpy(src).to(dev), dst_dev, torch.from_numpy(delta).to(dev))
+            self.rerotate(to_device(src, dev), dst_dev, to_device(delta, dev))
         except BaseException:  # nothing registered yet: the fresh slots go back (the caller unlocks its pins)
             self._free_pages(self.ledger.pages_of(block))
             raise
@@ -509,7 +511,7 @@ class SegmentStore:
                 if seg.lock_ref > 0:
                     np.add.at(sl, seg.pages, 1)
             if seg.master is not None:
-                master = to_host(seg.master)
+                master = read_device(seg.master, torch.int64)
                 assert np.array_equal(master, seg.host) and np.array_equal(np.unique(master // self.page_size),
                                                                            np.sort(seg.pages)), seg
             assert seg.copy_of is not None or seg.key in self.detector or len(seg.tokens) < self.detector.min_len, seg
