@@ -445,7 +445,14 @@ def overhead_table(o: dict | None) -> list[str]:
         rows.append(row)
     out += table(["agents", "history tokens", *backends], rows)
     growth = ", ".join(f"{b} {g:.2f}" for b, g in o["growth_exponent"].items() if g is not None)
-    return out + ["", f"Growth exponent of the time in agents x history tokens (log-log fit): {growth}."]
+    out += ["", f"Growth exponent of the time in agents x history tokens (log-log fit): {growth}."]
+    reads = {b: max(sum(r["device_reads_per_request"].values()) for r in o["rows"] if r["backend"] == b)
+             for b in backends if all("device_reads_per_request" in r for r in o["rows"] if r["backend"] == b)}
+    if reads:
+        out += ["", "Device reads per request on the scheduler path (tensor values copied to the host; on a GPU each "
+                    "waits for the stream), the most over the sizes: "
+                    + ", ".join(f"{b} {v:.2f}" for b, v in reads.items()) + "."]
+    return out
 
 
 def render(data: dict) -> str:

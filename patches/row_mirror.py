@@ -2,8 +2,10 @@
 
 Targets (each acts only on a request pool a collective tree attached its row mirror to):
   * ``sglang.srt.mem_cache.allocation.write_cache_indices`` (AFTER): an extend wrote each row's prefix and new slots.
-  * ``sglang.srt.mem_cache.allocation.alloc_for_decode_default`` (AROUND): a decode step wrote one slot per row;
-    while it allocates, the paged allocator finds each row's last slot in the mirror.
+  * ``sglang.srt.managers.schedule_batch.alloc_for_extend`` (AROUND; ScheduleBatch imports it by name) and
+    ``sglang.srt.mem_cache.allocation.alloc_for_decode_default`` (AROUND): while
+    a batch allocates, the paged allocator finds each row's last slot in the mirror; after a decode step's
+    allocation, the slot it wrote at each row's end is noted.
   * ``sglang.srt.mem_cache.allocation._prefix_kv_indices`` (AFTER): a later chunk's prefix is its own row's, read
     from the mirror (remembered, so the extend's write needs no device read).
   * ``...scheduler_components.invariant_checker.SchedulerInvariantChecker.self_check_during_busy`` (AFTER): with
@@ -14,6 +16,7 @@ Targets (each acts only on a request pool a collective tree attached its row mir
 from __future__ import annotations
 
 PREFIX = "sglang.srt.mem_cache.allocation."
+EXTEND_TARGET = "sglang.srt.managers.schedule_batch.alloc_for_extend"  # (its caller's binding: imported by name)
 
 
 def _after_write_cache_indices(result, out_cache_loc, req_pool_indices_tensor, req_pool_indices_cpu,
@@ -27,17 +30,27 @@ def _after_write_cache_indices(result, out_cache_loc, req_pool_indices_tensor, r
     return result
 
 
+def _around_alloc_for_extend(original, batch, *args, **kwargs):
+    from tokendance_sgl.slot_mirror import allocating
+
+    token = allocating.set(batch)
+    try:
+        return original(batch, *args, **kwargs)
+    finally:
+        allocating.reset(token)
+
+
 def _around_alloc_for_decode(original, batch, token_per_req, *args, **kwargs):
-    from tokendance_sgl.slot_mirror import decode_batch, note_decode, row_mirror_of
+    from tokendance_sgl.slot_mirror import allocating, note_decode, row_mirror_of
 
     rows = row_mirror_of(batch.req_to_token_pool)
     if rows is None:
         return original(batch, token_per_req, *args, **kwargs)
-    token = decode_batch.set(batch)
+    token = allocating.set(batch)
     try:
         out = original(batch, token_per_req, *args, **kwargs)
     finally:
-        decode_batch.reset(token)
+        allocating.reset(token)
     note_decode(rows, out, batch, token_per_req)
     return out
 
@@ -53,6 +66,7 @@ def register_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(PREFIX + "write_cache_indices", _after_write_cache_indices, HookType.AFTER)
+    HookRegistry.register(EXTEND_TARGET, _around_alloc_for_extend, HookType.AROUND)
     HookRegistry.register(PREFIX + "alloc_for_decode_default", _around_alloc_for_decode, HookType.AROUND)
     HookRegistry.register(PREFIX + "_prefix_kv_indices", _after_prefix_kv_indices, HookType.AFTER)
     HookRegistry.register(CHECK_TARGET, _after_busy_check, HookType.AFTER)

@@ -610,3 +610,12 @@ def test_the_rows_host_copy_follows_a_checkpoint_that_finds_its_tokens_cached(ps
     sim.finish(a)
     assert sim.tree.store.for_id("b") is not None and sim.tree.store.for_id("a") is not None
     sim.check()
+
+
+def test_beam_search_is_refused():
+    """Beam search writes and frees its member rows outside the host's copy of the slots: refused per request."""
+    sim = Sim(ps=1)
+    req = sim.make(T(8))
+    assert sim.tree.validate_request(req) is None
+    req.sampling_params.beam_width = 2
+    assert "beam search" in sim.tree.validate_request(req)

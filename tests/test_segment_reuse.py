@@ -344,6 +344,7 @@ def test_a_long_lead_is_prefilled_by_sglangs_chunks_then_the_region_is_composed(
     assert d["prepass_lead_tokens"] < LEAD_PAGE * N_AGENTS, d  # SGLang's chunks computed the lead's whole pages
     assert d["rows_composed"] == N_AGENTS and d["reused_tokens"] > 0 and d["cow_pages"] > 0, d
     assert 0 < s["prepass_largest_forward"] <= LEAD_CHUNK, s
+    assert d["slot_checks"] > 0, d  # the host's rows and free list matched the device's at every busy check
     for a, body in zip(rounds[1].agents, got):  # the reused segment tokens count as cached
         assert body["meta_info"]["cached_tokens"] >= sum(e - s_ for _, s_, e in a.segments) // 2, body["meta_info"]
     f = compare_responses(refs, got, n=MAX_NEW).as_dict()

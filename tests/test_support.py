@@ -25,6 +25,8 @@ REFUSED = [
     ({"kv_cache_dtype": "fp8_e4m3"}, "--kv-cache-dtype"),
     ({"enable_dp_attention": True}, "--enable-dp-attention"),
     ({"pp_size": 2}, "--pp-size"),
+    ({"disaggregation_mode": "prefill"}, "--disaggregation-mode"),
+    ({"dllm_algorithm": "LowConfidence"}, "--dllm-algorithm"),
 ]
 
 

@@ -35,13 +35,13 @@ __all__ = ["TreeStats", "COUNTERS", "pool_bytes_per_token"]
 # rows composed from the plan of an earlier row of their round and base (reuse.RegionTemplate); admissions that took
 # the collective step's prefix match instead of matching again (early_match.EarlyMatch); rows whose lead SGLang's
 # chunked prefill computed, their region composed when the chunk reached it, and such regions that could no longer
-# be planned there (lead_chunk).
+# be planned there (lead_chunk); comparisons of the host's copies of the slots with the device's (slot_mirror).
 COUNTERS = ("rows_composed", "reused_tokens", "recomputed_tokens", "prepass_text_tokens", "composed_private_slots",
             "load_back_fallbacks", "paths_inserted", "collect_steps", "collect_copy_calls", "probe_tokens",
             "probe_token_layers", "selections", "selections_shared", "privatized_tokens", "tails_computed", "rollbacks",
             "prepass_fallbacks", "prepass_aborts", "prepass_forwards", "prepass_largest_forward", "prepass_lead_tokens",
             "cow_pages", "cow_tokens", "probe_no_room", "compositions_shared", "matches_shared",
-            "lead_chunks", "lead_regions_lost")
+            "lead_chunks", "lead_regions_lost", "slot_checks")
 
 _PREFILL_KEYS = ("extend_tokens", "prepass_tokens", "probe_tokens", "computed_tokens", "token_layers")
 

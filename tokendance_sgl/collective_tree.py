@@ -276,6 +276,8 @@ class CollectiveTree(RadixCache):
     def validate_request(self, req: Any) -> Optional[str]:
         """The error that should fail ``req`` with HTTP 400, or None (also records ``req.td.plan``)."""
         error = validate_request(None if self.disable else self.store, self.config, req)
+        if error is None and int(getattr(getattr(req, "sampling_params", None), "beam_width", 1) or 1) > 1:
+            error = "beam search (beam_width > 1) is not supported with the tokendance and pic backends"
         if error is None and self.tp_size > 1 and request_policy(self, req).needs_scores:
             error = f"td_recompute {request_policy(self, req)} needs tp-size 1 (this server runs tp-size {self.tp_size})"
         return error
@@ -508,6 +510,7 @@ class CollectiveTree(RadixCache):
     def check_slots(self) -> None:
         """The host's copies of the request rows equal the device's, and no page of the allocator's (host-kept) free
         list is one the tree holds (AssertionError if not)."""
+        self.stats.counters["slot_checks"] += 1
         if self.row_mirror is not None:
             self.row_mirror.check(self.req_to_token_pool.req_to_token)
         free = self.pool.get_all_free_pages() if self.pool is not None else None

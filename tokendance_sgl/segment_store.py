@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tokendance_sgl.config import TreeConfig
-from tokendance_sgl.host import read_device, remember, to_device, to_host
+from tokendance_sgl.host import read_device, to_device, to_host
 from tokendance_sgl.ledger import PageLedger
 from tokendance_sgl.segments import SegmentDetector, content_hash
 
@@ -191,14 +191,12 @@ class SegmentStore:
         key = content_hash(toks, ns_key)
         rnd = self.current_round if round is None else int(round)
         self.note_round(rnd)
-        master = None
-        if master_slots is not None and master_slots.numel() > 0:
-            if master_slots.numel() > len(toks):
-                raise ValueError(f"{master_slots.numel()} master slots for {len(toks)} tokens")
-            master = master_slots.detach().to(device=self.device, dtype=torch.int64, copy=True)
+        n = master_slots.numel() if master_slots is not None else 0
+        if n > len(toks):
+            raise ValueError(f"{n} master slots for {len(toks)} tokens")
         existing = self._nodes.get(key)
         if existing is not None:
-            if self.has_kv(existing) or master is None:
+            if self.has_kv(existing) or n == 0:
                 existing.round = max(existing.round, rnd)
                 existing.last_access_time = time.monotonic()
                 if strong and not existing.strong:
@@ -209,14 +207,11 @@ class SegmentStore:
             if existing.lock_ref > 0:  # cannot happen: a locked segment holds valid KV
                 raise AssertionError(f"locked segment without KV: {existing!r}")
             self.drop(existing)
-        if master is None:
-            host = None
-        elif master_host is not None and master_host.size == master.numel():
-            host = np.array(master_host, dtype=np.int64)  # own copy
-            remember(master, host)
-        else:
-            host = np.array(to_host(master_slots, torch.int64))  # (known when whoever made them remembered them)
-            remember(master, host)
+        master = host = None
+        if n:  # our own copy of the slots (made from the host's values; known when whoever made them remembered them)
+            host = np.array(master_host if master_host is not None and master_host.size == n
+                            else to_host(master_slots, torch.int64), dtype=np.int64)
+            master = to_device(host, self.device)
         pages = self.ledger.pages_of(host, fresh=fresh) if host is not None else np.empty(0, dtype=np.int64)
         if master is not None and not strong and not self.ledger.held_mask(pages).all():
             logger.debug("weak segment refused: its pages are not held by the tree")

@@ -30,12 +30,12 @@ import torch
 
 from tokendance_sgl.host import read_device, remember, remember_host, to_device, to_host
 
-__all__ = ["RowMirror", "is_host_kept", "decode_batch", "host_tensor", "keep_on_host", "note_decode", "note_extend",
+__all__ = ["RowMirror", "is_host_kept", "allocating", "host_tensor", "keep_on_host", "note_decode", "note_extend",
            "remember_own_prefix", "row_mirror_of", "write_row"]
 
-# the decode batch being allocated (set around SGLang's alloc_for_decode: the paged allocator's last_loc is the
-# slot before each row's end, which the row mirror knows)
-decode_batch: contextvars.ContextVar[Any] = contextvars.ContextVar("tokendance_decode_batch", default=None)
+# the batch being allocated (set around SGLang's alloc_for_extend and alloc_for_decode): the paged allocator's
+# last_loc is the slot before each row's end, which the row mirror knows
+allocating: contextvars.ContextVar[Any] = contextvars.ContextVar("tokendance_allocating_batch", default=None)
 
 
 def _on_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -76,20 +76,30 @@ def _host_kept_class(base: type) -> type:
                 return self._out(host)
             return remember_host(host)
 
+        def _last_loc(self, last_loc, ends: np.ndarray, need: np.ndarray) -> torch.Tensor:
+            """The slot before each row's ``ends`` where ``need`` (the others are never read: -1), from the row
+            mirror of the batch being allocated, or from ``last_loc`` itself."""
+            if not need.any():
+                return torch.full((len(ends),), -1, dtype=torch.int64)
+            batch = allocating.get()
+            reqs = getattr(batch, "reqs", None)
+            if self.rows is not None and reqs is not None and len(reqs) == len(ends):
+                idx = np.fromiter((r.kv.req_pool_idx for r in reqs), dtype=np.int64, count=len(reqs))
+                got = self.rows.at(idx, np.where(need, ends - 1, -1))
+                if got is not None:
+                    return torch.from_numpy(got)
+            return _on_host(last_loc)
+
         def alloc_extend(self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens,
                          num_new_pages=None):
-            if bool((prefix_lens_cpu % self.page_size != 0).any()):  # a prefix ending inside a page is continued
-                last = _on_host(last_loc)
-            else:  # every prefix ends on a page boundary: last_loc is never read
-                last = torch.full_like(prefix_lens_cpu, -1)
+            pre = np.asarray(prefix_lens_cpu, dtype=np.int64)
+            last = self._last_loc(last_loc, pre, pre % self.page_size != 0)  # a prefix ending inside a page goes on
             return self._out(super().alloc_extend(prefix_lens_cpu, prefix_lens_cpu, seq_lens_cpu, seq_lens_cpu, last,
                                                   extend_num_tokens, num_new_pages))
 
         def alloc_decode(self, seq_lens, seq_lens_cpu, last_loc):
-            batch, last = decode_batch.get(), None
-            if batch is not None and self.rows is not None and getattr(batch, "req_pool_indices_cpu", None) is not None:
-                last = self.rows.at(np.asarray(batch.req_pool_indices_cpu), np.asarray(seq_lens_cpu) - 2)
-            last = torch.from_numpy(last) if last is not None else _on_host(last_loc)
+            ends = np.asarray(seq_lens_cpu, dtype=np.int64) - 1  # the new token's row position
+            last = self._last_loc(last_loc, ends, ends % self.page_size != 0)  # not on a new page: goes on
             return self._out(super().alloc_decode(seq_lens_cpu, seq_lens_cpu, last))
 
         # frees: the index tensor comes to the host (remembered values, or a device read); SGLang's own calls among

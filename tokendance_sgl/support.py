@@ -13,8 +13,9 @@ two-batch / single-batch overlap the split batches bypass the replay forward's a
 hybrid attention backends        a prefill backend other than the decode one bypasses that override too
 fp8 KV cache                     re-rotation would rotate raw fp8 bytes and drop their scales
 DP attention, PP > 1             the replay forward runs without the other ranks
-page size > 1                    composed rows need page size 1 (copy-on-write pages are not wired yet)
 TP > 1 with ``deviation``        each rank would score only its own KV heads and choose other positions
+PD disaggregation, diffusion LMs their KV transfers and row writes bypass the host's copy of the slots
+beam search (per request)        its member rows are written and freed outside it (refused as HTTP 400)
 MLA and sliding-window models    no per-layer K/V pool to re-rotate / the window drops reused KV
 ===============================  ==========================================================================
 
@@ -64,6 +65,10 @@ def refusals(args: Any, backend: str, policy: RecomputePolicy) -> list[str]:
         out.append(f"--enable-dp-attention / --attn-dp-size: DP attention {why}")
     if int(_get(args, "pp_size", 1)) > 1:
         out.append(f"--pp-size {args.pp_size}: pipeline parallelism {why}")
+    if str(_get(args, "disaggregation_mode", "null")) != "null":
+        out.append(f"--disaggregation-mode {args.disaggregation_mode}: PD disaggregation {why}")
+    if _get(args, "dllm_algorithm"):
+        out.append(f"--dllm-algorithm {args.dllm_algorithm}: diffusion language models {why}")
     if int(_get(args, "tp_size", 1)) > 1 and policy.needs_scores:
         out.append(f"--tp-size {args.tp_size} with --td-recompute {policy}: deviation selection needs tp-size 1 "
                    f"(each rank would score its own KV heads); use sink:K")
