@@ -104,30 +104,23 @@ def _host_kept_class(base: type) -> type:
 
         # frees: the index tensor comes to the host (remembered values, or a device read); SGLang's own calls among
         # its methods (a free group's flush, a paged segment's pages) pass host tensors already
-        def free(self, free_index):
+        def _host_free(self, fn, t, **kwargs) -> None:
             if self._inner:
-                return super().free(free_index)
+                return fn(t, **kwargs)
             self._inner = 1
             try:
-                super().free(_on_host(free_index))
+                fn(_on_host(t), **kwargs)
             finally:
                 self._inner = 0
+
+        def free(self, free_index):
+            self._host_free(super().free, free_index)
 
         def free_page_ids(self, page_ids):
-            if self._inner:
-                return super().free_page_ids(page_ids)
-            self._inner = 1
-            try:
-                super().free_page_ids(_on_host(page_ids))
-            finally:
-                self._inner = 0
+            self._host_free(super().free_page_ids, page_ids)
 
         def free_segment(self, free_index, *, start_pos: int):
-            self._inner = 1
-            try:
-                super().free_segment(_on_host(free_index), start_pos=start_pos)
-            finally:
-                self._inner = 0
+            self._host_free(super().free_segment, free_index, start_pos=start_pos)
 
         def free_group_end(self):
             self._inner = 1
