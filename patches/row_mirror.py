@@ -31,9 +31,9 @@ def _after_write_cache_indices(result, out_cache_loc, req_pool_indices_tensor, r
 
 
 def _around_alloc_for_extend(original, batch, *args, **kwargs):
-    from tokendance_sgl.slot_mirror import allocating
+    from tokendance_sgl.slot_mirror import allocating, allocating_batch
 
-    token = allocating.set(batch)
+    token = allocating.set(allocating_batch(batch))
     try:
         return original(batch, *args, **kwargs)
     finally:
@@ -41,12 +41,12 @@ def _around_alloc_for_extend(original, batch, *args, **kwargs):
 
 
 def _around_alloc_for_decode(original, batch, token_per_req, *args, **kwargs):
-    from tokendance_sgl.slot_mirror import allocating, note_decode, row_mirror_of
+    from tokendance_sgl.slot_mirror import allocating, allocating_batch, note_decode, row_mirror_of
 
     rows = row_mirror_of(batch.req_to_token_pool)
     if rows is None:
         return original(batch, token_per_req, *args, **kwargs)
-    token = allocating.set(batch)
+    token = allocating.set(allocating_batch(batch))
     try:
         out = original(batch, token_per_req, *args, **kwargs)
     finally:

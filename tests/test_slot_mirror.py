@@ -46,7 +46,8 @@ class Twin:
         last = torch.tensor([self.rows[r][p - 1] if p else -1 for r, p, _ in reqs], dtype=torch.int64)
         n = int(sum(e for _, _, e in reqs))
         batch = SimpleNamespace(reqs=[SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r, _, _ in reqs])
-        token = allocating.set(batch)
+        held = {id(q) for q, (_, p, _) in zip(batch.reqs, reqs) if p}  # a later chunk holds its row already
+        token = allocating.set((batch, held))
         try:
             out = self.alloc.alloc(n) if ps == 1 else self.alloc.alloc_extend(pre, pre, seq, seq, last, n)
         finally:
@@ -65,7 +66,7 @@ class Twin:
         seq = torch.tensor([len(self.rows[r]) + 1 for r in rs], dtype=torch.int64)
         last = torch.tensor([self.rows[r][-1] for r in rs], dtype=torch.int64)
         batch = SimpleNamespace(reqs=[SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r in rs])
-        token = allocating.set(batch)
+        token = allocating.set((batch, {id(q) for q in batch.reqs}))
         try:
             out = self.alloc.alloc(len(rs)) if self.ps == 1 else self.alloc.alloc_decode(seq, seq, last)
         finally:
@@ -142,10 +143,31 @@ def test_a_row_nobody_noted_is_read_from_the_device():
         t.extend([(1, 0, 6)])
     kept.mirror.valid[1] = 0  # forgotten
     got = [stock.decode([1])]
-    token = allocating.set(SimpleNamespace(reqs=[SimpleNamespace(kv=SimpleNamespace(req_pool_idx=1))]))
+    req = SimpleNamespace(kv=SimpleNamespace(req_pool_idx=1))
+    token = allocating.set((SimpleNamespace(reqs=[req]), {id(req)}))
     try:
         with DeviceReads() as reads:
             got.append(kept.alloc.alloc_decode(torch.tensor([7]), torch.tensor([7]), torch.tensor([kept.rows[1][-1]])))
     finally:
         allocating.reset(token)
     assert got[0] == to_host(got[1]).tolist() and reads.total == 1
+
+
+def test_a_new_request_never_takes_its_row_from_an_earlier_occupant():
+    """A request that did not hold its row before the allocation (its prefix is the tree's path) gets ``last_loc``
+    from SGLang's argument, never from what the mirror kept of the row's previous request."""
+    kept = Twin(4, kept=True)
+    kept.extend([(1, 0, 6)])  # an earlier request's slots in row 1
+    stale = kept.rows.pop(1)
+    alloc, ps = kept.alloc, 4
+    prefix_page = alloc.alloc(ps)  # the new request's prefix: the tree's page, 3 of its slots used
+    last = int(to_host(prefix_page)[2])
+    req = SimpleNamespace(kv=SimpleNamespace(req_pool_idx=1))
+    pre, seq = torch.tensor([3]), torch.tensor([5])
+    token = allocating.set((SimpleNamespace(reqs=[req]), set()))  # row 1 is new to it
+    try:
+        with DeviceReads() as reads:
+            out = to_host(alloc.alloc_extend(pre, pre, seq, seq, torch.tensor([last]), 2)).tolist()
+    finally:
+        allocating.reset(token)
+    assert out[0] == last + 1 and stale[2] + 1 not in out and reads.total == 1

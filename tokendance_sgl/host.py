@@ -100,6 +100,8 @@ def to_device(host: np.ndarray, device: Any) -> torch.Tensor:
     from pinned memory, which waits for nothing."""
     t = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int64))
     dev = torch.device(device)
-    if dev.type != "cpu":
+    if dev.type == "cuda":
         t = t.pin_memory().to(dev, non_blocking=True)
+    elif dev.type != "cpu":
+        t = t.to(dev)
     return remember(t, host)

@@ -252,13 +252,20 @@ class PoolView:
     def allocator(self) -> Any:
         return self._allocator
 
+    @property
+    def device(self) -> Any:
+        """Where the KV lives (a host-kept allocator's ``kv_device``)."""
+        return getattr(self._allocator, "kv_device", None) or self._allocator.device
+
     def _host_of(self, slots: torch.Tensor, start_pos: Optional[int]) -> np.ndarray:
-        if self.row is not None and start_pos is not None:
+        """``slots``' values: remembered ones (a node's value, our own tensors), else -- a slice of the row
+        :attr:`row` names, at ``start_pos`` -- the row's host copy (the range is noted in :attr:`row_frees`)."""
+        known = getattr(slots, "_td_host", None)
+        if known is None and self.row is not None and start_pos is not None:
             mirror, row = self.row
-            got = mirror.get(row, start_pos, start_pos + slots.numel())
-            if got is not None:
-                return got
-        return to_host(slots, torch.int64)
+            self.row_frees.append((start_pos, slots.numel()))
+            known = mirror.get(row, start_pos, start_pos + slots.numel())
+        return known if known is not None else to_host(slots, torch.int64)
 
     def _unheld(self, slots: torch.Tensor, start_pos: Optional[int] = None) -> Optional[torch.Tensor]:
         """``slots`` without those on held pages (None: nothing left to free); a host-kept allocator gets them as a
@@ -281,8 +288,6 @@ class PoolView:
             self._allocator.free(kept)
 
     def free_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
-        if self.row is not None:
-            self.row_frees.append((start_pos, free_index.numel()))
         kept = self._unheld(free_index, start_pos)
         if kept is None:
             return

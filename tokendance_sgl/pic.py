@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from tokendance_sgl.collective_tree import CollectiveTree
 from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.diff_alloc import NewRun, coalesce
+from tokendance_sgl.host import to_device
 from tokendance_sgl.request_state import RowLayout, RowPlan, SelectItem
 from tokendance_sgl.reuse import Composed, build_row, lead_end, note_layout_stats
 
@@ -66,7 +68,7 @@ def build_pic_row(tree: CollectiveTree, req: Any, layout: RowLayout) -> Optional
                 compute.append((pos, a))
             src.append(seg.master[: b - a])
             dst.append(slots[a - layout.start : b - layout.start])
-            delta.append(torch.full((b - a,), layout.prefix_positions.position_of(a) - seg.anchor, dtype=torch.int64))
+            delta.append(np.full(b - a, layout.prefix_positions.position_of(a) - seg.anchor, dtype=np.int64))
             offsets = policy.offsets(b - a)
             compute.extend((a + int(o), a + int(o) + 1) for o in offsets)
             if policy.needs_scores:
@@ -76,7 +78,7 @@ def build_pic_row(tree: CollectiveTree, req: Any, layout: RowLayout) -> Optional
         if layout.end > pos:  # text after the last span, up to the region's page boundary
             compute.append((pos, layout.end))
         dst_t = torch.cat(dst).to(torch.int64)
-        tree.rerotate_into(torch.cat(src), dst_t, torch.cat(delta).to(dst_t.device))
+        tree.rerotate_into(torch.cat(src), dst_t, to_device(np.concatenate(delta), dst_t.device))
         tree.store.counters["rotated_tokens"] += int(dst_t.numel())
     finally:
         tree.store.unlock_all(pinned)

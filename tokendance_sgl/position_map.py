@@ -24,6 +24,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from tokendance_sgl.host import to_device
+
 __all__ = ["PositionMap", "PathPositions", "shift_batch"]
 
 
@@ -85,9 +87,10 @@ def shift_batch(positions: torch.Tensor, maps: Sequence[Optional[PositionMap]], 
         return  # no breakpoint anywhere
     dev, dt = positions.device, positions.dtype
     owner = torch.repeat_interleave(torch.arange(len(maps), device=dev, dtype=torch.int64),
-                                    torch.tensor(list(lengths), device=dev), output_size=positions.numel())
-    at = torch.bucketize(owner * _STRIDE + positions.to(torch.int64), torch.tensor(keys, device=dev), right=True) - 1
-    positions += torch.tensor(values, device=dev, dtype=dt)[at]
+                                    to_device(np.asarray(lengths, dtype=np.int64), dev), output_size=positions.numel())
+    at = torch.bucketize(owner * _STRIDE + positions.to(torch.int64), to_device(np.asarray(keys, dtype=np.int64), dev),
+                         right=True) - 1
+    positions += to_device(np.asarray(values, dtype=np.int64), dev).to(dt)[at]  # (copies from pinned memory)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from tokendance_sgl.host import to_device
 from tokendance_sgl.position_map import shift_batch
 from tokendance_sgl.request_state import row_plan_of
 
@@ -112,20 +113,20 @@ def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]) -> Repl
 
     pre = copy(batch)
     pre.reqs = reqs
-    pre.input_ids = torch.from_numpy(np.concatenate([
+    pre.input_ids = to_device(np.concatenate([
         np.asarray(r.full_untruncated_fill_ids[int(rr[0]) : int(rr[-1]) + 1], dtype=np.int64)[rr - rr[0]]
-        for r, rr in zip(reqs, q_rows)])).to(device)
+        for r, rr in zip(reqs, q_rows)]), device)  # (host-to-device copies from pinned memory: no stream wait)
     pre.prefill_input_ids_cpu = None
     pre.req_pool_indices = batch.req_pool_indices[idx]
     pre.req_pool_indices_cpu = pool_idx_cpu
     pre.prefix_lens = [e - n for e, n in zip(ends, lens)]  # consistent lengths; positions come from the rows
     pre.extend_lens = lens
     pre.extend_num_tokens = sum(lens)
-    pre.seq_lens = torch.tensor(ends, dtype=torch.int64, device=device)
+    pre.seq_lens = to_device(np.asarray(ends, dtype=np.int64), device)
     pre.seq_lens_cpu = torch.tensor(ends, dtype=torch.int64)
     pre.seq_lens_sum = sum(ends)
     pre.orig_seq_lens = pre.seq_lens
-    rows_t = [torch.from_numpy(r).to(device) for r in q_rows]
+    rows_t = [to_device(r, device) for r in q_rows]
     pre.out_cache_loc = torch.cat([req_to_token[int(pool_idx_cpu[k]), r] for k, r in enumerate(rows_t)]).to(torch.int64)
     pre.return_logprob = False
     pre.top_logprobs_nums = None
@@ -143,8 +144,8 @@ def build_prepass_batch(batch, runner, rows: list[tuple[int, int, int]]) -> Repl
     if getattr(batch, "global_num_tokens", None) is not None:
         pre.global_num_tokens = [pre.extend_num_tokens]
         pre.global_num_tokens_for_logprob = [len(lens)]
-    q_req = torch.cat([torch.full((n,), k, dtype=torch.int64) for k, n in enumerate(lens)])
-    return Replay(pre, q_req.to(device), torch.cat(rows_t).to(torch.int64))
+    q_req = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
+    return Replay(pre, to_device(q_req, device), torch.cat(rows_t).to(torch.int64))
 
 
 @contextmanager

@@ -30,12 +30,17 @@ import torch
 
 from tokendance_sgl.host import read_device, remember, remember_host, to_device, to_host
 
-__all__ = ["RowMirror", "is_host_kept", "allocating", "host_tensor", "keep_on_host", "note_decode", "note_extend",
+__all__ = ["RowMirror", "is_host_kept", "allocating", "allocating_batch", "host_tensor", "keep_on_host", "note_decode", "note_extend",
            "remember_own_prefix", "row_mirror_of", "write_row"]
 
-# the batch being allocated (set around SGLang's alloc_for_extend and alloc_for_decode): the paged allocator's
-# last_loc is the slot before each row's end, which the row mirror knows
+# (the batch being allocated, ids of its requests that held their row before) while SGLang's alloc_for_extend or
+# alloc_for_decode runs: the paged allocator's last_loc is the slot before each row's end, which the row mirror knows
 allocating: contextvars.ContextVar[Any] = contextvars.ContextVar("tokendance_allocating_batch", default=None)
+
+
+def allocating_batch(batch: Any) -> tuple:
+    """The value of :data:`allocating` for ``batch`` (set it before SGLang allocates the batch's rows)."""
+    return batch, {id(r) for r in batch.reqs if r.kv.holds_kv}
 
 
 def _on_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -81,9 +86,12 @@ def _host_kept_class(base: type) -> type:
             mirror of the batch being allocated, or from ``last_loc`` itself."""
             if not need.any():
                 return torch.full((len(ends),), -1, dtype=torch.int64)
-            batch = allocating.get()
+            batch, held = allocating.get() or (None, ())
             reqs = getattr(batch, "reqs", None)
-            if self.rows is not None and reqs is not None and len(reqs) == len(ends):
+            # only a row its request held before this allocation is in the mirror (a new request's row may still hold
+            # an earlier request's slots there: its prefix is the tree's path)
+            if self.rows is not None and reqs is not None and len(reqs) == len(ends) and all(
+                    id(r) in held for r, n in zip(reqs, need) if n):
                 idx = np.fromiter((r.kv.req_pool_idx for r in reqs), dtype=np.int64, count=len(reqs))
                 got = self.rows.at(idx, np.where(need, ends - 1, -1))
                 if got is not None:
@@ -129,9 +137,17 @@ def _host_kept_class(base: type) -> type:
             finally:
                 self._inner = 0
 
+        def merge_and_sort_free(self):
+            self._inner = 1  # (SGLang's merge reads get_all_free_pages: the host's list here)
+            try:
+                super().merge_and_sort_free()
+            finally:
+                self._inner = 0
+
         def get_all_free_pages(self):
+            """The free pages (on the device, for SGLang's invariant checks; on the host inside the allocator)."""
             pages = super().get_all_free_pages()
-            return None if pages is None else pages.to(self.kv_device)
+            return None if pages is None or self._inner else pages.to(self.kv_device)
 
     HostKept.__name__ = HostKept.__qualname__ = f"HostKept{base.__name__}"
     return HostKept
@@ -176,21 +192,21 @@ class RowMirror:
     """Host copy of ``req_to_token``: row ``r``'s positions ``[0, valid[r])`` are known (module docstring)."""
 
     def __init__(self, n_rows: int, n_cols: int):
-        self.slots = np.zeros((n_rows, n_cols), dtype=np.int64)  # (pages of it are committed as rows use them)
+        self.slots = np.zeros((n_rows, n_cols), dtype=np.int32)  # (as the device's; committed as rows are used)
         self.valid = np.zeros(n_rows, dtype=np.int64)
 
     def get(self, row: int, start: int, end: int) -> Optional[np.ndarray]:
         """Slots of ``row``'s positions ``[start, end)`` (int64), or None when not all are known."""
         if end > self.valid[row]:
             return None
-        return self.slots[row, start:end].copy()
+        return self.slots[row, start:end].astype(np.int64)
 
     def at(self, rows: np.ndarray, cols: np.ndarray) -> Optional[np.ndarray]:
         """Slots at ``(rows[i], cols[i])`` (a column < 0 gives -1), or None when one is not known."""
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         if (cols >= self.valid[rows]).any():
             return None
-        return np.where(cols >= 0, self.slots[rows, np.maximum(cols, 0)], -1)
+        return np.where(cols >= 0, self.slots[rows, np.maximum(cols, 0)], -1).astype(np.int64)
 
     def write(self, row: int, start: int, values: Optional[np.ndarray], end: Optional[int] = None) -> None:
         """Positions ``[start, start + len(values))`` of ``row`` now hold ``values``; None: they hold what nobody
