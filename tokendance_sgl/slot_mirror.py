@@ -17,7 +17,7 @@ stream. Instead:
   ``write_cache_indices``, the decode's ``alloc_for_decode``), the tree's own (a checkpoint's path, a composed region
   written at a lead's cut, privatized positions) by the tree. A write whose values nobody knows reads them once.
 
-``CollectiveTree.check_invariants`` compares both with the device (the allocator's free pages, every known row).
+``CollectiveTree.check_slots`` compares both with the device (every known row; no held page in the free list).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from tokendance_sgl.host import read_device, remember, remember_host, to_device, to_host
 
-__all__ = ["RowMirror", "is_host_kept", "allocating", "allocating_batch", "host_tensor", "keep_on_host", "note_decode", "note_extend",
+__all__ = ["RowMirror", "allocating", "allocating_batch", "is_host_kept", "keep_on_host", "note_decode", "note_extend",
            "remember_own_prefix", "row_mirror_of", "write_row"]
 
 # (the batch being allocated, ids of its requests that held their row before) while SGLang's alloc_for_extend or
@@ -48,11 +48,6 @@ def _on_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None or (t.is_cpu and getattr(t, "_td_host", None) is not None and t.dtype == torch.int64):
         return t  # (a remembered host tensor: itself)
     return torch.from_numpy(to_host(t, torch.int64))
-
-
-def host_tensor(values: np.ndarray) -> torch.Tensor:
-    """A host tensor of ``values`` (int64), remembered: what a host-kept allocator takes without a read."""
-    return to_device(values, "cpu")
 
 
 def is_host_kept(allocator: Any) -> bool:
