@@ -110,7 +110,7 @@ class CollectiveTree(RadixCache):
         self.pool = PoolView(alloc, self.ledger) if alloc is not None else None
         self.stats = TreeStats()
         self.bases = CanonicalBases(self.config)
-        dev = (getattr(alloc, "kv_device", None) or getattr(alloc, "device", "cpu")) if alloc is not None else "cpu"
+        dev = self.pool.device if self.pool is not None else "cpu"
         self.store = SegmentStore(self.ledger, self.config, page_size=page_size,
                                   device=torch.device(dev if isinstance(dev, (str, torch.device)) else "cpu"),
                                   alloc=self.alloc_slots, free_pages=self._free_pages)

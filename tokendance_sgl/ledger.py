@@ -274,13 +274,14 @@ class PoolView:
             return None
         host = self._host_of(slots, start_pos)
         held = self._ledger.held_mask(host // self._ledger.page_size)
+        host_kept = is_host_kept(self._allocator)  # (it takes host tensors)
         if held.any():
             host = host[~held]
             if host.size == 0:
                 return None
-        elif not is_host_kept(self._allocator):
+        elif not host_kept:
             return slots  # a stock allocator frees the tensor itself
-        return to_device(host, "cpu" if is_host_kept(self._allocator) else slots.device)
+        return to_device(host, "cpu" if host_kept else slots.device)
 
     def free(self, free_index: torch.Tensor) -> None:
         kept = self._unheld(free_index)
@@ -359,27 +360,15 @@ class RadixHolds:
             node, hi = node.parent, lo
         if hi > start:
             return None
-        parts.reverse()
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts[::-1]) if parts else np.empty(0, dtype=np.int64)
 
     def path_head(self, node: Any, root: Any, n: int) -> Optional[np.ndarray]:
-        """The slots of the first ``n`` positions of the path from ``root`` to ``node`` (None: a node there is not
-        whole pages in order, or the path is shorter)."""
-        nodes = []
-        while node is not root and node is not None:
-            nodes.append(node)
-            node = node.parent
-        parts, got = [], 0
-        for x in reversed(nodes):
-            if got >= n:
-                break
-            if x.id in self._loose:
-                return None
-            parts.append(self._slots(self.pages(x))[: n - got])
-            got += len(parts[-1])
-        if got < n:
-            return None
-        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        """The slots of the first ``n`` positions of the path from ``root`` to ``node`` (None: as :meth:`path_slots`,
+        or the path is shorter)."""
+        length, x = 0, node
+        while x is not root and x is not None:
+            length, x = length + len(x.value), x.parent
+        return self.path_slots(node, root, length, 0, n) if length >= n else None
 
     def _slots(self, pages: np.ndarray) -> np.ndarray:
         """The slots of whole pages ``pages``, in order."""

@@ -11,7 +11,7 @@ holds, until SGLang releases its request:
 pages, a failed pre-pass: :meth:`recompute_region`) and drops the locks of the segments the row no longer reads.
 :meth:`release` gives everything back; :meth:`roll_back` undoes a composition that failed half way.
 
-The rows live in the tree (``CollectiveTree.rows``); this module reaches the tree's ledger, segment store, diff
+The rows live in the tree (``CollectiveTree.live_rows``); this module reaches the tree's ledger, segment store, diff
 allocator, allocator and counters through it.
 """
 

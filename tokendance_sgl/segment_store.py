@@ -208,9 +208,9 @@ class SegmentStore:
                 raise AssertionError(f"locked segment without KV: {existing!r}")
             self.drop(existing)
         master = host = None
-        if n:  # our own copy of the slots (made from the host's values; known when whoever made them remembered them)
-            host = np.array(master_host if master_host is not None and master_host.size == n
-                            else to_host(master_slots, torch.int64), dtype=np.int64)
+        if n:  # our own copy of the slots, made from the host's values (handed over, or remembered by their maker)
+            host = (master_host if master_host is not None and master_host.size == n
+                    else np.array(to_host(master_slots, torch.int64)))  # (a read may be a view of the row: copied)
             master = to_device(host, self.device)
         pages = self.ledger.pages_of(host, fresh=fresh) if host is not None else np.empty(0, dtype=np.int64)
         if master is not None and not strong and not self.ledger.held_mask(pages).all():

@@ -71,10 +71,7 @@ def _host_kept_class(base: type) -> type:
             return host if self.kv_device.type == "cpu" else to_device(host._td_host, self.kv_device)
 
         def alloc(self, need_size: int):
-            host = super().alloc(need_size)
-            if host is None or self.kv_device.type != "cpu":
-                return self._out(host)
-            return remember_host(host)
+            return self._out(super().alloc(need_size))
 
         def _last_loc(self, last_loc, ends: np.ndarray, need: np.ndarray) -> torch.Tensor:
             """The slot before each row's ``ends`` where ``need`` (the others are never read: -1), from the row
