@@ -48,6 +48,13 @@ def with_defaults(argv: list[str], *, model_path: str | None = None) -> list[str
     return out
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,8 +112,20 @@ def launch(
     timeout: float = 600.0,
     log_path: str | os.PathLike | None = None,
 ) -> ServerHandle:
-    """Start ``python -m sglang.launch_server`` and wait until ``/health`` answers."""
-    port = port or free_port()
+    """Start ``python -m sglang.launch_server`` and wait until ``/health`` answers.
+
+    Without a ``port`` a free one is picked; if another process takes it before the server binds it (the server
+    exits with "address already in use"), the launch is tried again on a new port, up to three times."""
+    for attempt in range(3):
+        try:
+            return _launch_once(model_path, kv_backend, port or free_port(), extra_args, env, timeout, log_path)
+        except ServerStartError as err:
+            if port is not None or attempt == 2 or "address already in use" not in str(err).lower():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch_once(model_path, kv_backend, port, extra_args, env, timeout, log_path) -> ServerHandle:
     argv = ["--model-path", model_path, "--port", str(port), "--host", "127.0.0.1"]
     if kv_backend is not None:
         argv += ["--kv-backend", kv_backend]
@@ -125,6 +144,7 @@ def launch(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not handle.alive():
+            _kill_group(proc)  # the server's own children (scheduler, detokenizer) may outlive it
             raise ServerStartError(f"the SGLang server exited with code {proc.returncode}:\n{handle.log_tail()}")
         try:
             if requests.get(handle.base_url + "/health", timeout=2).status_code == 200:
