@@ -425,3 +425,49 @@ def test_an_early_match_holds_until_the_tree_can_match_the_key_further():
     assert not early.holds(key, tree._evictions)
     assert tree.match_prefix(MatchPrefixParams(key=key)).device_prefix_len == 8
     sim.check()
+
+
+def test_the_exact_namespace_is_walked_only_where_it_can_match_as_far():
+    """A reusing request's match takes the longer of its exact and its approximate namespace (the exact one on a
+    tie). The exact namespace is not walked when no key inserted there under the key's first page reaches the
+    approximate match; a kept match that skipped it stops holding once such a key is inserted."""
+    from sglang.srt.mem_cache.common import _req_radix_key
+
+    from tokendance_sgl.early_match import approx_namespace, best_match
+    from tokendance_sgl.reuse import request_policy
+
+    sim = Sim(ps=1, pool_tokens=256)
+    tree = sim.tree
+    req = sim.make(T(6, 1) + T(10, 50) + T(3, 7))
+    policy = request_policy(tree, req)
+    assert policy.reuses_masters
+
+    def insert(toks, ns=None):
+        slots = sim.alloc.alloc(len(toks))
+        done = tree.insert(InsertParams(key=RadixKey(array("q", toks), ns), value=slots))
+        tree.token_to_kv_pool_allocator.free(slots[: done.prefix_len])
+
+    def match():
+        key = _req_radix_key(tree, req, req.origin_input_ids, max_prefix_len=len(req.origin_input_ids))
+        return key, best_match(tree, policy, req, key)
+
+    insert(T(6, 1))  # the agent's first round: exact
+    insert(T(6, 1) + T(10, 50), approx_namespace(None, policy))  # its composed rows since
+    key, (res, ns, _, exact, alt, unwalked) = match()
+    assert (res.device_prefix_len, ns, exact) == (16, approx_namespace(None, policy), None)  # exact: not walked
+    early = EarlyMatch.of(key, tree._evictions, (exact, alt), 1, res, ns, PositionMap(), unwalked=unwalked)
+    assert early.holds(key, tree._evictions)
+    insert(T(6, 1) + T(9, 50))  # exact, shorter than the approximate match: the kept match still holds
+    assert early.holds(key, tree._evictions)
+    insert(T(6, 1) + T(10, 50))  # exact, as long: it wins the tie
+    assert not early.holds(key, tree._evictions)
+    key, (res, ns, _, exact, alt, unwalked) = match()
+    assert (res.device_prefix_len, ns, unwalked) == (16, None, ()) and exact[0] is res
+    # a key inserted below the root (no caller of SGLang 0.5.23 does) bounds nothing: the exact one is walked again
+    tree.longest_keys.note(RadixKey(array("q", T(3, 1))), from_root=False)
+    insert(T(6, 1) + T(10, 50) + T(2, 7), approx_namespace(None, policy))
+    key, (res, ns, _, exact, alt, unwalked) = match()
+    assert res.device_prefix_len == 18 and exact is not None and exact[0].device_prefix_len == 16
+    sim.check()
+    tree.reset()  # (as SGLang's flush_cache, which clears the pools too)
+    assert tree.longest_keys.at_most(tree.longest_keys.first_page(key)) == 0

@@ -54,7 +54,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.common import _req_radix_key
-from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
 from tokendance_sgl.accounting import TreeStats, pool_bytes_per_token
 from tokendance_sgl.bases import CanonicalBases
@@ -62,28 +62,23 @@ from tokendance_sgl.collector import KVCollector
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, RowShape
-from tokendance_sgl.early_match import EarlyMatch
+from tokendance_sgl.early_match import EarlyMatch, LongestKeys, approx_namespace, best_match
 from tokendance_sgl.host import read_device, to_device, to_host
 from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, check_ledger, nodes_turning
 from tokendance_sgl.live_rows import LiveRows
 from tokendance_sgl.outputs import register_output
 from tokendance_sgl.planning import plan_for, validate_request
-from tokendance_sgl.position_map import PathPositions, PositionMap
+from tokendance_sgl.position_map import PathPositions
 from tokendance_sgl.request_state import RowLayout, SegmentPlan, state_of
 from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
 from tokendance_sgl.segment_store import SegmentStore
-from tokendance_sgl.selection import RecomputePolicy, parse_policy
+from tokendance_sgl.selection import parse_policy
 from tokendance_sgl.slot_mirror import RowMirror, keep_on_host, write_row
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CollectiveTree", "approx_namespace"]
-
-
-def approx_namespace(extra_key: Optional[str], policy: RecomputePolicy) -> str:
-    """The radix namespace of rows that read approximate KV under ``policy`` (never the exact one)."""
-    return f"{extra_key}|td:{policy}" if extra_key else f"td:{policy}"
 
 
 class CollectiveTree(RadixCache):
@@ -107,6 +102,7 @@ class CollectiveTree(RadixCache):
         self.ledger = PageLedger(int(size) // page_size + 2 if size else 1024, page_size)
         self.radix_holds = RadixHolds(self.ledger, page_size)
         self.path_positions = PathPositions()
+        self.longest_keys = LongestKeys(page_size)  # (early_match.py: when the exact namespace need not be walked)
         self.pool = PoolView(alloc, self.ledger) if alloc is not None else None
         self.stats = TreeStats()
         self.bases = CanonicalBases(self.config)
@@ -143,6 +139,7 @@ class CollectiveTree(RadixCache):
         self.ledger.reset()
         self.radix_holds.clear()
         self.path_positions.clear()
+        self.longest_keys.clear()
         self.store.reset()
         self.collector.reset()
         self.bases.reset()
@@ -206,6 +203,7 @@ class CollectiveTree(RadixCache):
 
     def _insert_helper(self, node, key, value, priority=0, inserted_len=0):
         before = self.evictable_size_
+        self.longest_keys.note(key, from_root=node is self.root_node)
         prefix_len, last = super()._insert_helper(node, key, value, priority, inserted_len)
         if self.evictable_size_ != before:  # the stock helper created exactly one new leaf: `last`
             st, rec, row = self._inserting or (None, None, None)
@@ -282,19 +280,6 @@ class CollectiveTree(RadixCache):
             error = f"td_recompute {request_policy(self, req)} needs tp-size 1 (this server runs tp-size {self.tp_size})"
         return error
 
-    def _approx_match(self, req: Any, key: RadixKey, res: MatchResult):
-        """The longer of ``res`` (exact namespace) and the match in the request's approximate namespace: (result,
-        namespace of the match or None, position map of the matched path, (approximate match, its key) or None)."""
-        policy = request_policy(self, req)
-        if not (self.config.reuse and policy.reuses_masters):
-            return res, None, PositionMap(), None
-        ns = approx_namespace(req.extra_key, policy)
-        alt_key = RadixKey(key.token_ids, ns, is_bigram=key.is_bigram, limit=key.limit, cache_salt=key.cache_salt)
-        alt = super().match_prefix(MatchPrefixParams(key=alt_key))
-        if alt.device_prefix_len <= res.device_prefix_len:
-            return res, None, PositionMap(), (alt, alt_key)
-        return alt, ns, self.path_positions.map_of(alt.last_device_node, self.root_node), (alt, alt_key)
-
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         req = params.req
         if req is None or self.disable:
@@ -313,7 +298,7 @@ class CollectiveTree(RadixCache):
                 self.stats.counters["matches_shared"] += 1
                 st.match_ns, st.positions = early.namespace, early.positions
             else:
-                res, st.match_ns, st.positions, _ = self._approx_match(req, params.key, res)
+                res, st.match_ns, st.positions = best_match(self, request_policy(self, req), req, params.key, res)[:3]
             st.path_runs = self.path_positions.runs_of(res.last_device_node, self.root_node) if st.match_ns else []
             st.namespace = st.match_ns
             st.layout = None
@@ -334,11 +319,10 @@ class CollectiveTree(RadixCache):
         st = state_of(req)
         toks = req.origin_input_ids if not req.output_ids else req.origin_input_ids + req.output_ids
         key = _req_radix_key(self, req, toks, max_prefix_len=req._compute_max_prefix_len(len(toks)))
-        exact = super().match_prefix(MatchPrefixParams(key=key))
-        res, ns, pmap, alt = self._approx_match(req, key, exact)
+        res, ns, pmap, exact, alt, unwalked = best_match(self, request_policy(self, req), req, key)
         layout = plan_layout(self, req, res.device_prefix_len, len(key), pmap) if self.config.reuse else None
-        st.early = EarlyMatch.of(key, self._evictions, ((exact, key), alt), self.page_size, res, ns, pmap, layout,
-                                 (st.plan, self.store.epoch))
+        st.early = EarlyMatch.of(key, self._evictions, (exact, alt), self.page_size, res, ns, pmap, layout,
+                                 (st.plan, self.store.epoch), unwalked)
         return layout
 
     # ================================================================== composing a row (SGLang's load-back path)
