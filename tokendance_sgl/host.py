@@ -57,6 +57,9 @@ class DeviceReads:
         _tally = None
 
 
+_NP_DTYPES = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32)}
+
+
 def remember(t: torch.Tensor, host: np.ndarray) -> torch.Tensor:
     """Records ``host`` (handed over: never written afterwards) as the values of ``t`` (same shape), for as long as
     ``t`` lives (they are kept on the tensor object itself); returns ``t``."""
@@ -79,7 +82,7 @@ def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
     if v is not None:
         if _tally is not None:
             _tally.known += 1
-        want = np.dtype(str(dtype).rpartition(".")[2]) if dtype is not None else v.dtype
+        want = _NP_DTYPES.get(dtype) or np.dtype(str(dtype).rpartition(".")[2]) if dtype is not None else v.dtype
         return v if v.dtype == want else v.astype(want)
     if _tally is not None:
         _tally.by_caller[sys._getframe(1).f_code.co_qualname] += 1
@@ -98,10 +101,11 @@ def read_device(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray
 def to_device(host: np.ndarray, device: Any) -> torch.Tensor:
     """An int64 tensor on ``device`` holding ``host``, remembered (:func:`remember`): on a GPU a non-blocking copy
     from pinned memory, which waits for nothing."""
-    t = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int64))
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        t = t.pin_memory().to(dev, non_blocking=True)
-    elif dev.type != "cpu":
-        t = t.to(dev)
+    ok = host.dtype == np.int64 and host.flags.c_contiguous
+    t = torch.from_numpy(host if ok else np.ascontiguousarray(host, dtype=np.int64))
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if kind == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    elif kind != "cpu":
+        t = t.to(device)
     return remember(t, host)

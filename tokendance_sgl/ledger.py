@@ -193,10 +193,19 @@ class PageLedger:
         return self._change(pages, "r", -1, distinct=distinct)
 
     def lock_radix(self, pages, *, distinct: bool = False):
-        return self._change(pages, "rl", 1, distinct=distinct)
+        return self._locks(pages, 1) if distinct else self._change(pages, "rl", 1)
 
     def unlock_radix(self, pages, *, distinct: bool = False):
-        return self._change(pages, "rl", -1, distinct=distinct)
+        return self._locks(pages, -1) if distinct else self._change(pages, "rl", -1)
+
+    def _locks(self, pages: np.ndarray, delta: int) -> np.ndarray:
+        """:meth:`_change` of radix locks on distinct ``pages`` (a path's, at every lock and unlock): one update."""
+        try:
+            up, down, _ = bump(self.lk, pages.astype(np.int64, copy=False), delta, what="rl")
+        except IndexError:
+            return self._change(pages, "rl", delta, distinct=True)
+        self.n_prot += up - down
+        return pages[:0]
 
     # segment holders (a segment's pages come from :meth:`pages_of`: each page once)
     def hold_seg(self, pages):

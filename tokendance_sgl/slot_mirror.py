@@ -208,8 +208,9 @@ class RowMirror:
             return
         stop = start + len(values)
         self.slots[row, start:stop] = values
-        if start <= self.valid[row]:
-            self.valid[row] = max(self.valid[row], stop)
+        known = int(self.valid[row])
+        if start <= known < stop:
+            self.valid[row] = stop
 
     def scatter(self, row: int, positions: np.ndarray, values: np.ndarray) -> None:
         """Positions ``positions`` (inside the known part) of ``row`` now hold ``values``."""
