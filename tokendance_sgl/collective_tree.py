@@ -203,9 +203,9 @@ class CollectiveTree(RadixCache):
 
     def _insert_helper(self, node, key, value, priority=0, inserted_len=0):
         before = self.evictable_size_
-        self.longest_keys.note(key, from_root=node is self.root_node)
         prefix_len, last = super()._insert_helper(node, key, value, priority, inserted_len)
         if self.evictable_size_ != before:  # the stock helper created exactly one new leaf: `last`
+            self.longest_keys.note(key, from_root=node is self.root_node)  # (a path only gets longer here)
             st, rec, row = self._inserting or (None, None, None)
             # its value is the inserting row's positions [prefix_len, ...): known on the host
             host = self.row_mirror.get(row, prefix_len, prefix_len + len(last.value)) if row is not None else None

@@ -187,7 +187,14 @@ class PageLedger:
 
     # radix holders
     def add_radix(self, pages, *, distinct: bool = False):
-        return self._change(pages, "r", 1, distinct=distinct)
+        if not distinct:
+            return self._change(pages, "r", 1)
+        try:  # (a new node's pages: one update of the totals)
+            up, _, _ = bump(self.tot, pages.astype(np.int64, copy=False), 1, what="r")
+        except IndexError:
+            return self._change(pages, "r", 1, distinct=True)
+        self.n_held += up
+        return pages[:0]
 
     def release_radix(self, pages, *, distinct: bool = False):
         return self._change(pages, "r", -1, distinct=distinct)
