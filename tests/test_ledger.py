@@ -51,3 +51,40 @@ def test_split_of_whole_pages_moves_them():
     assert holds.pages(parent).tolist() == [2] and holds.pages(child).tolist() == [3]
     assert np.array_equal(ledger.tot[[2, 3]], [1, 1])
     assert holds.remove(child).tolist() == [3] and holds.remove(parent).tolist() == [2]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tokendance_sgl.page_counts import bump  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=8, max_size=8), st.lists(st.integers(0, 7), max_size=8, unique=True),
+       st.integers(-2, 2), st.booleans(), st.booleans())
+def test_the_compiled_count_update_matches_its_numpy_reference(counts, pages, step, per_page, dead):
+    """``bump`` against numpy: the counts, the pages that went from zero to non-zero and back, the dead mask."""
+    counts = np.array(counts, dtype=np.int32)
+    pages = np.array(pages, dtype=np.int64)
+    steps = (np.arange(pages.size, dtype=np.int32) % 3 - 1) * step if per_page else None
+    delta = steps if per_page else np.full(pages.size, step, dtype=np.int32)
+    before, want = counts[pages].copy(), counts.copy()
+    want[pages] += delta
+    after = want[pages]
+    if (after < 0).any():
+        try:
+            bump(counts, pages, step, *((steps,) if per_page else ()), dead=dead)
+        except AssertionError:
+            return
+        raise AssertionError("an underflow went unreported")
+    up, down, mask = bump(counts, pages, step, *((steps,) if per_page else ()), dead=dead)
+    went = (before > 0) & (after == 0)
+    assert counts.tolist() == want.tolist()
+    assert (up, down) == (int(((before == 0) & (after > 0)).sum()), int(went.sum()))
+    assert (mask is None) if not (dead and went.any()) else mask.tolist() == went.tolist()
+    try:
+        bump(counts, np.array([8], dtype=np.int64), 1)
+    except IndexError:
+        assert counts.tolist() == want.tolist()  # nothing written
+    else:
+        raise AssertionError("a page outside the counts went unreported")

@@ -29,18 +29,22 @@ def _bump(counts, pages, step, steps, dead):  # pragma: no cover  (compiled; exe
     up = 0
     down = 0
     negative = 0
+    uniform = steps.size == 0
+    mark = dead.size != 0
     for i in range(pages.size):
         p = pages[i]
         before = counts[p]
-        after = before + (step if steps.size == 0 else steps[i])
+        after = before + (step if uniform else steps[i])
         counts[p] = after
+        if before > 0 and after > 0:  # (most updates: a page held before and after)
+            continue
         if after < 0:
             negative += 1
         elif before == 0 and after > 0:
             up += 1
         elif before > 0 and after == 0:
             down += 1
-            if dead.size:
+            if mark:
                 dead[i] = True
     return up, down, negative
 
