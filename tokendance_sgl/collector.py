@@ -101,7 +101,7 @@ class KVCollector:
         if not groups:
             return 0
         wants: dict = {}  # (segment, anchor, page offset) -> want: the agents at one base want the same copies
-        ps = host.page_size
+        ps, get = host.page_size, host.store.get
         for key, lays in groups.items():
             host.bases.plan(key, [layout.prefix_positions.position_of(layout.region_start) for layout, _ in lays])
             for layout, budget in lays:
@@ -110,7 +110,7 @@ class KVCollector:
                 for a, _, planned in layout.spans:
                     want = (planned.key, a + shift, a % ps)
                     if want not in wants:
-                        wants[want] = (host.store.get(planned.key), a + shift, a)
+                        wants[want] = (get(planned.key), a + shift, a)
         before = host.store.counters["master_copies"]
         host.store.master_copies(list(wants.values()), None)
         made = host.store.counters["master_copies"] - before

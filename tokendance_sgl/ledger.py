@@ -26,6 +26,7 @@ shared by a radix path, a segment and a live row goes back to the pool once, by 
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import numpy as np
@@ -411,6 +412,9 @@ class RadixHolds:
         if self._relock is None:
             return self._lock(nodes, +1)
         off, self._relock = self._relock, None  # nodes the unlock before turned off and this turns on keep their locks
+        k = len(nodes) - len(off)
+        if k >= 0 and all(map(operator.is_, nodes[k:], off)):  # (the common case: the old path under new nodes)
+            return self._lock(nodes[:k], +1)
         on_ids, off_ids = {id(n) for n in nodes}, {id(n) for n in off}
         self._lock([n for n in off if id(n) not in on_ids], -1)
         self._lock([n for n in nodes if id(n) not in off_ids], +1)
