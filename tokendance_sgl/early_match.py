@@ -126,10 +126,10 @@ class EarlyMatch:  # never changed after it is made
 
 def best_match(tree: Any, policy: Any, req: Any, key: RadixKey, exact: Any = None) -> tuple:
     """The longer of ``tree``'s match of ``key`` in the exact namespace (``exact``, when made already) and its match
-    in the approximate namespace of ``req``'s ``policy``; the exact one wins a tie. The exact namespace is not walked when no key
-    inserted there under the key's first page reaches the approximate match (module docstring). Returns (result,
-    namespace of the match or None, position map of the matched path, (exact match, key) or None, (approximate match,
-    key) or None, what :class:`EarlyMatch` watches where the exact namespace was not walked)."""
+    in the approximate namespace of ``req``'s ``policy``; the exact one wins a tie. The exact namespace is not walked
+    when no key inserted there under the key's first page reaches the approximate match (module docstring). Returns
+    (result, namespace of the match or None, position map of the matched path, (exact match, key) or None,
+    (approximate match, key) or None, what :class:`EarlyMatch` watches where the exact namespace was not walked)."""
     alt, unwalked = None, ()
     if tree.config.reuse and policy.reuses_masters:
         ns = approx_namespace(req.extra_key, policy)

@@ -82,7 +82,7 @@ def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
     if v is not None:
         if _tally is not None:
             _tally.known += 1
-        want = _NP_DTYPES.get(dtype) or np.dtype(str(dtype).rpartition(".")[2]) if dtype is not None else v.dtype
+        want = v.dtype if dtype is None else (_NP_DTYPES.get(dtype) or np.dtype(str(dtype).rpartition(".")[2]))
         return v if v.dtype == want else v.astype(want)
     if _tally is not None:
         _tally.by_caller[sys._getframe(1).f_code.co_qualname] += 1
