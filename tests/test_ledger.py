@@ -3,9 +3,11 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
-from tokendance_sgl.ledger import PageLedger, RadixHolds, node_value_pages
+from tokendance_sgl.ledger import PageLedger, node_value_pages
+from tokendance_sgl.radix_holds import RadixHolds
 
 
 def _node(i, slots, lock_ref=0):
@@ -88,3 +90,45 @@ def test_the_compiled_count_update_matches_its_numpy_reference(counts, pages, st
         assert counts.tolist() == want.tolist()  # nothing written
     else:
         raise AssertionError("a page outside the counts went unreported")
+
+
+def _path_lock(node, root, delta):
+    """What SGLang's inc/dec_lock_ref do to the lock counts: every node from ``node`` up to ``root``."""
+    while node is not root:
+        node.lock_ref += delta
+        node = node.parent
+
+
+@pytest.mark.parametrize("case", ["below", "elsewhere", "no lock"])
+def test_a_checkpoints_unlock_and_lock_are_settled_together(case):
+    """Inside ``relocking`` the old path's unlock waits for the new path's lock: the ledger ends with the locks of
+    the nodes locked then, whether the new path runs below the old one, elsewhere, or no lock follows."""
+    ledger = PageLedger(64, 1)
+    holds = RadixHolds(ledger, 1)
+    root = SimpleNamespace(id=0, value=None, lock_ref=1, parent=None)
+    nodes = {}
+    for i, (name, parent) in enumerate([("a", root), ("b", "a"), ("c", "b"), ("d", root), ("e", "a")], start=1):
+        nodes[name] = _node(i, [4 * i, 4 * i + 1], lock_ref=0)
+        nodes[name].parent = parent if parent is root else nodes[parent]
+        holds.add(nodes[name])
+    _path_lock(nodes["b"], root, +1)  # the request's old path: a, b
+    holds.turned_on([nodes["b"], nodes["a"]])
+    nodes["e"].lock_ref = 1  # another request holds a -> e
+    nodes["a"].lock_ref += 1
+    holds.turned_on([nodes["e"]])
+    new = {"below": "c", "elsewhere": "d", "no lock": None}[case]
+    with holds.relocking(root):
+        assert holds.defer_unlock(nodes["b"])
+        _path_lock(nodes["b"], root, -1)
+        if new is not None:
+            assert holds.relock_pending()
+            _path_lock(nodes[new], root, +1)
+            holds.settle_relock(nodes[new], root)
+    locked = [n for n in nodes.values() if n.lock_ref > 0]
+    want = np.zeros_like(ledger.lk)
+    for n in locked:
+        want[holds.pages(n)] += 1
+    assert ledger.lk.tolist() == want.tolist()
+    assert {name for name, n in nodes.items() if n.lock_ref > 0} == {
+        "below": {"a", "b", "c", "e"}, "elsewhere": {"a", "d", "e"}, "no lock": {"a", "e"}}[case]
+    assert not holds.defer_unlock(nodes["a"])  # outside a window nothing is deferred

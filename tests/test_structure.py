@@ -12,9 +12,9 @@ PACKAGES = {"tokendance_sgl": "tokendance_sgl", "kernels": "tokendance_sgl.kerne
 MAX_LINES = 520  # about 500: a module reads in one sitting
 MAX_FUNCTION_LINES = 80
 # the core: the cache, its parts and the worker side (the frontend, workloads and tools may have longer functions)
-CORE = ("accounting", "backend", "bases", "collective_tree", "collector", "config", "diff_alloc", "host", "ledger",
-        "live_rows", "pic", "planning", "position_map", "recompute", "request_state", "reuse", "segment_store",
-        "segments", "selection", "support")
+CORE = ("accounting", "backend", "bases", "collective_tree", "collector", "config", "diff_alloc", "early_match", "host",
+        "ledger", "live_rows", "pic", "planning", "position_map", "radix_holds", "recompute", "request_state", "reuse",
+        "segment_store", "segments", "selection", "support")
 
 
 def _modules() -> dict[str, Path]:

@@ -64,7 +64,8 @@ from tokendance_sgl.faults import Faults
 from tokendance_sgl.diff_alloc import BuiltRow, DiffAllocator, RowShape
 from tokendance_sgl.early_match import EarlyMatch, LongestKeys, approx_namespace, best_match
 from tokendance_sgl.host import read_device, to_device, to_host
-from tokendance_sgl.ledger import PageLedger, PoolView, RadixHolds, check_ledger, nodes_turning
+from tokendance_sgl.ledger import PageLedger, PoolView, check_ledger
+from tokendance_sgl.radix_holds import RadixHolds, nodes_turning
 from tokendance_sgl.live_rows import LiveRows
 from tokendance_sgl.outputs import register_output
 from tokendance_sgl.planning import plan_for, validate_request
@@ -231,13 +232,21 @@ class CollectiveTree(RadixCache):
         if self.disable or node.lock_ref > 0:  # its ancestors are locked at least as often: none turns on
             super().inc_lock_ref(node)
             return IncLockRefResult(delta=0)
-        turning, ev0 = nodes_turning(node, self.root_node, 0), self.evictable_size()
-        super().inc_lock_ref(node)
-        self.radix_holds.turned_on(turning)
+        ev0 = self.evictable_size()
+        if self.radix_holds.relock_pending():  # (a checkpoint: settled with the unlock it deferred)
+            super().inc_lock_ref(node)
+            self.radix_holds.settle_relock(node, self.root_node)
+        else:
+            turning = nodes_turning(node, self.root_node, 0)
+            super().inc_lock_ref(node)
+            self.radix_holds.turned_on(turning)
         return IncLockRefResult(delta=self.evictable_size() - ev0)
 
     def dec_lock_ref(self, node: TreeNode, params: Optional[DecLockRefParams] = None) -> DecLockRefResult:
         if self.disable or node.lock_ref > 1:  # and none of them turns off
+            super().dec_lock_ref(node, params)
+            return DecLockRefResult(delta=0)
+        if self.radix_holds.defer_unlock(node):  # (a checkpoint: the lock that follows settles it)
             super().dec_lock_ref(node, params)
             return DecLockRefResult(delta=0)
         turning, ev0 = nodes_turning(node, self.root_node, 1), self.evictable_size()
@@ -415,7 +424,7 @@ class CollectiveTree(RadixCache):
         if st.namespace is not None:  # an approximate row goes under its policy's namespace (stock insert)
             req.extra_key = st.namespace
         try:
-            with self.radix_holds.relocking():  # the stock checkpoint unlocks the old path, then locks the new one
+            with self.radix_holds.relocking(self.root_node):  # the stock checkpoint unlocks, then locks
                 super().checkpoint(req, up_to=up_to)
         finally:
             req.extra_key = extra

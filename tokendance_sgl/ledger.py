@@ -26,18 +26,17 @@ shared by a radix path, a segment and a live row goes back to the pool once, by 
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from tokendance_sgl.distinct import Distinct
-from tokendance_sgl.host import remember, to_device, to_host
+from tokendance_sgl.host import to_device, to_host
 from tokendance_sgl.page_counts import NO_STEPS, bump
 from tokendance_sgl.slot_mirror import is_host_kept
 
-__all__ = ["PageLedger", "PoolView", "RadixHolds", "check_ledger", "nodes_turning", "slot_pages", "node_value_pages"]
+__all__ = ["PageLedger", "PoolView", "check_ledger", "slot_pages", "node_value_pages", "value_pages"]
 
 # holder kind -> (counts as a holder, counts as a lock); the kinds in _ARRAYS also keep a count array of their own
 _KINDS = {"r": (1, 0), "rl": (0, 1), "s": (1, 0), "sl": (0, 1), "w": (1, 1)}
@@ -80,15 +79,6 @@ def value_pages(value: Any, page_size: int) -> tuple[np.ndarray, bool]:
     if _structured(v, page_size):
         return v[::page_size] // page_size, True
     return np.unique(v // page_size), False  # not page-structured (e.g. simulated values): the distinct pages
-
-
-def _multiset_minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The pages of ``a`` beyond those of ``b``, counted with multiplicity (``b`` must be within ``a``)."""
-    pages, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
-    extra = np.bincount(inv[: a.size], minlength=pages.size) - np.bincount(inv[a.size :], minlength=pages.size)
-    if (extra < 0).any():
-        raise AssertionError("a split node lost pages")
-    return np.repeat(pages, extra)
 
 
 class PageLedger:
@@ -333,153 +323,7 @@ class PoolView:
             self._allocator.free_page_ids(to_device(pages, "cpu" if is_host_kept(self._allocator) else device))
 
 
-class RadixHolds:
-    """The pages each radix node holds (host mirror of its value, keyed by node id) and their ledger entries."""
-
-    def __init__(self, ledger: PageLedger, page_size: int):
-        self.ledger = ledger
-        self.page_size = page_size
-        self._pages: dict[int, np.ndarray] = {}
-        self._loose: set[int] = set()  # nodes whose value is not whole pages (their pages are the distinct ones)
-        self._relock: Optional[list] = None  # nodes turned off inside :meth:`relocking`, not yet in the ledger
-
-    def clear(self) -> None:
-        self._pages.clear()
-        self._loose.clear()
-
-    def _derive(self, node: Any) -> np.ndarray:
-        pages, whole = value_pages(node.value, self.page_size)
-        self._pages[node.id] = pages
-        if whole:
-            self._loose.discard(node.id)
-        else:
-            self._loose.add(node.id)
-        return pages
-
-    def pages(self, node: Any) -> np.ndarray:
-        got = self._pages.get(node.id)
-        if got is None:  # a node we have not seen (the root, a simulated value): derive it once
-            got = self._derive(node)
-        return got
-
-    def path_slots(self, node: Any, root: Any, path_len: int, start: int, end: int) -> Optional[np.ndarray]:
-        """The slots of row positions ``[start, end)`` of the path from ``root`` to ``node`` (``path_len`` tokens),
-        from the pages kept here: no device read. None when a node there is not whole pages in order (its slots are
-        not known from its pages)."""
-        parts, hi = [], path_len
-        while hi > start and node is not root and node is not None:
-            lo = hi - len(node.value)
-            if lo < end:  # (the node holds some of the rows)
-                if node.id in self._loose:
-                    return None
-                slots = self._slots(self.pages(node))
-                parts.append(slots[max(start - lo, 0): min(end, hi) - lo])
-            node, hi = node.parent, lo
-        if hi > start:
-            return None
-        return parts[0] if len(parts) == 1 else np.concatenate(parts[::-1]) if parts else np.empty(0, dtype=np.int64)
-
-    def path_head(self, node: Any, root: Any, n: int) -> Optional[np.ndarray]:
-        """The slots of the first ``n`` positions of the path from ``root`` to ``node`` (None: as :meth:`path_slots`,
-        or the path is shorter)."""
-        length, x = 0, node
-        while x is not root and x is not None:
-            length, x = length + len(x.value), x.parent
-        return self.path_slots(node, root, length, 0, n) if length >= n else None
-
-    def _slots(self, pages: np.ndarray) -> np.ndarray:
-        """The slots of whole pages ``pages``, in order."""
-        ps = self.page_size
-        return pages if ps == 1 else (pages[:, None] * ps + np.arange(ps)).reshape(-1)
-
-    def add(self, node: Any, host: Optional[np.ndarray] = None) -> None:
-        """A new node; ``host``: its value's slots, when the caller knows them (no device read)."""
-        if host is not None:
-            remember(node.value, host)  # (its eviction frees the value: known then too)
-        pages = self._derive(node)  # page-structured: one page per row page of one request history (see _lock)
-        self.ledger.add_radix(pages, distinct=node.id not in self._loose)
-
-    # radix locks: the nodes whose lock_ref turned from 0 to 1 (on) or from 1 to 0 (off), one ledger update each time.
-    # They lie on one path: the rows of one request history, whose positions each have a slot of their own, so
-    # their page-structured values repeat no page (a loose value may share a page with its neighbour: checked).
-    def _lock(self, nodes: list, delta: int) -> None:
-        if nodes:
-            pages = self.pages(nodes[0]) if len(nodes) == 1 else np.concatenate([self.pages(n) for n in nodes])
-            distinct = not (self._loose and any(n.id in self._loose for n in nodes))
-            (self.ledger.lock_radix if delta > 0 else self.ledger.unlock_radix)(pages, distinct=distinct)
-
-    def turned_on(self, nodes: list) -> None:
-        if self._relock is None:
-            return self._lock(nodes, +1)
-        off, self._relock = self._relock, None  # nodes the unlock before turned off and this turns on keep their locks
-        k = len(nodes) - len(off)
-        if k >= 0 and all(map(operator.is_, nodes[k:], off)):  # (the common case: the old path under new nodes)
-            return self._lock(nodes[:k], +1)
-        on_ids, off_ids = {id(n) for n in nodes}, {id(n) for n in off}
-        self._lock([n for n in off if id(n) not in on_ids], -1)
-        self._lock([n for n in nodes if id(n) not in off_ids], +1)
-
-    def turned_off(self, nodes: list) -> None:
-        if self._relock is not None:
-            self._relock.extend(nodes)
-        else:
-            self._lock(nodes, -1)
-
-    def relocking(self) -> "RadixHolds":
-        """``with holds.relocking():`` a window in which an unlock is followed at once by a lock (SGLang's
-        checkpoint: the request's old path, then its new path): the path both share keeps its ledger locks, so only
-        the new leaf's pages change instead of the whole path's twice. Nothing may read the radix locks of the ledger
-        between the two."""
-        self._relock = []
-        return self
-
-    def __enter__(self) -> "RadixHolds":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        off, self._relock = self._relock, None
-        self._lock(off or [], -1)  # an unlock no lock followed
-
-    def split(self, parent: Any, child: Any, pages: np.ndarray, split_len: int, old_len: int) -> None:
-        """``parent`` took the first ``split_len`` tokens of ``child`` (whose pages were ``pages``)."""
-        ps = self.page_size
-        if child.id not in self._loose and split_len % ps == 0 and pages.size * ps == old_len:
-            k = split_len // ps  # whole pages: they split with the value (both values are new tensors)
-            self._pages[parent.id], self._pages[child.id] = pages[:k], pages[k:]
-            remember(parent.value, self._slots(pages[:k]))
-            remember(child.value, self._slots(pages[k:]))
-            return
-        head, tail = self._derive(parent), self._derive(child)
-        # The node held each of `pages`; now the parent and the child hold theirs, so a page in both (the value was
-        # not whole pages) gains a holder -- and a lock, when the two are locked (the parent inherits the locks).
-        gained = _multiset_minus(np.concatenate([head, tail]), pages)
-        if gained.size:
-            self.ledger.add_radix(gained)
-            if child.lock_ref > 0:
-                self.ledger.lock_radix(gained)
-
-    def remove(self, node: Any) -> np.ndarray:
-        """Forgets the node; returns the pages no holder keeps any more."""
-        pages = self._pages.pop(node.id, None)
-        whole = node.id not in self._loose
-        self._loose.discard(node.id)
-        if pages is None:
-            pages, whole = value_pages(node.value, self.page_size)
-        return self.ledger.release_radix(pages, distinct=whole)  # whole pages of one history: each page once
-
-
-def nodes_turning(node: Any, root: Any, from_ref: int) -> list:
-    """The nodes on the path from ``node`` up to ``root`` (excluded) whose ``lock_ref`` is ``from_ref``: those a lock
-    (``from_ref`` 0) or an unlock (1) of ``node`` turns on or off. A node is locked at least as often as any node
-    below it, so they are the path's first nodes: the walk stops at the first node locked more often."""
-    turning = []
-    while node is not root and node is not None and node.lock_ref == from_ref:
-        turning.append(node)
-        node = node.parent
-    return turning
-
-
-def check_ledger(ledger: PageLedger, holds: RadixHolds, nodes: list, store: Any, rows: list) -> None:
+def check_ledger(ledger: PageLedger, holds: Any, nodes: list, store: Any, rows: list) -> None:
     """Recounts every count of ``ledger`` from the holders themselves (AssertionError if one differs): the radix
     ``nodes`` in the tree (``holds``: their pages), the segments of ``store`` and the pages each live row holds
     (``rows``)."""
