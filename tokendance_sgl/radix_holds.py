@@ -123,7 +123,7 @@ class RadixHolds:
         self._lock(nodes, -1)
 
     def relocking(self, root: Any) -> "RadixHolds":
-        """``with holds.relocking():`` a window in which an unlock is followed at once by a lock (SGLang's
+        """``with holds.relocking(root):`` a window in which an unlock is followed at once by a lock (SGLang's
         checkpoint: the request's old path, then its new path). The unlock is deferred (:meth:`defer_unlock`) and
         settled with the lock (:meth:`settle_relock`): the path both share keeps its ledger locks, so only the new
         nodes' pages change instead of the whole path's twice, and neither needs a walk of its own. Nothing may read
