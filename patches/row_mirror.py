@@ -17,6 +17,8 @@ from __future__ import annotations
 
 PREFIX = "sglang.srt.mem_cache.allocation."
 EXTEND_TARGET = "sglang.srt.managers.schedule_batch.alloc_for_extend"  # (its caller's binding: imported by name)
+CHECK_TARGET = "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker.self_check_during_busy"
+ENV_CHECK = "TOKENDANCE_CHECK_SLOTS"  # (tests) compare the host's slots with the device's at every busy check
 
 
 def _after_write_cache_indices(result, out_cache_loc, req_pool_indices_tensor, req_pool_indices_cpu,
@@ -62,6 +64,15 @@ def _after_prefix_kv_indices(result, batch, req):
     return result
 
 
+def _after_busy_check(result, checker, *args, **kwargs):
+    import os
+
+    tree = getattr(checker, "tree_cache", None)
+    if os.environ.get(ENV_CHECK) == "1" and getattr(tree, "row_mirror", None) is not None:
+        tree.check_slots()
+    return result
+
+
 def register_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -70,16 +81,3 @@ def register_hooks() -> None:
     HookRegistry.register(PREFIX + "alloc_for_decode_default", _around_alloc_for_decode, HookType.AROUND)
     HookRegistry.register(PREFIX + "_prefix_kv_indices", _after_prefix_kv_indices, HookType.AFTER)
     HookRegistry.register(CHECK_TARGET, _after_busy_check, HookType.AFTER)
-
-
-CHECK_TARGET = "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker.self_check_during_busy"
-ENV_CHECK = "TOKENDANCE_CHECK_SLOTS"  # (tests) compare the host's slots with the device's at every busy check
-
-
-def _after_busy_check(result, checker, *args, **kwargs):
-    import os
-
-    tree = getattr(checker, "tree_cache", None)
-    if os.environ.get(ENV_CHECK) == "1" and getattr(tree, "row_mirror", None) is not None:
-        tree.check_slots()
-    return result

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
+from contextlib import nullcontext
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -394,11 +395,8 @@ class CollectiveTree(RadixCache):
         """SGLang's release of row positions: their slots are known from the row's host copy."""
         if self.pool is None or self.row_mirror is None:
             return super().free_kv_row(kv, ranges)
-        self.pool.row = (self.row_mirror, kv.req_pool_idx)
-        try:
+        with self.pool.freeing_row(self.row_mirror, kv.req_pool_idx):
             super().free_kv_row(kv, ranges)
-        finally:
-            self.pool.row, self.pool.row_frees = None, []
 
     # the live rows (tokendance_sgl.live_rows): the host protocol of reuse.py and the collector
     def compose_row(self, req: Any, start_pos: int, pieces: Sequence[Any] | RowShape, *, agent: Optional[int] = None
@@ -417,24 +415,22 @@ class CollectiveTree(RadixCache):
         if self.disable:
             return
         st = state_of(req)
-        extra, row, start, rewritten = req.extra_key, req.kv.req_pool_idx, req.kv.cache_protected_len, []
+        extra, row, start = req.extra_key, req.kv.req_pool_idx, req.kv.cache_protected_len
         self._inserting = (st, self.diff.record(id(req.kv)), row if self.row_mirror is not None else None)
-        if self.pool is not None and self.row_mirror is not None:
-            self.pool.row, self.pool.row_frees = (self.row_mirror, row), []  # the insert frees duplicate row positions
         if st.namespace is not None:  # an approximate row goes under its policy's namespace (stock insert)
             req.extra_key = st.namespace
-        try:
-            with self.radix_holds.relocking(self.root_node):  # the stock checkpoint unlocks, then locks
+        mirrored = self.pool is not None and self.row_mirror is not None
+        frees = self.pool.freeing_row(self.row_mirror, row) if mirrored else nullcontext([])
+        try:  # (the insert frees the row's duplicate positions; the stock checkpoint unlocks, then locks)
+            with frees as rewritten, self.radix_holds.relocking(self.root_node):
                 super().checkpoint(req, up_to=up_to)
         finally:
             req.extra_key = extra
             self._inserting = None
-            if self.pool is not None:
-                self.pool.row, rewritten, self.pool.row_frees = None, self.pool.row_frees, []
         # The stock checkpoint points the row's [start, end) at the inserted path: that differs from the row only where
         # the tree had the tokens already (the insert freed the row's duplicates there, the ranges seen above).
         end = req.kv.cache_protected_len
-        for a, n in (rewritten if self.row_mirror is not None and end > start else ()):
+        for a, n in (rewritten if end > start else ()):
             b = min(a + n, end)
             if b > a >= start:
                 self.row_mirror.write(row, a, self.radix_holds.path_slots(req.last_node, self.root_node, end, a, b), b)

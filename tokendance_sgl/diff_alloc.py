@@ -35,6 +35,7 @@ import torch
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_device, to_host
 from tokendance_sgl.row_shape import MasterRun, NewRun, Piece, RowShape, coalesce, plan_shape, seg_id
+from tokendance_sgl.slot_mirror import kv_device_of
 
 __all__ = [
     "NewRun",
@@ -177,8 +178,8 @@ class DiffAllocator:
 
     @property
     def device(self) -> Any:
-        """Where the KV (and the slot tensors) live: a host-kept allocator's ``kv_device``."""
-        return getattr(self.allocator, "kv_device", None) or getattr(self.allocator, "device", "cpu")
+        """Where the KV (and the slot tensors) live (:func:`~tokendance_sgl.slot_mirror.kv_device_of`)."""
+        return kv_device_of(self.allocator)
 
     # ------------------------------------------------------------------ records
 

@@ -26,7 +26,8 @@ shared by a radix path, a segment and a live row goes back to the pool once, by 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ import torch
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_device, to_host
 from tokendance_sgl.page_counts import NO_STEPS, bump
-from tokendance_sgl.slot_mirror import is_host_kept
+from tokendance_sgl.slot_mirror import is_host_kept, kv_device_of
 
 __all__ = ["PageLedger", "PoolView", "check_ledger", "slot_pages", "node_value_pages", "value_pages"]
 
@@ -178,31 +179,29 @@ class PageLedger:
 
     # radix holders
     def add_radix(self, pages, *, distinct: bool = False):
-        if not distinct:
-            return self._change(pages, "r", 1)
-        try:  # (a new node's pages: one update of the totals)
-            up, _, _ = bump(self.tot, pages.astype(np.int64, copy=False), 1, what="r")
-        except IndexError:
-            return self._change(pages, "r", 1, distinct=True)
-        self.n_held += up
-        return pages[:0]
+        return self._distinct_update(pages, "r", 1) if distinct else self._change(pages, "r", 1)
 
     def release_radix(self, pages, *, distinct: bool = False):
         return self._change(pages, "r", -1, distinct=distinct)
 
     def lock_radix(self, pages, *, distinct: bool = False):
-        return self._locks(pages, 1) if distinct else self._change(pages, "rl", 1)
+        return self._distinct_update(pages, "rl", 1) if distinct else self._change(pages, "rl", 1)
 
     def unlock_radix(self, pages, *, distinct: bool = False):
-        return self._locks(pages, -1) if distinct else self._change(pages, "rl", -1)
+        return self._distinct_update(pages, "rl", -1) if distinct else self._change(pages, "rl", -1)
 
-    def _locks(self, pages: np.ndarray, delta: int) -> np.ndarray:
-        """:meth:`_change` of radix locks on distinct ``pages`` (a path's, at every lock and unlock): one update."""
+    def _distinct_update(self, pages: np.ndarray, kind: str, delta: int) -> np.ndarray:
+        """:meth:`_change` of one total on distinct ``pages`` -- the holders (``"r"``, a new node's pages, adding) or
+        the locks (``"rl"``, a path's at every lock and unlock) -- in one compiled update, nothing freed."""
+        holds = kind == "r"
         try:
-            up, down, _ = bump(self.lk, pages.astype(np.int64, copy=False), delta, what="rl")
+            up, down, _ = bump(self.tot if holds else self.lk, pages.astype(np.int64, copy=False), delta, what=kind)
         except IndexError:
-            return self._change(pages, "rl", delta, distinct=True)
-        self.n_prot += up - down
+            return self._change(pages, kind, delta, distinct=True)
+        if holds:
+            self.n_held += up - down
+        else:
+            self.n_prot += up - down
         return pages[:0]
 
     # segment holders (a segment's pages come from :meth:`pages_of`: each page once)
@@ -261,8 +260,19 @@ class PoolView:
 
     @property
     def device(self) -> Any:
-        """Where the KV lives (a host-kept allocator's ``kv_device``)."""
-        return getattr(self._allocator, "kv_device", None) or self._allocator.device
+        """Where the KV lives (:func:`~tokendance_sgl.slot_mirror.kv_device_of`)."""
+        return kv_device_of(self._allocator)
+
+    @contextmanager
+    def freeing_row(self, mirror: Any, row: int) -> Iterator[list]:
+        """``with pool.freeing_row(mirror, row) as frees:`` the frees of positions of request row ``row`` inside the
+        block read their slots from its host copy ``mirror``; ``frees`` gets the ``(start, n)`` ranges freed."""
+        self.row, self.row_frees = (mirror, row), []
+        frees = self.row_frees
+        try:
+            yield frees
+        finally:
+            self.row, self.row_frees = None, []
 
     def _host_of(self, slots: torch.Tensor, start_pos: Optional[int]) -> np.ndarray:
         """``slots``' values: remembered ones (a node's value, our own tensors), else -- a slice of the row

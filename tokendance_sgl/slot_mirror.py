@@ -30,8 +30,8 @@ import torch
 
 from tokendance_sgl.host import read_device, remember, remember_host, to_device, to_host
 
-__all__ = ["RowMirror", "allocating", "allocating_batch", "is_host_kept", "keep_on_host", "note_decode", "note_extend",
-           "remember_own_prefix", "row_mirror_of", "write_row"]
+__all__ = ["RowMirror", "allocating", "allocating_batch", "is_host_kept", "keep_on_host", "kv_device_of", "note_decode",
+           "note_extend", "remember_own_prefix", "row_mirror_of", "write_row"]
 
 # (the batch being allocated, ids of its requests that held their row before) while SGLang's alloc_for_extend or
 # alloc_for_decode runs: the paged allocator's last_loc is the slot before each row's end, which the row mirror knows
@@ -48,6 +48,11 @@ def _on_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None or (t.is_cpu and getattr(t, "_td_host", None) is not None and t.dtype == torch.int64):
         return t  # (a remembered host tensor: itself)
     return torch.from_numpy(to_host(t, torch.int64))
+
+
+def kv_device_of(allocator: Any) -> Any:
+    """Where ``allocator``'s KV (and the slot tensors) live: a host-kept allocator's ``kv_device``, else its device."""
+    return getattr(allocator, "kv_device", None) or getattr(allocator, "device", "cpu")
 
 
 def is_host_kept(allocator: Any) -> bool:
