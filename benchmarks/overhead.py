@@ -12,12 +12,15 @@ last round's prompt holds ``--history`` tokens. A round admits every agent (the 
 backends), then finishes them. Timed: the cache calls the scheduler makes (match, collective step, composition /
 load-back, allocation with eviction, checkpoint, release); not timed: the fake forward (the re-rotation and copy
 kernels are no-ops here, they are device work on a GPU), the harness and a ``gc.collect()`` between sizes (the
-previous size's caches are garbage). Every size runs ``--repeats`` times, the backends interleaved. Reported per
-backend and size: the median over the repeats of the median over the rounds >= 1 of the round's scheduler time, its
-ratio to radix (and the ratio within each repeat), the mean per round >= 1 of each phase (``phases_s``, median over
-the repeats), and the growth exponent of the time in agents x history tokens (a log-log fit). Also counted, per
-phase: the tensor reads that come to the host (``tokendance_sgl.host.to_host``; each waits for the device stream on a
-GPU), per request of the rounds >= 1 (``device_reads_per_request``, the same in every repeat).
+previous runs' caches are garbage). Every size runs ``--repeats`` times; within a repeat the backends run side by
+side, round by round (radix's round r, then pic's, then tokendance's), so a slow spell of the machine hits them
+alike. Reported per backend and size: the median over the repeats of the median over the rounds >= 1 of the round's
+scheduler time, its ratio to radix (and the ratio within each repeat), the mean per round >= 1 of each phase
+(``phases_s``, median over the repeats), and the growth exponent of the time in agents x history tokens (a log-log
+fit). Also counted, per phase: the tensor reads that come to the host (``tokendance_sgl.host.to_host``; each waits for
+the device stream on a GPU), per request of the rounds >= 1 (``device_reads_per_request``, the same in every repeat);
+and Python's garbage collections inside the timed calls per round >= 1 (``gc_collections_per_round``: they scan the
+objects the round allocated, so a backend that allocates more pays for more of them).
 
 Writes benchmarks/results/overhead[_quick].json and .png.
 """
@@ -63,6 +66,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _collections() -> int:
+    return sum(g["collections"] for g in gc.get_stats())
+
+
 class Harness:
     """One cache over SGLang's request pool and allocator; ``kv`` is not kept (nothing reads it)."""
 
@@ -97,13 +104,16 @@ class Harness:
         self.backend = backend
         self.timed = dict.fromkeys(("match", "collect", "load_back", "alloc", "checkpoint", "release"), 0.0)
         self.reads = dict.fromkeys(self.timed, 0)  # tensor reads to the host, by phase
-        self._reads = None  # the DeviceReads counting them (run_size)
+        self._reads = None  # the DeviceReads counting them (SizeRun)
+        self.gc_collections = 0  # Python's garbage collections inside the timed calls (any generation)
 
     def _t(self, phase: str, fn, *args, **kwargs):
         n0 = self._reads.total if self._reads is not None else 0
+        gc0 = _collections()
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.timed[phase] += time.perf_counter() - t0
+        self.gc_collections += _collections() - gc0
         if self._reads is not None:
             self.reads[phase] += self._reads.total - n0
         return out
@@ -188,51 +198,83 @@ def output_length(history: int, segments: int, rounds: int) -> int:
     return max(16, (history - PERSONA - (rounds - 1) * TASK) // ((rounds - 1) * segments + rounds - 1))
 
 
-def run_size(backend: str, n: int, history: int, segments: int, rounds: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    seg_len = output_length(history, segments, rounds)
-    toks = lambda k: rng.integers(100, 49000, size=k).tolist()  # noqa: E731
-    pool_tokens = n * (history + 2 * seg_len) * 2 + 4096
-    h = Harness(backend, pool_tokens, rows=n + 1, ctx=history + 4 * seg_len + 256)
-    prompts = [toks(PERSONA) for _ in range(n)]
-    last_out: list = [None] * n
-    per_round, prompt_tokens, phases = [], [], dict.fromkeys(h.timed, 0.0)
-    reads = dict.fromkeys(h.timed, 0.0)
-    with DeviceReads() as h._reads:
-        for r in range(rounds):
-            tables, full = [], []
-            for i in range(n):
-                p = list(prompts[i])
-                if last_out[i] is not None:
-                    p += last_out[i]  # its own answer stays in its history
-                table = {"td_round": r, "td_agent": i, "td_out_seg": f"r{r}/a{i}"}
-                if r > 0:  # the block: the last round's outputs of every agent of its group, in the group's order
-                    ids, starts, ends = [], [], []
-                    group = i // segments * segments
-                    for a in range(group, min(group + segments, n)):
-                        ids.append(f"r{r - 1}/a{a}")
-                        starts.append(len(p))
-                        p += last_out[a]
-                        ends.append(len(p))
-                    table.update(td_seg_ids=ids, td_seg_starts=starts, td_seg_ends=ends)
-                p += toks(TASK)
-                tables.append(table)
-                full.append(p)
-            outs = [toks(seg_len) for _ in range(n)]
-            before, reads_before = dict(h.timed), dict(h.reads)
+class SizeRun:
+    """One backend's run of one size, a round per :meth:`step` (so that the backends' rounds can interleave): the same
+    seed gives every backend the same prompts and outputs."""
+
+    def __init__(self, backend: str, n: int, history: int, segments: int, rounds: int, seed: int = 0):
+        self.backend, self.n, self.history, self.segments, self.rounds = backend, n, history, segments, rounds
+        self.rng = np.random.default_rng(seed)
+        self.seg_len = output_length(history, segments, rounds)
+        pool_tokens = n * (history + 2 * self.seg_len) * 2 + 4096
+        self.h = Harness(backend, pool_tokens, rows=n + 1, ctx=history + 4 * self.seg_len + 256)
+        self.h._reads = DeviceReads()  # counting only inside a step
+        self.prompts = [self._toks(PERSONA) for _ in range(n)]
+        self.last_out: list = [None] * n
+        self.per_round, self.prompt_tokens = [], []
+        self.phases, self.reads = dict.fromkeys(self.h.timed, 0.0), dict.fromkeys(self.h.timed, 0.0)
+        self.gc_collections = 0  # garbage collections inside the timed calls of the rounds >= 1
+        self.r = 0
+
+    def _toks(self, k: int) -> list:
+        return self.rng.integers(100, 49000, size=k).tolist()
+
+    @property
+    def done(self) -> bool:
+        return self.r >= self.rounds
+
+    def step(self) -> None:
+        """Builds round ``r``'s prompts (the history, the block, the task) and runs the round."""
+        h, r, n, segments, last_out = self.h, self.r, self.n, self.segments, self.last_out
+        tables, full = [], []
+        for i in range(n):
+            p = list(self.prompts[i])
+            if last_out[i] is not None:
+                p += last_out[i]  # its own answer stays in its history
+            table = {"td_round": r, "td_agent": i, "td_out_seg": f"r{r}/a{i}"}
+            if r > 0:  # the block: the last round's outputs of every agent of its group, in the group's order
+                ids, starts, ends = [], [], []
+                group = i // segments * segments
+                for a in range(group, min(group + segments, n)):
+                    ids.append(f"r{r - 1}/a{a}")
+                    starts.append(len(p))
+                    p += last_out[a]
+                    ends.append(len(p))
+                table.update(td_seg_ids=ids, td_seg_starts=starts, td_seg_ends=ends)
+            p += self._toks(TASK)
+            tables.append(table)
+            full.append(p)
+        outs = [self._toks(self.seg_len) for _ in range(n)]
+        before, reads_before, gcs_before = dict(h.timed), dict(h.reads), h.gc_collections
+        with h._reads:
             h.round(full, tables, outs)
-            per_round.append(sum(h.timed.values()) - sum(before.values()))
-            if r > 0:  # as the median: round 0 has no block (and pays the lazy imports)
-                for k in phases:
-                    phases[k] += (h.timed[k] - before[k]) / (rounds - 1)
-                    reads[k] += h.reads[k] - reads_before[k]
-            prompt_tokens.append(statistics.mean(len(p) for p in full))
-            prompts, last_out = full, outs
-    return {"backend": backend, "agents": n, "history": history, "segment_tokens": seg_len,
-            "segments": min(segments, n), "round_s": per_round, "prompt_tokens_by_round": prompt_tokens,
-            "median_round_s": statistics.median(per_round[1:]), "phases_s": phases,
-            "device_reads_per_request": {k: v / (n * (rounds - 1)) for k, v in reads.items()},
-            "reused_tokens": h.tree.stats.counters["reused_tokens"] if backend != "radix" else 0}
+        self.per_round.append(sum(h.timed.values()) - sum(before.values()))
+        if r > 0:  # as the median: round 0 has no block (and pays the lazy imports)
+            for k in self.phases:
+                self.phases[k] += (h.timed[k] - before[k]) / (self.rounds - 1)
+                self.reads[k] += h.reads[k] - reads_before[k]
+            self.gc_collections += h.gc_collections - gcs_before
+        self.prompt_tokens.append(statistics.mean(len(p) for p in full))
+        self.prompts, self.last_out = full, outs
+        self.r += 1
+
+    def result(self) -> dict:
+        n, rounds, tree = self.n, self.rounds, self.h.tree
+        return {"backend": self.backend, "agents": n, "history": self.history, "segment_tokens": self.seg_len,
+                "segments": min(self.segments, n), "round_s": self.per_round,
+                "prompt_tokens_by_round": self.prompt_tokens, "median_round_s": statistics.median(self.per_round[1:]),
+                "phases_s": self.phases,
+                "device_reads_per_request": {k: v / (n * (rounds - 1)) for k, v in self.reads.items()},
+                "gc_collections_per_round": self.gc_collections / (rounds - 1),
+                "reused_tokens": tree.stats.counters["reused_tokens"] if self.backend != "radix" else 0}
+
+
+def run_size(backend: str, n: int, history: int, segments: int, rounds: int, seed: int = 0) -> dict:
+    """One backend's whole run of one size (:class:`SizeRun`)."""
+    run = SizeRun(backend, n, history, segments, rounds, seed)
+    while not run.done:
+        run.step()
+    return run.result()
 
 
 def combine_repeats(runs: list, radix: list | None) -> dict:
@@ -242,6 +284,7 @@ def combine_repeats(runs: list, radix: list | None) -> dict:
     out["repeat_round_s"] = [r["median_round_s"] for r in runs]
     out["median_round_s"] = statistics.median(out["repeat_round_s"])
     out["phases_s"] = {k: statistics.median(r["phases_s"][k] for r in runs) for k in runs[0]["phases_s"]}
+    out["gc_collections_per_round"] = statistics.median(r["gc_collections_per_round"] for r in runs)
     if radix:
         out["vs_radix"] = C.ratio(out["median_round_s"], statistics.median(r["median_round_s"] for r in radix))
         out["vs_radix_repeats"] = [C.ratio(r["median_round_s"], b["median_round_s"]) for r, b in zip(runs, radix)]
@@ -300,10 +343,15 @@ def main(argv=None) -> int:
     rows = []
     for n, hist in C.progress(sizes, desc="sizes"):
         runs: dict = {be: [] for be in backends}
-        for _rep in range(args.repeats):  # the backends interleaved: a slow spell of the machine hits them alike
+        for _rep in range(args.repeats):
+            gc.collect()  # the previous runs' caches are garbage: not this run's scheduler time
+            live = {be: SizeRun(be, n, hist, args.segments, rounds) for be in backends}
+            for _r in range(rounds):  # the backends interleaved round by round: a slow spell of the machine hits
+                for be in backends:  # them alike
+                    live[be].step()
             for be in backends:
-                gc.collect()  # the previous size's caches are garbage: not this size's scheduler time
-                runs[be].append(run_size(be, n, hist, args.segments, rounds))
+                runs[be].append(live[be].result())
+            del live
         for be in backends:
             rows.append(combine_repeats(runs[be], runs.get("radix")))
             each = " ".join(f"{t * 1e3:.1f}" for t in rows[-1]["repeat_round_s"])
@@ -313,7 +361,7 @@ def main(argv=None) -> int:
     data = {"benchmark": NAME, "quick": args.quick, "environment": C.environment(), "rounds": rounds, "segments": args.segments,
             "repeats": args.repeats, "rows": rows, "growth_exponent": growth,
             "notes": "scheduler-side cache calls only, fake forward; median over rounds >= 1 of each run, then over the "
-                     "repeats (backends interleaved); ratios within one run"}
+                     "repeats (backends interleaved round by round); ratios within one repeat"}
     path = C.write_json(NAME, args.quick, data, args.out_dir)
     png = None if args.no_plot else plot(rows, backends, args.quick, args.out_dir)
     log(f"wrote {path}" + (f" and {png}" if png else ""))

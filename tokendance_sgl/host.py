@@ -98,12 +98,20 @@ def read_device(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray
     return t.detach().numpy()
 
 
+_KINDS: dict = {}  # device (a torch.device or its name) -> its type ("cpu", "cuda", ...)
+
+
+def _kind_of(device: Any) -> str:
+    kind = _KINDS[device] = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return kind
+
+
 def to_device(host: np.ndarray, device: Any) -> torch.Tensor:
     """An int64 tensor on ``device`` holding ``host``, remembered (:func:`remember`): on a GPU a non-blocking copy
     from pinned memory, which waits for nothing."""
     ok = host.dtype == np.int64 and host.flags.c_contiguous
     t = torch.from_numpy(host if ok else np.ascontiguousarray(host, dtype=np.int64))
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    kind = _KINDS.get(device) or _kind_of(device)
     if kind == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     elif kind != "cpu":

@@ -60,14 +60,14 @@ def _table_spans(store: SegmentStore, table, prompt, ns_key: str, rnd: Optional[
     if not isinstance(prompt, array):
         prompt = array("q", prompt)  # once: its spans are then compared without a conversion each
     ids, get, has_kv = store.ids, store.get, store.has_kv
-    for i, sp in enumerate(table.spans):
-        toks = prompt[sp.start : sp.end]
-        rec = ids.get(sp.seg_id)
+    for i, (seg_id, start, end) in enumerate(zip(table.seg_ids, table.starts, table.ends)):
+        toks = prompt[start:end]
+        rec = ids.get(seg_id)
         if rec is None:
-            if sp.seg_id in store.pending_ids:
-                spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, None, "table", "pending", 0))
+            if seg_id in store.pending_ids:
+                spans.append(PlannedSegment(start, end, seg_id, None, "table", "pending", 0))
                 continue
-            return [], (f"segment {i}: unknown segment id {sp.seg_id!r} (no request registered it or announced it "
+            return [], (f"segment {i}: unknown segment id {seg_id!r} (no request registered it or announced it "
                         f"as td_out_seg)")
         node = get(rec.key)
         if node is not None:
@@ -77,25 +77,25 @@ def _table_spans(store: SegmentStore, table, prompt, ns_key: str, rnd: Optional[
         else:
             ok = len(toks) <= rec.length  # evicted and not verifiable: recomputed anyway
         if not ok:
-            msg = (f"segment {i} ({sp.seg_id!r}): the prompt tokens [{sp.start}, {sp.end}) do not match the "
+            msg = (f"segment {i} ({seg_id!r}): the prompt tokens [{start}, {end}) do not match the "
                    f"registered segment (segment does not match the prompt)")
             if strict:
                 return [], msg
             _warn_once(req, msg + "; the span is recomputed")
-            spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, rec.key, "table", "mismatch", 0))
+            spans.append(PlannedSegment(start, end, seg_id, rec.key, "table", "mismatch", 0))
             continue
         if node is None or not has_kv(node):
             status, kv_len, anchor, resident = "evicted", 0, None, None
         elif node.ns_key != ns_key:
             status, kv_len, anchor, resident = "other-namespace", 0, None, None
         else:
-            kv_len, n = node.kv_len, sp.end - sp.start
+            kv_len, n = node.kv_len, end - start
             status, kv_len, anchor, resident = "resident", kv_len if kv_len < n else n, node.anchor, node
         if node is not None:
             if rnd is not None and rnd > node.used_round:
                 node.used_round = rnd
             node.last_access_time = now
-        spans.append(PlannedSegment(sp.start, sp.end, sp.seg_id, rec.key, "table", status, kv_len, anchor, resident))
+        spans.append(PlannedSegment(start, end, seg_id, rec.key, "table", status, kv_len, anchor, resident))
     return spans, None
 
 

@@ -86,21 +86,24 @@ class SegmentSpan:  # a parsed table's span: never changed (not frozen: a table 
 class SegmentTable:
     round: Optional[int] = None
     agent: Optional[int] = None
-    spans: tuple[SegmentSpan, ...] = ()
+    # the spans as three parallel tuples (one object per table, not one per span: a table is parsed per request)
+    seg_ids: tuple[str, ...] = ()
+    starts: tuple[int, ...] = ()
+    ends: tuple[int, ...] = ()
     out_seg: Optional[str] = None
     ns: str = ""
     # True when td_seg_ids/starts/ends were given (possibly empty lists); detection then stays off.
     has_spans: bool = False
 
     def __len__(self) -> int:
-        return len(self.spans)
+        return len(self.seg_ids)
 
     def __iter__(self) -> Iterator[SegmentSpan]:
-        return iter(self.spans)
+        return map(SegmentSpan, self.seg_ids, self.starts, self.ends)
 
     @property
-    def seg_ids(self) -> tuple[str, ...]:
-        return tuple(s.seg_id for s in self.spans)
+    def spans(self) -> tuple[SegmentSpan, ...]:
+        return tuple(self)
 
 
 def _is_int(x: Any) -> bool:
@@ -122,11 +125,11 @@ def _get_nonneg_int(params: Mapping[str, Any], key: str) -> Optional[int]:
     return int(v)
 
 
-def _get_list(params: Mapping[str, Any], key: str) -> list:
+def _get_list(params: Mapping[str, Any], key: str) -> tuple:
     v = params.get(key)
     if not isinstance(v, (list, tuple)):
         raise SegmentTableError(f"{key} must be a list, got {_type_name(v)}")
-    return list(v)
+    return tuple(v)
 
 
 def _well_formed(ids: list, starts: list, ends: list, prompt_len: Optional[int]) -> bool:
@@ -190,8 +193,8 @@ def parse_segment_table(custom_params: Optional[Mapping[str, Any]], prompt_len: 
                 f"{len(ids)}, {len(starts)}, {len(ends)}"
             )
         if _well_formed(ids, starts, ends, prompt_len):  # the common case, checked in bulk
-            spans = [SegmentSpan(sid, s, e) for sid, s, e in zip(ids, starts, ends)]
-            return SegmentTable(round=rnd, agent=agent, spans=tuple(spans), out_seg=out_seg, ns=ns, has_spans=True)
+            return SegmentTable(round=rnd, agent=agent, seg_ids=ids, starts=starts, ends=ends,
+                                out_seg=out_seg, ns=ns, has_spans=True)
         prev_end = 0  # which rule is broken, and where
         for i, (sid, s, e) in enumerate(zip(ids, starts, ends)):
             if not isinstance(sid, str) or not sid.strip():
@@ -215,7 +218,9 @@ def parse_segment_table(custom_params: Optional[Mapping[str, Any]], prompt_len: 
                 )
             prev_end = e
             spans.append(SegmentSpan(sid, int(s), int(e)))
-    return SegmentTable(round=rnd, agent=agent, spans=tuple(spans), out_seg=out_seg, ns=ns, has_spans=has_spans)
+    return SegmentTable(round=rnd, agent=agent, seg_ids=tuple(sp.seg_id for sp in spans),
+                        starts=tuple(sp.start for sp in spans), ends=tuple(sp.end for sp in spans), out_seg=out_seg,
+                        ns=ns, has_spans=has_spans)
 
 
 # ----------------------------------------------------------------------------------------------------------------
