@@ -9,6 +9,7 @@ import pytest
 
 import tokendance_sgl  # noqa: F401
 from tokendance_sgl.lead_chunk import lead_cut
+from tokendance_sgl.position_map import MasterRuns
 from tokendance_sgl.request_state import PlannedSegment, RequestState, RowLayout
 from tokendance_sgl.reuse import prepass_tokens
 from tokendance_sgl.selection import parse_policy
@@ -16,8 +17,8 @@ from tokendance_sgl.selection import parse_policy
 
 def _req(start, seg_start, seg_len=40, policy="sink:2", end=None):
     seg = PlannedSegment(seg_start, seg_start + seg_len, "r0/a0", "k", "table", "resident", seg_len)
-    layout = RowLayout(start, end or seg_start + seg_len, parse_policy(policy), [(seg_start, seg_start + seg_len, seg)],
-                       (0, "ns"))
+    layout = RowLayout(start, end or seg_start + seg_len, parse_policy(policy),
+                       MasterRuns.of([(seg_start, seg_start + seg_len, seg)]), (0, "ns"))
     return SimpleNamespace(td=RequestState(layout=layout))
 
 

@@ -9,13 +9,15 @@ from array import array
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tokendance_sgl  # noqa: F401
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from tokendance_sgl.early_match import EarlyMatch
-from tokendance_sgl.position_map import PathPositions, PositionMap, shift_batch
+from tokendance_sgl.position_map import MasterRuns, PathPositions, PositionMap, shift_batch
 from tokendance_sgl.recompute import split_rows
 from tokendance_sgl.request_state import RowPlan
 from tree_sim import Sim, T, produce, tbl
@@ -195,6 +197,33 @@ def test_path_positions_follow_splits_and_removal():
     pp.remove(b)
     assert pp.runs_of(b, root) == [(5, 20, "s1")] and pp.runs_of(root, root) == []
     assert np.array_equal(np.asarray(pp.map_of(head, root).rows), [10])
+
+
+def _runs_ref(runs: list, lo: int, hi) -> list:
+    """The runs inside rows [lo, hi), clipped and counted from lo (a run per triple)."""
+    hi = float("inf") if hi is None else hi
+    return [(max(a, lo) - lo, int(min(b, hi) - lo), s) for a, b, s in runs if b > lo and a < hi]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 6)), max_size=8), st.integers(0, 50),
+       st.one_of(st.none(), st.integers(0, 60)), st.integers(0, 20))
+def test_master_runs_window_shift_and_concat_match_a_list_of_triples(gaps, lo, hi, by):
+    """MasterRuns keeps runs as three tuples; every operation gives the runs a list of triples would."""
+    runs, pos = [], 0
+    for k, (gap, n) in enumerate(gaps):  # sorted, disjoint, non-empty
+        runs.append((pos + gap, pos + gap + n, f"s{k}"))
+        pos += gap + n
+    mr = MasterRuns.of(runs)
+    assert list(mr) == runs and len(mr) == len(runs) and mr == runs
+    assert mr.shifted(by) == [(a + by, b + by, s) for a, b, s in runs]
+    win = mr.window(lo, hi)
+    assert win == _runs_ref(runs, lo, hi)
+    if hi is not None and hi > lo:  # the windows before, at and after [lo, hi) cover the rows the runs did
+        rows = lambda rs: [(r, s) for a, b, s in rs for r in range(a, b)]  # noqa: E731
+        whole = MasterRuns.concat([mr.window(0, lo), win.shifted(lo), mr.window(hi).shifted(hi)])
+        assert rows(whole) == rows(runs) and all(a < b for a, b, _ in whole)
+    assert MasterRuns.concat([mr, MasterRuns.of([]), mr.shifted(pos)]) == runs + [(a + pos, b + pos, s) for a, b, s in runs]
 
 
 def _boom(*_a, **_k):

@@ -70,7 +70,7 @@ from tokendance_sgl.radix_holds import RadixHolds, nodes_turning
 from tokendance_sgl.live_rows import LiveRows
 from tokendance_sgl.outputs import register_output
 from tokendance_sgl.planning import plan_for, validate_request
-from tokendance_sgl.position_map import PathPositions
+from tokendance_sgl.position_map import EMPTY_RUNS, PathPositions
 from tokendance_sgl.request_state import RowLayout, SegmentPlan, state_of
 from tokendance_sgl.reuse import Composed, build_row, plan_layout, release_tails, request_policy
 from tokendance_sgl.rope import RopeSpec
@@ -309,7 +309,8 @@ class CollectiveTree(RadixCache):
                 st.match_ns, st.positions = early.namespace, early.positions
             else:
                 res, st.match_ns, st.positions = best_match(self, request_policy(self, req), req, params.key, res)[:3]
-            st.path_runs = self.path_positions.runs_of(res.last_device_node, self.root_node) if st.match_ns else []
+            st.path_runs = (self.path_positions.runs_of(res.last_device_node, self.root_node) if st.match_ns
+                            else EMPTY_RUNS)
             st.namespace = st.match_ns
             st.layout = None
             if self.config.reuse:

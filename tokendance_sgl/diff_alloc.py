@@ -34,6 +34,7 @@ import torch
 
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_device, to_host
+from tokendance_sgl.position_map import MasterRuns
 from tokendance_sgl.row_shape import MasterRun, NewRun, Piece, RowShape, coalesce, plan_shape, seg_id
 from tokendance_sgl.slot_mirror import kv_device_of
 
@@ -81,7 +82,7 @@ class RowRecord:
     # (read-only: rows of one plan share the array)
     _refs: Optional[list] = field(default=None, repr=False)
     _planned: Optional[tuple] = field(default=None, repr=False)  # (start, shape) of refs not built yet
-    _runs: Optional[list] = field(default=None, repr=False)  # (start, end, seg) per reference, once asked
+    _runs: Optional[MasterRuns] = field(default=None, repr=False)  # (start, end, seg) per reference, once asked
 
     @property
     def refs(self) -> list[MasterRef]:
@@ -98,14 +99,14 @@ class RowRecord:
         """The references are the kept runs of ``shape`` at row ``start`` (built when first asked for)."""
         self._refs, self._planned, self._runs = None, (start, shape), None
 
-    def runs(self) -> list:
+    def runs(self) -> MasterRuns:
         """``(start, end, segment)`` of every master reference."""
         if self._runs is None:
             if self._refs is None and self._planned is not None:
                 start, shape = self._planned
-                self._runs = [(start + a, start + b, shape.pieces[i].seg) for a, b, i in shape.runs]
+                self._runs = shape.master_runs.shifted(start)
             else:
-                self._runs = [(r.start, r.end, r.seg) for r in self.refs]
+                self._runs = MasterRuns.of([(r.start, r.end, r.seg) for r in self.refs])
         return self._runs
 
     def segs(self) -> list:

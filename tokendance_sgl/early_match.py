@@ -29,7 +29,7 @@ from typing import Any, Optional
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
-from tokendance_sgl.position_map import PositionMap
+from tokendance_sgl.position_map import NO_SHIFT, PositionMap
 
 __all__ = ["EarlyMatch", "LongestKeys", "approx_namespace", "best_match"]
 
@@ -142,6 +142,6 @@ def best_match(tree: Any, policy: Any, req: Any, key: RadixKey, exact: Any = Non
         else:
             exact = RadixCache.match_prefix(tree, MatchPrefixParams(key=key))
     if alt is None or (exact is not None and alt[0].device_prefix_len <= exact.device_prefix_len):
-        return exact, None, PositionMap(), (exact, key), alt, ()
+        return exact, None, NO_SHIFT, (exact, key), alt, ()
     pmap = tree.path_positions.map_of(alt[0].last_device_node, tree.root_node)
     return alt[0], ns, pmap, ((exact, key) if exact is not None else None), alt, unwalked

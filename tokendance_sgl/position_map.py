@@ -26,7 +26,74 @@ import torch
 
 from tokendance_sgl.host import to_device
 
-__all__ = ["PositionMap", "PathPositions", "shift_batch"]
+__all__ = ["EMPTY_RUNS", "MasterRuns", "NO_SHIFT", "PositionMap", "PathPositions", "shift_batch"]
+
+
+class MasterRuns:
+    """Rows ``[starts[i], ends[i])`` that reference the master of ``segs[i]``, sorted by start and disjoint; iterates
+    as ``(start, end, segment)``. Three tuples, not an object per run: a row has one per segment it reads, and a
+    round's rows and paths keep them until they are released or evicted."""
+
+    __slots__ = ("starts", "ends", "segs")
+
+    def __init__(self, starts: tuple = (), ends: tuple = (), segs: tuple = ()):
+        self.starts, self.ends, self.segs = starts, ends, segs
+
+    @classmethod
+    def of(cls, runs: Sequence[tuple]) -> "MasterRuns":
+        """From ``(start, end, segment)`` triples (a ``MasterRuns`` is returned as it is)."""
+        if isinstance(runs, MasterRuns):
+            return runs
+        return cls(*map(tuple, zip(*runs))) if runs else EMPTY_RUNS
+
+    def __iter__(self):
+        return zip(self.starts, self.ends, self.segs)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __eq__(self, other: Any) -> bool:
+        try:
+            return list(self) == [tuple(r) for r in other]
+        except TypeError:
+            return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.starts, self.ends, self.segs))
+
+    def __repr__(self) -> str:
+        return f"MasterRuns({list(self)})"
+
+    def shifted(self, by: int) -> "MasterRuns":
+        if not by or not self.starts:
+            return self
+        return MasterRuns(tuple(a + by for a in self.starts), tuple(b + by for b in self.ends), self.segs)
+
+    def window(self, lo: int, hi: Optional[int] = None) -> "MasterRuns":
+        """The runs inside rows ``[lo, hi)`` (``hi`` None: no end), clipped to them, counted from ``lo``."""
+        starts, ends = self.starts, self.ends
+        i0 = bisect.bisect_right(ends, lo)  # the first run ending after lo (ends ascend: the runs are disjoint)
+        i1 = len(starts) if hi is None else bisect.bisect_left(starts, hi)
+        if i0 >= i1:
+            return EMPTY_RUNS
+        s, e = list(starts[i0:i1]), list(ends[i0:i1])
+        if s[0] < lo:
+            s[0] = lo
+        if hi is not None and e[-1] > hi:
+            e[-1] = hi
+        return MasterRuns(tuple(a - lo for a in s), tuple(b - lo for b in e), self.segs[i0:i1])
+
+    @staticmethod
+    def concat(parts: Sequence["MasterRuns"]) -> "MasterRuns":
+        """The runs of ``parts`` one after the other (each after the one before)."""
+        parts = [p for p in parts if p.starts]
+        if len(parts) <= 1:
+            return parts[0] if parts else EMPTY_RUNS
+        return MasterRuns(sum((p.starts for p in parts), ()), sum((p.ends for p in parts), ()),
+                          sum((p.segs for p in parts), ()))
+
+
+EMPTY_RUNS = MasterRuns()
 
 
 @dataclass(frozen=True)
@@ -93,10 +160,13 @@ def shift_batch(positions: torch.Tensor, maps: Sequence[Optional[PositionMap]], 
     positions += to_device(np.asarray(values, dtype=np.int64), dev).to(dt)[at]  # (copies from pinned memory)
 
 
+NO_SHIFT = PositionMap()  # every row at its own position (frozen: one object serves every such row)
+
+
 @dataclass
 class PathPositions:
     """Per radix node (by id): the breakpoints of its rows, as ``(offset within the node, shift added)``, and its
-    master runs, as ``(offset within the node, length, segment)``."""
+    master runs (:class:`MasterRuns`, counted from the node's first row)."""
 
     _breaks: dict = field(default_factory=dict)
     _runs: dict = field(default_factory=dict)
@@ -110,20 +180,14 @@ class PathPositions:
 
     def record(self, node: Any, start: int, pmap: Optional[PositionMap], runs: Sequence[tuple] = ()) -> None:
         """A new node holding rows ``[start, start + len(node.key))`` of a row mapped by ``pmap`` whose rows
-        ``[a, b)`` reference the master of ``seg`` for each ``(a, b, seg)`` of ``runs`` (sorted by start, disjoint:
-        read from the last one back to the first before the node)."""
+        ``[a, b)`` reference the master of ``seg`` for each ``(a, b, seg)`` of ``runs`` (a :class:`MasterRuns`, or
+        triples sorted by start and disjoint)."""
         end = start + len(node.key)
         got = pmap.breaks_in(start, end) if pmap else None
         if got:
             self._breaks[node.id] = got
-        mine = []
-        for a, b, seg in reversed(runs):
-            if b <= start:
-                break
-            if a < end:
-                mine.append((max(a, start) - start, min(b, end) - max(a, start), seg))
-        if mine:
-            mine.reverse()
+        mine = MasterRuns.of(runs).window(start, end) if runs else EMPTY_RUNS
+        if mine.starts:
             self._runs[node.id] = mine
 
     def split(self, parent: Any, child: Any, split_len: int) -> None:
@@ -137,32 +201,32 @@ class PathPositions:
                 self._breaks[child.id] = tail
         runs = self._runs.pop(child.id, None)
         if runs:
-            head = [(o, min(n, split_len - o), s) for o, n, s in runs if o < split_len]
-            tail = [(max(o, split_len) - split_len, o + n - max(o, split_len), s) for o, n, s in runs
-                    if o + n > split_len]
-            if head:
+            head, tail = runs.window(0, split_len), runs.window(split_len)
+            if head.starts:
                 self._runs[parent.id] = head
-            if tail:
+            if tail.starts:
                 self._runs[child.id] = tail
 
     def remove(self, node: Any) -> None:
         self._breaks.pop(node.id, None)
         self._runs.pop(node.id, None)
 
-    def runs_of(self, node: Any, root: Any) -> list[tuple[int, int, Any]]:
-        """The master runs ``(first row, end row, segment)`` on the path from the root to ``node`` (inclusive)."""
+    def runs_of(self, node: Any, root: Any) -> MasterRuns:
+        """The master runs on the path from the root to ``node`` (inclusive)."""
         if not self._runs:
-            return []
-        out, start = [], 0
+            return EMPTY_RUNS
+        parts, start = [], 0
         for n in reversed(_chain(node, root)):
-            out.extend((start + o, start + o + k, s) for o, k, s in self._runs.get(n.id, ()))
+            got = self._runs.get(n.id)
+            if got is not None:
+                parts.append(got.shifted(start))
             start += len(n.key)
-        return out
+        return MasterRuns.concat(parts)
 
     def map_of(self, node: Any, root: Any) -> PositionMap:
         """The map of the rows on the path from the root to ``node`` (inclusive)."""
         if not self._breaks:
-            return PositionMap()
+            return NO_SHIFT
         rows, shifts, start, total = [], [], 0, 0
         for n in reversed(_chain(node, root)):
             for off, gap in self._breaks.get(n.id, ()):

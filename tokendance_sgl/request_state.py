@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tokendance_sgl.early_match import EarlyMatch
-from tokendance_sgl.position_map import PositionMap
+from tokendance_sgl.position_map import EMPTY_RUNS, NO_SHIFT, MasterRuns, PositionMap
 
 __all__ = ["PlannedSegment", "SegmentPlan", "RowLayout", "SelectItem", "RowPlan", "RequestState", "state_of",
            "row_plan_of"]
@@ -79,7 +79,7 @@ class RowLayout:
     start: int  # first composed row (the cached prefix length)
     end: int  # rows [start, end) are taken as cached; the extend starts here
     policy: Any  # tokendance_sgl.selection.RecomputePolicy
-    spans: list  # [(a, b, PlannedSegment)]: rows [a, b) read the segment's master (b - a <= kv_len)
+    spans: MasterRuns  # (a, b, PlannedSegment): rows [a, b) read the segment's master (b - a <= kv_len)
     base_key: Hashable  # the round the canonical base belongs to
     prefix_positions: PositionMap = field(default_factory=PositionMap)  # map of the cached prefix [0, start)
     agent: Optional[int] = None
@@ -87,7 +87,7 @@ class RowLayout:
 
     @property
     def region_start(self) -> int:
-        return self.spans[0][0]
+        return self.spans.starts[0]
 
 
 @dataclass(eq=False)
@@ -151,9 +151,9 @@ class RequestState:
     # the region reuse would compose now (match_prefix); consumed by init_load_back
     layout: Optional[RowLayout] = None
     # row -> position map of the row: the matched path's, plus the gap of the region composed for it
-    positions: PositionMap = field(default_factory=PositionMap)
+    positions: PositionMap = NO_SHIFT
     # (first row, end row, segment): rows of the matched path that reference a segment's master pages
-    path_runs: list = field(default_factory=list)
+    path_runs: MasterRuns = EMPTY_RUNS
     # the namespace its row is inserted under at checkpoint (None: exact KV at true positions)
     namespace: Optional[str] = None
     # slots of the composed region, in row order (prefix_device_indices appends them to the cached prefix)
@@ -184,11 +184,11 @@ class RequestState:
     def composed(self) -> bool:
         return self.host_slots is not None
 
-    def master_runs(self, rec: Any) -> list:
+    def master_runs(self, rec: Any) -> MasterRuns:
         """Every run of the row that references a master: the matched path's and those of ``rec`` (the row's diff
         record, None: nothing composed), as ``(first row, end row, segment)``, sorted and disjoint (the region
         composed for the row starts where its matched path ends)."""
-        return self.path_runs + rec.runs() if rec is not None else self.path_runs
+        return MasterRuns.concat((self.path_runs, rec.runs())) if rec is not None else self.path_runs
 
     def release_row(self) -> None:
         """Forgets the row (SGLang released it); the caller has given back ``held_pages`` and ``reads``."""
@@ -197,8 +197,8 @@ class RequestState:
         self.row_plan = None
         self.held_pages = np.empty(0, dtype=np.int64)
         self.reads = []
-        self.positions = PositionMap()
-        self.path_runs = []
+        self.positions = NO_SHIFT
+        self.path_runs = EMPTY_RUNS
         self.namespace = None
         self.match_ns = None
         self.early = None

@@ -40,7 +40,7 @@ from tokendance_sgl.bases import CanonicalBases, remember
 from tokendance_sgl.config import TreeConfig
 from tokendance_sgl.diff_alloc import BuiltRow
 from tokendance_sgl.row_shape import MasterRun, NewRun, RowShape, coalesce
-from tokendance_sgl.position_map import PositionMap
+from tokendance_sgl.position_map import NO_SHIFT, MasterRuns, PositionMap
 from tokendance_sgl.request_state import RowLayout, RowPlan, SelectItem, state_of
 from tokendance_sgl.segment_store import SegmentStore
 from tokendance_sgl.selection import RecomputePolicy, parse_policy
@@ -92,7 +92,7 @@ def plan_layout(host: ReuseHost, req: Any, prefix_len: int, limit: int,
     # a round's copies carry the segment's last token (computed once per copy): the region covers it
     complete = policy.reuses_masters and host.collector.collective
     page_size = host.page_size
-    spans = []
+    starts, ends, used = [], [], []
     last = prefix_len
     store = host.store
     current = plan.epoch == store.epoch  # no segment dropped since planning: its resident nodes are the store's
@@ -106,18 +106,21 @@ def plan_layout(host: ReuseHost, req: Any, prefix_len: int, limit: int,
         b = min(a + (s.end - a if complete else s.kv_len), limit)
         if b <= a:
             break
-        spans.append((a, b, s))
+        starts.append(a)
+        ends.append(b)
+        used.append(s)
         last = s.end
-    if not spans:
+    if not used:
         return None
-    end = spans[-1][1]
+    spans = MasterRuns(tuple(starts), tuple(ends), tuple(used))
+    end = ends[-1]
     if page_size > 1:  # the region ends on a page boundary (SGLang's extend continues the last page of the prefix):
         end = end // page_size * page_size  # the spans are cut there; text between the last one and it is computed
-        spans = [(a, min(b, end), s) for a, b, s in spans if a < end]
-        if not spans:
+        spans = spans.window(0, end)
+        if not spans.starts:
             return None
-    base_key = (plan.round, plan.ns_key) if plan.round is not None else tuple(s.key for _, _, s in spans)
-    return RowLayout(prefix_len, end, policy, spans, base_key, prefix_positions or PositionMap(), plan.agent)
+    base_key = (plan.round, plan.ns_key) if plan.round is not None else tuple(s.key for s in spans.segs)
+    return RowLayout(prefix_len, end, policy, spans, base_key, prefix_positions or NO_SHIFT, plan.agent)
 
 
 def gap_budget(host: ReuseHost, req: Any, pmap: PositionMap) -> int:

@@ -23,6 +23,7 @@ import torch
 
 from tokendance_sgl.distinct import Distinct
 from tokendance_sgl.host import to_host
+from tokendance_sgl.position_map import EMPTY_RUNS, MasterRuns
 
 __all__ = ["NewRun", "MasterRun", "Piece", "RowShape", "plan_shape", "coalesce", "seg_id"]
 
@@ -73,6 +74,7 @@ class RowShape:
     runs: tuple  # (first, end, piece index): maximal runs of kept positions from one piece
     segs: tuple  # the distinct segments of the kept runs, in order
     distinct: np.ndarray  # the distinct master slots of the kept runs
+    master_runs: MasterRuns = EMPTY_RUNS  # the kept runs as (first, end, segment)
 
 
 def seg_id(seg: Hashable) -> int:
@@ -192,6 +194,8 @@ def plan_shape(pieces: Sequence[Piece], page_size: int, scratch: Optional[Distin
         distinct = (scratch or Distinct()).of(src[kept_pos])
     for a in (src, reuse, keep, private_positions, priv_pages, distinct):
         a.flags.writeable = False
+    master_runs = MasterRuns(tuple(a for a, _, _ in runs), tuple(b for _, b, _ in runs),
+                             tuple(pieces[i].seg for _, _, i in runs)) if runs else EMPTY_RUNS
     return RowShape(tuple(pieces), src, reuse, keep, private_positions, priv_pages, n_alloc, runs,
-                    tuple(segs.values()), distinct)
+                    tuple(segs.values()), distinct, master_runs)
 
