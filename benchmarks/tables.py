@@ -452,6 +452,13 @@ def overhead_table(o: dict | None) -> list[str]:
         out += ["", "Device reads per request on the scheduler path (tensor values copied to the host; on a GPU each "
                     "waits for the stream), the most over the sizes: "
                     + ", ".join(f"{b} {v:.2f}" for b, v in reads.items()) + "."]
+    big = max(o["rows"], key=lambda r: r["agents"] * r["history"])
+    gcs = {r["backend"]: r["gc_collections_per_round"] for r in o["rows"]
+           if (r["agents"], r["history"]) == (big["agents"], big["history"]) and "gc_collections_per_round" in r}
+    if gcs:
+        out += ["", f"Python garbage collections inside the timed calls per round at {big['agents']} x "
+                    f"{big['history']} (each scans what the round allocated and still holds): "
+                    + ", ".join(f"{b} {v:.1f}" for b, v in gcs.items()) + "."]
     return out
 
 

@@ -81,7 +81,7 @@ class RowLayout:
     policy: Any  # tokendance_sgl.selection.RecomputePolicy
     spans: MasterRuns  # (a, b, PlannedSegment): rows [a, b) read the segment's master (b - a <= kv_len)
     base_key: Hashable  # the round the canonical base belongs to
-    prefix_positions: PositionMap = field(default_factory=PositionMap)  # map of the cached prefix [0, start)
+    prefix_positions: PositionMap = NO_SHIFT  # map of the cached prefix [0, start)
     agent: Optional[int] = None
     stats: dict = field(default_factory=dict)
 
