@@ -11,7 +11,7 @@ all-gather each; a segment table as the frontend sends it) and its own answer; o
 last round's prompt holds ``--history`` tokens. A round admits every agent (the collective step first, for the reuse
 backends), then finishes them. Timed: the cache calls the scheduler makes (match, collective step, composition /
 load-back, allocation with eviction, checkpoint, release); not timed: the fake forward (the re-rotation and copy
-kernels are no-ops here, they are device work on a GPU), the harness and a ``gc.collect()`` between sizes (the
+kernels are no-ops here, they are device work on a GPU), the harness and a ``gc.collect()`` between repeats (the
 previous runs' caches are garbage). Every size runs ``--repeats`` times; within a repeat the backends run side by
 side, round by round (radix's round r, then pic's, then tokendance's), so a slow spell of the machine hits them
 alike. Reported per backend and size: the median over the repeats of the median over the rounds >= 1 of the round's
