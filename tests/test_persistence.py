@@ -223,7 +223,8 @@ def test_master_runs_window_shift_and_concat_match_a_list_of_triples(gaps, lo, h
         rows = lambda rs: [(r, s) for a, b, s in rs for r in range(a, b)]  # noqa: E731
         whole = MasterRuns.concat([mr.window(0, lo), win.shifted(lo), mr.window(hi).shifted(hi)])
         assert rows(whole) == rows(runs) and all(a < b for a, b, _ in whole)
-    assert MasterRuns.concat([mr, MasterRuns.of([]), mr.shifted(pos)]) == runs + [(a + pos, b + pos, s) for a, b, s in runs]
+    again = [(a + pos, b + pos, s) for a, b, s in runs]
+    assert MasterRuns.concat([mr, MasterRuns.of([]), mr.shifted(pos)]) == runs + again
 
 
 def _boom(*_a, **_k):
