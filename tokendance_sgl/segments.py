@@ -73,7 +73,7 @@ class SegmentTableError(ValueError):
 
 
 @dataclass(slots=True)
-class SegmentSpan:  # a parsed table's span: never changed (not frozen: a table makes one per span, cheaply)
+class SegmentSpan:  # a parsed table's span, made when asked for (a table keeps its spans as three tuples)
     seg_id: str
     start: int
     end: int
