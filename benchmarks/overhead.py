@@ -11,17 +11,16 @@ all-gather each; a segment table as the frontend sends it) and its own answer; o
 last round's prompt holds ``--history`` tokens. A round admits every agent (the collective step first, for the reuse
 backends), then finishes them. Timed: the cache calls the scheduler makes (match, collective step, composition /
 load-back, allocation with eviction, checkpoint, release); not timed: the fake forward (the re-rotation and copy
-kernels are no-ops here, they are device work on a GPU), the harness and a ``gc.collect()`` before each run (the
-previous run's caches are garbage). Every size runs ``--repeats`` times; within a repeat the backends run side by
+kernels are no-ops here, they are device work on a GPU), the harness and a ``gc.collect()`` between repeats (the
+previous runs' caches are garbage). Every size runs ``--repeats`` times; within a repeat the backends run side by
 side, round by round (radix's round r, then pic's, then tokendance's), so a slow spell of the machine hits them
-alike; each backend runs in a process of its own (``Worker``), so its garbage collections are its own. Reported per
-backend and size: the median over the repeats of the median over the rounds >= 1 of the round's scheduler time, its
-ratio to radix (and the ratio within each repeat), the mean per round >= 1 of each phase (``phases_s``, median over
-the repeats), and the growth exponent of the time in agents x history tokens (a log-log fit). Also counted, per
-phase: the tensor reads that come to the host (``tokendance_sgl.host.to_host``; each waits for the device stream on
-a GPU), per request of the rounds >= 1 (``device_reads_per_request``, the same in every repeat); and Python's
-garbage collections inside the timed calls per round >= 1 (``gc_collections_per_round``: they scan the objects the
-round allocated, so a backend that allocates more pays for more of them).
+alike. Reported per backend and size: the median over the repeats of the median over the rounds >= 1 of the round's
+scheduler time, its ratio to radix (and the ratio within each repeat), the mean per round >= 1 of each phase
+(``phases_s``, median over the repeats), and the growth exponent of the time in agents x history tokens (a log-log
+fit). Also counted, per phase: the tensor reads that come to the host (``tokendance_sgl.host.to_host``; each waits for
+the device stream on a GPU), per request of the rounds >= 1 (``device_reads_per_request``, the same in every repeat);
+and Python's garbage collections inside the timed calls per round >= 1 (``gc_collections_per_round``: they scan the
+objects the round allocated, so a backend that allocates more pays for more of them).
 
 Writes benchmarks/results/overhead[_quick].json and .png.
 """
@@ -278,60 +277,6 @@ def run_size(backend: str, n: int, history: int, segments: int, rounds: int, see
     return run.result()
 
 
-class Worker:
-    """One backend's runs in a process of its own (forked: nothing to import again), stepped by the parent one call
-    at a time. Its heap and garbage collector are its own, as a server's would be: in one process, a backend's round
-    would pay for the collections the other backends' rounds left due."""
-
-    def __init__(self, backend: str):
-        import multiprocessing as mp
-
-        self.backend = backend
-        self._conn, child = mp.get_context("fork").Pipe()
-        self._proc = mp.get_context("fork").Process(target=_serve, args=(backend, child), daemon=True)
-        self._proc.start()
-        child.close()
-
-    def ask(self, what: str, *args):
-        """``new`` (a run of a size: n, history, segments, rounds), ``step`` (its next round) or ``result``."""
-        self._conn.send((what, args))
-        ok, out = self._conn.recv()
-        if not ok:
-            raise RuntimeError(f"{self.backend} worker: {out}")
-        return out
-
-    def close(self) -> None:
-        try:
-            self._conn.send(("stop", ()))
-        except OSError:
-            pass
-        self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.kill()
-
-
-def _serve(backend: str, conn) -> None:
-    run = None
-    while True:
-        what, args = conn.recv()
-        if what == "stop":
-            return
-        try:
-            if what == "new":
-                run = None
-                gc.collect()  # the previous run's caches are garbage: not this run's scheduler time
-                run = SizeRun(backend, *args)
-                out = None
-            elif what == "step":
-                out = run.step()
-            else:
-                out = run.result()
-        except Exception as e:  # reported to the parent, which stops
-            conn.send((False, f"{type(e).__name__}: {e}"))
-            continue
-        conn.send((True, out))
-
-
 def combine_repeats(runs: list, radix: list | None) -> dict:
     """One row for a backend and size from its repeats: the median of the repeats' round times (and of each phase),
     its ratio to radix's, and the ratio within each repeat (``vs_radix_repeats``: the spread)."""
@@ -387,26 +332,6 @@ def plot(rows: list, backends: list, quick: bool, out_dir):
     return C.save_figure(fig, NAME, quick, out_dir)
 
 
-def _run_sizes(args, sizes: list, backends: list, rounds: int, workers: dict, log) -> list:
-    rows = []
-    for n, hist in C.progress(sizes, desc="sizes"):
-        runs: dict = {be: [] for be in backends}
-        for _rep in range(args.repeats):
-            for be in backends:
-                workers[be].ask("new", n, hist, args.segments, rounds)
-            for _r in range(rounds):  # the backends interleaved round by round: a slow spell of the machine hits
-                for be in backends:  # them alike (one process runs at a time)
-                    workers[be].ask("step")
-            for be in backends:
-                runs[be].append(workers[be].ask("result"))
-        for be in backends:
-            rows.append(combine_repeats(runs[be], runs.get("radix")))
-            each = " ".join(f"{t * 1e3:.1f}" for t in rows[-1]["repeat_round_s"])
-            log(f"{be:10s} N={n:3d} history={hist:5d}: {rows[-1]['median_round_s'] * 1e3:8.1f} ms per round "
-                f"(repeats: {each})")
-    return rows
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = C.Log(NAME)
@@ -415,12 +340,23 @@ def main(argv=None) -> int:
     rounds = args.rounds or 4
     backends = list(args.backends)
     sizes = [(n, hist) for n in agents for hist in history]
-    workers = {be: Worker(be) for be in backends}  # a process each: its own heap and garbage collector
-    try:
-        rows = _run_sizes(args, sizes, backends, rounds, workers, log)
-    finally:
-        for w in workers.values():
-            w.close()
+    rows = []
+    for n, hist in C.progress(sizes, desc="sizes"):
+        runs: dict = {be: [] for be in backends}
+        for _rep in range(args.repeats):
+            gc.collect()  # the previous runs' caches are garbage: not this run's scheduler time
+            live = {be: SizeRun(be, n, hist, args.segments, rounds) for be in backends}
+            for _r in range(rounds):  # the backends interleaved round by round: a slow spell of the machine hits
+                for be in backends:  # them alike
+                    live[be].step()
+            for be in backends:
+                runs[be].append(live[be].result())
+            del live
+        for be in backends:
+            rows.append(combine_repeats(runs[be], runs.get("radix")))
+            each = " ".join(f"{t * 1e3:.1f}" for t in rows[-1]["repeat_round_s"])
+            log(f"{be:10s} N={n:3d} history={hist:5d}: {rows[-1]['median_round_s'] * 1e3:8.1f} ms per round "
+                f"(repeats: {each})")
     growth = {be: growth_exponent([r for r in rows if r["backend"] == be]) for be in backends}
     data = {"benchmark": NAME, "quick": args.quick, "environment": C.environment(), "rounds": rounds, "segments": args.segments,
             "repeats": args.repeats, "rows": rows, "growth_exponent": growth,
