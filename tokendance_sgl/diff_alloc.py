@@ -106,7 +106,9 @@ class RowRecord:
                 start, shape = self._planned
                 self._runs = shape.master_runs.shifted(start)
             else:
-                self._runs = MasterRuns.of([(r.start, r.end, r.seg) for r in self.refs])
+                refs = self.refs
+                self._runs = MasterRuns(tuple(r.start for r in refs), tuple(r.end for r in refs),
+                                        tuple(r.seg for r in refs))
         return self._runs
 
     def segs(self) -> list:

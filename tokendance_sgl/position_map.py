@@ -18,6 +18,7 @@ continues the path holds those shared pages too, and the KV-per-agent accounting
 from __future__ import annotations
 
 import bisect
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -89,8 +90,7 @@ class MasterRuns:
         parts = [p for p in parts if p.starts]
         if len(parts) <= 1:
             return parts[0] if parts else EMPTY_RUNS
-        return MasterRuns(sum((p.starts for p in parts), ()), sum((p.ends for p in parts), ()),
-                          sum((p.segs for p in parts), ()))
+        return MasterRuns(*(tuple(chain.from_iterable(getattr(p, f) for p in parts)) for f in MasterRuns.__slots__))
 
 
 EMPTY_RUNS = MasterRuns()

@@ -132,7 +132,7 @@ def _get_list(params: Mapping[str, Any], key: str) -> tuple:
     return tuple(v)
 
 
-def _well_formed(ids: list, starts: list, ends: list, prompt_len: Optional[int]) -> bool:
+def _well_formed(ids: tuple, starts: tuple, ends: tuple, prompt_len: Optional[int]) -> bool:
     """Whether the span lists break none of the rules of :func:`parse_segment_table` (exact ``int`` offsets)."""
     if not ids:
         return True
