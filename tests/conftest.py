@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import tokendance_sgl  # noqa: F401  (must precede any sglang import: CPU bootstrap)
 import pytest
@@ -10,10 +11,14 @@ import pytest
 from tokendance_sgl.model import prepare_model
 
 _servers: dict[tuple, object] = {}
+_starting: dict[tuple, Future] = {}  # CORE servers started in the background at collection
 # The configurations most engine modules share live for the whole session; any other one lives for one module at
 # most (`_module_servers`). Each server holds about 4 GB (scheduler, detokenizer, launcher): with every
 # configuration of the suite alive at once a 24 GB machine runs out of memory and thrashes.
 CORE = {("radix", (), ()), ("radix", ("--disable-radix-cache",), ()), ("tokendance", (), ())}
+# The shared tokendance server also exports its counters on /metrics (tests/test_metrics.py scrapes it): one
+# configuration fewer to start.
+SHARED_FLAGS = {"tokendance": ("--enable-metrics",)}
 # Every test server runs SGLang's busy-mode memory check (a leak or a double count crashes its scheduler) on top of
 # the idle check that is always on; with it, a reuse backend compares the host's copies of the request rows and the
 # allocator's free list with the device's (patches/row_mirror.py).
@@ -25,10 +30,31 @@ def model_path() -> str:
     return prepare_model()
 
 
-def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = (), env: tuple = ()):
+def _launch(model_path: str, key: tuple):
     from tokendance_sgl.server import launch
 
+    kv_backend, extra, env = key
+    if key in CORE:
+        extra = SHARED_FLAGS.get(kv_backend, ()) + extra
+    return launch(model_path, kv_backend=kv_backend, extra_args=list(extra), env={**SERVER_ENV, **dict(env)})
+
+
+def pytest_collection_finish(session):
+    """Starts the CORE servers side by side while the session begins, when it has engine tests: a start is mostly
+    single-threaded imports (half a minute or more each), and one after another they leave a core idle."""
+    if any(item.get_closest_marker("engine") for item in session.items):
+        pool = ThreadPoolExecutor(len(CORE), thread_name_prefix="server-start")
+        model_path = prepare_model()
+        for key in sorted(CORE):
+            _starting[key] = pool.submit(_launch, model_path, key)
+        pool.shutdown(wait=False)
+
+
+def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = (), env: tuple = ()):
     key = (kv_backend, extra, env)
+    started = _starting.pop(key, None)
+    if started is not None:
+        _servers[key] = started.result()
     handle = _servers.get(key)
     if handle is None or not handle.alive():
         # A server inherits this process's environment: a TOKENDANCE_* setting left behind by an in-process test
@@ -38,7 +64,7 @@ def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = (), env: 
 
         leaked = sorted(k for k in (ENV_RECOMPUTE, ENV_MAX_GAP, ENV_FAULTS) if k in os.environ)
         assert not leaked, f"{leaked} set in the test process; the server would inherit them"
-        handle = launch(model_path, kv_backend=kv_backend, extra_args=list(extra), env={**SERVER_ENV, **dict(env)})
+        handle = _launch(model_path, key)
         _servers[key] = handle
     return handle
 
@@ -59,7 +85,7 @@ def own_server(model_path):
     for key in started:
         handle = _servers.pop(key, None)
         if handle is not None:
-            handle.stop()
+            handle.stop(graceful=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,7 +93,7 @@ def _module_servers():
     """Stops the servers of the module's own configurations (not the shared ones) when the module ends."""
     yield
     for key in [k for k in _servers if k not in CORE]:
-        _servers.pop(key).stop()
+        _servers.pop(key).stop(graceful=False)
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +110,10 @@ def server_factory(model_path):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    for key, started in _starting.items():  # started but never asked for (a selection without them)
+        if started.exception() is None:
+            _servers[key] = started.result()
+    _starting.clear()
     for handle in _servers.values():
-        handle.stop()
+        handle.stop(graceful=False)
     _servers.clear()
