@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import tokendance_sgl  # noqa: F401  (must precede any sglang import: CPU bootstrap)
@@ -94,6 +96,20 @@ def _module_servers():
     yield
     for key in [k for k in _servers if k not in CORE]:
         _servers.pop(key).stop(graceful=False)
+
+
+@pytest.fixture(scope="session")
+def launch_server_cli():
+    """`launch_server_cli(argv, ...)` -> the CompletedProcess of `python -m sglang.launch_server *argv` for each argv,
+    run side by side: a start that is refused (or prints --help) spends nearly all its time in a single-threaded
+    import of SGLang, so two at once take the time of one on a 2-core host."""
+
+    def run(*argvs: list) -> list[subprocess.CompletedProcess]:
+        with ThreadPoolExecutor(len(argvs)) as pool:
+            return list(pool.map(lambda argv: subprocess.run([sys.executable, "-m", "sglang.launch_server", *argv],
+                                                             capture_output=True, text=True, timeout=300), argvs))
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from tokendance_sgl.runner import flush_cache, run_workload
 
 pytestmark = pytest.mark.engine
 
-N, ROUNDS, MAX_NEW = 4, 5, 32
+N, ROUNDS, MAX_NEW = 4, 5, 16
 FAULTS = "copy@1,compose@2,prepass@3"
 
 

@@ -7,7 +7,9 @@ history; each round appends everyone's last answers; two assistant turns per rou
 * the shared history is held once plus per-agent diffs (8 agents x 3 rounds);
 * teacher-forced fidelity against exact prefill of the same prompts does not drift over rounds;
 * a pool so small that agents' paths are evicted mid-round, with small prefill chunks: the next requests
-  recompose, every pre-pass forward stays within the chunk, ``full`` still equals radix (exact), nothing leaks.
+  recompose, every pre-pass forward stays within the chunk, ``full`` still equals radix (exact), nothing leaks;
+* on the same server, a pool too small for a round of 8 agents (segment-table workload): requests wait, retract and
+  evict, masters of finished rounds are evicted under pressure, and the server stays idle-clean and serving.
 
 All outputs have a fixed length (``ignore_eos``), so the runs on different servers build prompts of equal lengths.
 """
@@ -18,15 +20,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from test_robustness import _assert_idle_and_healthy
 
 from tokendance_sgl.fidelity import teacher_forced
 from tokendance_sgl.history import HistoryWorkload
 from tokendance_sgl.runner import _post_generate, flush_cache, run_workload
+from tokendance_sgl.workloads import Workload
 
 pytestmark = pytest.mark.engine
 
 N, ROUNDS, TURNS, MAX_NEW = 4, 3, 2, 40
 TOP_K = 20
+# far smaller than the agents' histories; the two small-pool tests share the server (a start costs about a minute)
+SMALL_POOL, SMALL_CHUNK = 1600, 96
 
 
 def _workload(model_path, n=N, turns=TURNS, seed=5):
@@ -78,6 +84,12 @@ def _computed_after_round_0(res) -> int:
 @pytest.fixture(scope="module")
 def td_url(server_factory):
     return server_factory("tokendance").base_url
+
+
+@pytest.fixture(scope="module")
+def small_pool_url(server_factory):
+    return server_factory("tokendance", "--max-total-tokens", str(SMALL_POOL), "--chunked-prefill-size",
+                          str(SMALL_CHUNK)).base_url
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +203,7 @@ def test_shared_history_is_held_once_plus_diffs(radix_server, td_url, model_path
           f"agent {diffs:.1f}, copies {copies}")
 
 
-def test_small_pool_and_small_chunks_evict_paths_and_full_still_equals_exact(own_server, radix_run, model_path):
+def test_small_pool_and_small_chunks_evict_paths_and_full_still_equals_exact(small_pool_url, radix_run, model_path):
     """One server with a pool far smaller than the agents' histories and ``--chunked-prefill-size 96``:
 
     * agents' paths are evicted between their turns: their next requests find less cached and compose their blocks
@@ -202,18 +214,33 @@ def test_small_pool_and_small_chunks_evict_paths_and_full_still_equals_exact(own
 
     (The two stresses share one server: each server start costs half a minute of ``make test``.)"""
     # 4 agents' histories (up to ~900 tokens each by round 3) do not fit at once: paths are evicted mid-round
-    url = own_server("tokendance", "--max-total-tokens", "1600", "--chunked-prefill-size", "96").base_url
+    url = small_pool_url
     full = _run(url, model_path, policy="full")
     for key, a in _requests(full).items():
         assert a.output_ids == _requests(radix_run)[key].output_ids, key
     prompt_peak = max(a.prompt_tokens for r in full.rounds for a in r.agents)
-    assert N * prompt_peak > 1600  # the histories did not fit together
+    assert N * prompt_peak > SMALL_POOL  # the histories did not fit together
     cached = sum(a.cached_tokens for r in full.rounds for a in r.agents)
     assert cached < sum(a.cached_tokens for r in radix_run.rounds for a in r.agents)  # paths were evicted
     s = _stats(url)
-    assert 0 < s["prepass_largest_forward"] <= 96 and s["prepass_forwards"] > s["rows_composed"], s
+    assert 0 < s["prepass_largest_forward"] <= SMALL_CHUNK and s["prepass_forwards"] > s["rows_composed"], s
     assert s["prepass_lead_tokens"] > 0, s  # `full` regions run as a plain extend through the attention backend
     assert s["rows"] == 0 and s["available_size"] + s["evictable_size"] + s["protected_size"] == \
         s["max_total_num_tokens"], s
     ok = requests.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}}, timeout=600)
     assert ok.status_code == 200
+
+
+def test_pool_too_small_for_a_round(small_pool_url, model_path):
+    """8 agents x ~200 prompt tokens + masters do not fit the pool at once: requests wait, retract and evict."""
+    url = small_pool_url
+    flush_cache(url)
+    before = _stats(url)  # (the counters are cumulative: the test above ran on this server)
+    w = Workload("ga", 8, 3, seed=3, tokenizer=model_path, private_tokens=(60, 90), task_tokens=(20, 30))
+    res = run_workload(url, w, max_new_tokens=16, progress=False)  # all 3 rounds: rounds 1 and 2 reuse segments
+    assert all(len(a.output_ids) > 0 for r in res.rounds for a in r.agents)
+    s = _assert_idle_and_healthy(url)
+    # masters of finished rounds were evicted under pressure: far fewer segments than the 24 registered outputs
+    # are still resident (their re-rotated copies aside), and the tree never held more than the pool.
+    assert s["known_ids"] >= 16 and s["holding"] - s["master_copies_resident"] < 24, s
+    assert s["rows_composed"] > before["rows_composed"] or s["load_back_fallbacks"] > before["load_back_fallbacks"]

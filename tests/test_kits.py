@@ -4,7 +4,8 @@ SGLang's busy-mode memory check on (every server of the suite runs with it, see 
 
 The three multi-turn tests compare the logprobs of cached decode with a fresh prefill of the same tokens (KL below
 SGLang's own threshold) and check ``cached_tokens`` against the radix contract (``default_prefill_cache_assert`` /
-``default_decode_cache_assert``). ``test_gsm8k`` needs a download and a strong model: skipped here.
+``default_decode_cache_assert``). ``test_gsm8k`` needs a download and a strong model: skipped here. At CPU size the
+later turns append a quarter of the kit's 512- and 256-token suffixes (each turn scores its whole prompt's logprobs).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 import unittest
 
 import pytest
+from sglang.test.kits import unified_radix_cache_kit
 from sglang.test.kits.unified_radix_cache_kit import UnifiedRadixTreeTestMixin
 
 pytestmark = pytest.mark.engine
@@ -29,6 +31,16 @@ class _Kit(UnifiedRadixTreeTestMixin):
 
     def test_gsm8k(self):
         pytest.skip("needs the GSM8K download and a model far stronger than SmolLM2-135M")
+
+
+TURN_SCALE = 4  # the kit's turn suffixes (512 and 256 tokens) divided by this
+
+
+@pytest.fixture(autouse=True)
+def _cpu_sized_turns(monkeypatch):
+    suffixes = unified_radix_cache_kit._random_suffixes
+    monkeypatch.setattr(unified_radix_cache_kit, "_random_suffixes",
+                        lambda n, length, seed: suffixes(n, length // TURN_SCALE, seed))
 
 
 @pytest.fixture(scope="class")

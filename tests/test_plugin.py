@@ -65,14 +65,16 @@ def test_register_is_idempotent_and_hooks_apply(model_path):
     assert args.radix_cache_backend is None  # radix = stock SGLang caching
 
 
-def _launch_server(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sglang.launch_server", *argv], capture_output=True, text=True, timeout=300
-    )
+@pytest.fixture(scope="module")
+def cli(launch_server_cli):
+    """The module's two `python -m sglang.launch_server` runs, side by side: --help, and conflicting cache flags."""
+    help_, conflicting = launch_server_cli(
+        ["--help"], ["--model-path", "unused", "--kv-backend", "radix", "--radix-cache-backend", "flexkv"])
+    return {"help": help_, "conflicting": conflicting}
 
 
-def test_help_shows_kv_backend():
-    out = _launch_server("--help")
+def test_help_shows_kv_backend(cli):
+    out = cli["help"]
     assert out.returncode == 0
     assert "--kv-backend {radix,pic,tokendance}" in out.stdout
 
@@ -106,8 +108,8 @@ def test_max_gap_reaches_the_tree_config_and_is_checked(model_path):
             sa.prepare_server_args(["--model-path", model_path, *argv])
 
 
-def test_conflicting_cache_flags_are_refused():
-    out = _launch_server("--model-path", "unused", "--kv-backend", "radix", "--radix-cache-backend", "flexkv")
+def test_conflicting_cache_flags_are_refused(cli):
+    out = cli["conflicting"]
     assert out.returncode != 0 and "do not also pass" in out.stderr
 
 

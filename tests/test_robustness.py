@@ -1,5 +1,6 @@
-"""Robustness of segment reuse through the real engine: an agent aborted mid-round, a pool too small for a round,
-masters of finished rounds evicted under pressure, ``flush_cache`` mid-run and segment tables naming evicted segments.
+"""Robustness of segment reuse through the real engine: an agent aborted mid-round, ``flush_cache`` mid-run and
+segment tables naming evicted segments. (A pool too small for a round, with masters of finished rounds evicted under
+pressure, shares the small-pool server of ``test_history.py``.)
 
 After every scenario the server is idle and SGLang's memory identity holds (available + evictable + protected ==
 pool size, no live row, no diff slot), and it still serves requests. SGLang's own idle check
@@ -35,12 +36,6 @@ def _assert_idle_and_healthy(url):
     ok = requests.post(url + "/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 2}}, timeout=600)
     assert ok.status_code == 200, ok.text
     return s
-
-
-def _round0(url, model_path, n_agents, seed, **kw):
-    w = Workload("ga", n_agents, 3, seed=seed, tokenizer=model_path, private_tokens=(60, 90), task_tokens=(20, 30), **kw)
-    res = run_workload(url, w, max_new_tokens=16, progress=False)  # all 3 rounds: rounds 1 and 2 reuse segments
-    return w, res
 
 
 def test_agent_aborted_mid_round(server_factory, model_path):
@@ -85,24 +80,6 @@ def test_agent_aborted_mid_round(server_factory, model_path):
     assert mid["rows"] == 3 and mid["locked"] > 0, mid  # the other rows still hold their masters
     s = _assert_idle_and_healthy(url)
     assert s["master_slots"] > 0 and s["locked"] == 0
-
-
-@pytest.fixture(scope="module")
-def small_pool(server_factory):
-    # 8 agents x ~200 prompt tokens + masters do not fit at once: requests wait, retract and evict.
-    return server_factory("tokendance", "--max-total-tokens", "1200")
-
-
-def test_pool_too_small_for_a_round(small_pool, model_path):
-    url = small_pool.base_url
-    flush_cache(url)
-    w, res = _round0(url, model_path, 8, seed=3)
-    assert all(len(a.output_ids) > 0 for r in res.rounds for a in r.agents)
-    s = _assert_idle_and_healthy(url)
-    # masters of finished rounds were evicted under pressure: far fewer segments than the 24 registered outputs
-    # are still resident (their re-rotated copies aside), and the tree never held more than the pool.
-    assert s["known_ids"] >= 16 and s["holding"] - s["master_copies_resident"] < 24, s
-    assert s["rows_composed"] > 0 or s["load_back_fallbacks"] > 0
 
 
 def test_flush_mid_run_and_tables_naming_evicted_segments(server_factory, model_path):

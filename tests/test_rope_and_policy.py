@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +73,11 @@ def test_hf_configs_with_linear_rope_pass(config):
     check_hf_config(config, "m")
 
 
-def test_server_refuses_a_yarn_model_at_start(model_path, tmp_path):
-    """The main process refuses before loading anything: a copy of the default model's config with YaRN scaling."""
-    model = tmp_path / "yarn-model"
-    model.mkdir()
+@pytest.fixture(scope="module")
+def refused(model_path, tmp_path_factory, launch_server_cli):
+    """Two starts the main process refuses before loading anything, side by side: a copy of the default model's
+    config with YaRN scaling, and a malformed --td-recompute."""
+    model = tmp_path_factory.mktemp("yarn-model")
     for f in Path(model_path).iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, model / f.name)
@@ -86,21 +85,20 @@ def test_server_refuses_a_yarn_model_at_start(model_path, tmp_path):
     cfg.pop("rope_parameters", None)
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
     (model / "config.json").write_text(json.dumps(cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--kv-backend", "tokendance",
-         "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
-    )
+    yarn, bad_policy = launch_server_cli(
+        ["--model-path", str(model), "--kv-backend", "tokendance", "--device", "cpu"],
+        ["--model-path", "x", "--kv-backend", "tokendance", "--td-recompute", "sink:-1"])
+    return {"yarn": yarn, "bad_policy": bad_policy}
+
+
+def test_server_refuses_a_yarn_model_at_start(refused):
+    proc = refused["yarn"]
     assert proc.returncode != 0
     assert "cannot be re-rotated exactly" in proc.stderr and "yarn" in proc.stderr
 
 
-def test_bad_td_recompute_flag_is_refused_at_start():
-    proc = subprocess.run(
-        [sys.executable, "-m", "sglang.launch_server", "--model-path", "x", "--kv-backend", "tokendance",
-         "--td-recompute", "sink:-1"],
-        capture_output=True, text=True, timeout=300,
-    )
+def test_bad_td_recompute_flag_is_refused_at_start(refused):
+    proc = refused["bad_policy"]
     assert proc.returncode != 0 and "--td-recompute" in proc.stderr and "unknown recompute policy" in proc.stderr
 
 
