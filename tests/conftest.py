@@ -33,8 +33,14 @@ def model_path() -> str:
 
 
 def _launch(model_path: str, key: tuple):
+    from tokendance_sgl.faults import ENV_FAULTS
+    from tokendance_sgl.patches.kv_backend import ENV_MAX_GAP, ENV_RECOMPUTE
     from tokendance_sgl.server import launch
 
+    # A server inherits this process's environment: a TOKENDANCE_* setting left behind by an in-process test would
+    # silently change its defaults (and the numbers the engine tests assert).
+    leaked = sorted(k for k in (ENV_RECOMPUTE, ENV_MAX_GAP, ENV_FAULTS) if k in os.environ)
+    assert not leaked, f"{leaked} set in the test process; the server would inherit them"
     kv_backend, extra, env = key
     if key in CORE:
         extra = SHARED_FLAGS.get(kv_backend, ()) + extra
@@ -59,13 +65,6 @@ def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = (), env: 
         _servers[key] = started.result()
     handle = _servers.get(key)
     if handle is None or not handle.alive():
-        # A server inherits this process's environment: a TOKENDANCE_* setting left behind by an in-process test
-        # would silently change its defaults (and the numbers the engine tests assert).
-        from tokendance_sgl.faults import ENV_FAULTS
-        from tokendance_sgl.patches.kv_backend import ENV_MAX_GAP, ENV_RECOMPUTE
-
-        leaked = sorted(k for k in (ENV_RECOMPUTE, ENV_MAX_GAP, ENV_FAULTS) if k in os.environ)
-        assert not leaked, f"{leaked} set in the test process; the server would inherit them"
         handle = _launch(model_path, key)
         _servers[key] = handle
     return handle
