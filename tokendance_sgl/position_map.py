@@ -18,8 +18,8 @@ continues the path holds those shared pages too, and the KV-per-agent accounting
 from __future__ import annotations
 
 import bisect
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Optional, Sequence
 
 import numpy as np
