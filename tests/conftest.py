@@ -50,12 +50,16 @@ def _launch(model_path: str, key: tuple):
 def pytest_collection_finish(session):
     """Starts the CORE servers side by side while the session begins, when it has engine tests: a start is mostly
     single-threaded imports (half a minute or more each), and one after another they leave a core idle."""
-    if any(item.get_closest_marker("engine") for item in session.items):
+    if not session.config.option.collectonly and any(item.get_closest_marker("engine") for item in session.items):
         pool = ThreadPoolExecutor(len(CORE), thread_name_prefix="server-start")
         model_path = prepare_model()
         for key in sorted(CORE):
             _starting[key] = pool.submit(_launch, model_path, key)
         pool.shutdown(wait=False)
+
+
+def _key(kv_backend: str, *extra: str, env: dict | None = None) -> tuple:
+    return kv_backend, tuple(extra), tuple(sorted((env or {}).items()))
 
 
 def _server(model_path: str, kv_backend: str, extra: tuple[str, ...] = (), env: tuple = ()):
@@ -77,7 +81,7 @@ def own_server(model_path):
     started = []
 
     def start(kv_backend, *extra, env=None):
-        key = (kv_backend, tuple(extra), tuple(sorted((env or {}).items())))
+        key = _key(kv_backend, *extra, env=env)
         handle = _server(model_path, *key)
         started.append(key)
         return handle
@@ -89,11 +93,17 @@ def own_server(model_path):
             handle.stop(graceful=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _module_servers():
-    """Stops the servers of the module's own configurations (not the shared ones) when the module ends."""
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """When a module ends, stops the servers of its own configurations (not the shared ones), except those the next
+    module names with ``pytest.mark.uses_servers(config, ...)`` (each config a tuple of ``server_factory``'s
+    arguments, ``(kv_backend, *flags)``): a start costs about a minute here, so modules that share a configuration
+    run next to each other."""
     yield
-    for key in [k for k in _servers if k not in CORE]:
+    if nextitem is not None and nextitem.module is item.module:
+        return
+    keep = {_key(*config) for m in (nextitem.iter_markers("uses_servers") if nextitem else ()) for config in m.args}
+    for key in [k for k in _servers if k not in CORE | keep]:
         _servers.pop(key).stop(graceful=False)
 
 
@@ -120,8 +130,7 @@ def radix_server(model_path):
 @pytest.fixture(scope="session")
 def server_factory(model_path):
     """`server_factory(kv_backend, *extra_flags, env={...})` -> a shared running server for that configuration."""
-    return lambda kv_backend, *extra, env=None: _server(model_path, kv_backend, tuple(extra),
-                                                        tuple(sorted((env or {}).items())))
+    return lambda kv_backend, *extra, env=None: _server(model_path, *_key(kv_backend, *extra, env=env))
 
 
 def pytest_sessionfinish(session, exitstatus):

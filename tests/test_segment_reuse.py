@@ -3,6 +3,11 @@
 Reference: exact prefill (``--kv-backend radix --disable-radix-cache``: no prefix cache, true positions). The same
 4-agent x 3-round GenerativeAgents-like workload runs there first; its prompts are then replayed on the tokendance
 server, so both servers see identical prompts in every round.
+
+The module ends on one paged server (``--page-size 16 --chunked-prefill-size 256``): the history workload (one turn
+per round), where ``full`` equals radix token for token and ``sink:4`` / ``deviation:0.15`` keep their page-size-1
+fidelity within a margin (whole master pages shared, the pages a row mixes copied on write); and round 1's prompts
+behind a 300-token lead that SGLang's chunks prefill before the region is composed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
+from test_history import _requests, _score_exact
+from test_history import _run as _run_history
 
 from tokendance_sgl.fidelity import compare_responses
 from tokendance_sgl.runner import _post_generate, flush_cache, run_workload
@@ -307,7 +315,48 @@ def test_the_collective_step_pays_selection_once_per_segment(exact_run, td_repla
         "max_total_num_tokens"]
 
 
-LEAD_CHUNK, LEAD, LEAD_PAGE = 256, 300, 4
+# the paged server of the last two tests: SGLang prefills a 300-token lead in chunks of 256, ending at a page
+PAGE, PAGED_CHUNK, LEAD = 16, 256, 300
+HISTORY_KW = {"n": 3, "turns": 1, "max_new": 24}
+PAGED_POLICIES = ("sink:4", "deviation:0.15")
+PAGED_TOP1_MARGIN, PAGED_KL_MARGIN = 0.1, 0.1  # below page size 1's top-1 / above its KL (means over rounds >= 1)
+
+
+@pytest.fixture(scope="module")
+def paged_url(server_factory):
+    return server_factory("tokendance", "--page-size", str(PAGE), "--chunked-prefill-size", str(PAGED_CHUNK)).base_url
+
+
+def _history_fidelity(exact_url, res) -> tuple[float, float]:
+    """Mean top-1 agreement and KL over the rounds >= 1 (each round weighted by its scored positions)."""
+    per_round = {r: v for r, v in _score_exact(exact_url, res).items() if r >= 1}
+    n = sum(k for k, _, _ in per_round.values())
+    return sum(k * t for k, t, _ in per_round.values()) / n, sum(k * d for k, _, d in per_round.values()) / n
+
+
+def test_pages_full_is_exact_and_policies_keep_their_fidelity(paged_url, server_factory, radix_server, model_path,
+                                                              record_property):
+    exact_url = server_factory("radix", "--disable-radix-cache").base_url
+    td = server_factory("tokendance").base_url
+    ref = {p: _history_fidelity(exact_url, _run_history(td, model_path, policy=p, logprobs=True, **HISTORY_KW))
+           for p in PAGED_POLICIES}
+    print(f"page size 1 fidelity (top-1, KL): {ref}")
+    radix = _requests(_run_history(radix_server.base_url, model_path, **HISTORY_KW))
+    full = _run_history(paged_url, model_path, policy="full", **HISTORY_KW)
+    for key, a in _requests(full).items():
+        assert a.output_ids == radix[key].output_ids, key
+    got = {}
+    for policy in PAGED_POLICIES:
+        before = _stats(paged_url)
+        got[policy] = top1, kl = _history_fidelity(
+            exact_url, _run_history(paged_url, model_path, policy=policy, logprobs=True, **HISTORY_KW))
+        s = _stats(paged_url)
+        assert s["reused_tokens"] > before["reused_tokens"], (policy, s)  # masters were read, not recomputed
+        assert s["prepass_fallbacks"] == before["prepass_fallbacks"], (policy, s)  # no pre-pass failed
+        assert s["cow_pages"] > before["cow_pages"], (policy, s)  # the pages rows mix were copied on write
+        assert top1 >= ref[policy][0] - PAGED_TOP1_MARGIN and kl <= ref[policy][1] + PAGED_KL_MARGIN, (policy, got,
+                                                                                                       ref)
+    record_property("fidelity", {"page_size": PAGE, "paged": got, "page_size_1": ref})
 
 
 def _with_lead(body: dict, lead: list) -> dict:
@@ -321,14 +370,15 @@ def _with_lead(body: dict, lead: list) -> dict:
     return out
 
 
-def test_a_long_lead_is_prefilled_by_sglangs_chunks_then_the_region_is_composed(own_server, server_factory,
+def test_a_long_lead_is_prefilled_by_sglangs_chunks_then_the_region_is_composed(paged_url, server_factory,
                                                                                  exact_run, record_property):
     """Round 1's prompts behind 300 uncached tokens of their own, on a server with ``--chunked-prefill-size 256`` and
-    ``--page-size 4``: each region's pre-pass cannot fit a chunk, so SGLang's chunked prefill computes the text
+    ``--page-size 16``: each region's pre-pass cannot fit a chunk, so SGLang's chunked prefill computes the text
     before it (the lead) up to the region's first page, and the region is composed when the chunk reaches it
     (``lead_chunks``; the pre-pass computes at most the lead's last partial page). Every pre-pass forward stays
     within the chunk, the policy keeps its fidelity against exact prefill of the same prompts, and nothing leaks."""
-    url = own_server("tokendance", "--chunked-prefill-size", str(LEAD_CHUNK), "--page-size", str(LEAD_PAGE)).base_url
+    url = paged_url
+    flush_cache(url)  # (the history runs above left their paths)
     rounds = exact_run.rounds
     _post_round(url, [_payload(a) for a in rounds[0].agents])  # registers the round's outputs as segments
     lead = (list(rounds[0].agents[0].input_ids) + list(rounds[0].agents[1].input_ids))[::-1][:LEAD]  # no path has it
@@ -341,14 +391,14 @@ def test_a_long_lead_is_prefilled_by_sglangs_chunks_then_the_region_is_composed(
     s = _stats(url)
     d = _delta(before, s)
     assert d["lead_chunks"] == N_AGENTS and d["lead_regions_lost"] == 0, d  # every region waited for its lead
-    assert d["prepass_lead_tokens"] < LEAD_PAGE * N_AGENTS, d  # SGLang's chunks computed the lead's whole pages
+    assert d["prepass_lead_tokens"] < PAGE * N_AGENTS, d  # SGLang's chunks computed the lead's whole pages
     assert d["rows_composed"] == N_AGENTS and d["reused_tokens"] > 0 and d["cow_pages"] > 0, d
-    assert 0 < s["prepass_largest_forward"] <= LEAD_CHUNK, s
+    assert 0 < s["prepass_largest_forward"] <= PAGED_CHUNK, s
     assert d["slot_checks"] > 0, d  # the host's rows and free list matched the device's at every busy check
     for a, body in zip(rounds[1].agents, got):  # the reused segment tokens count as cached
         assert body["meta_info"]["cached_tokens"] >= sum(e - s_ for _, s_, e in a.segments) // 2, body["meta_info"]
     f = compare_responses(refs, got, n=MAX_NEW).as_dict()
-    print(f"\nlong lead, page size {LEAD_PAGE}: fidelity {f}; counters {d}")
+    print(f"\nlong lead, page size {PAGE}: fidelity {f}; counters {d}")
     record_property("long_lead", json.dumps({"fidelity": f, "counters": d}))
     min_top1, max_kl = THRESHOLDS["sink:2"]
     assert f["top1"] >= min_top1 and f["kl"] <= max_kl, f

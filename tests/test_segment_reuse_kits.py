@@ -17,7 +17,8 @@ import pytest
 from sglang.test.kits import unified_radix_cache_kit
 from sglang.test.kits.unified_radix_cache_kit import UnifiedRadixTreeTestMixin
 
-pytestmark = pytest.mark.engine
+# the pic server of tests/test_segment_reuse.py, just before this module, stays up for it
+pytestmark = [pytest.mark.engine, pytest.mark.uses_servers(("pic",))]
 
 
 class _Kit(UnifiedRadixTreeTestMixin):
