@@ -1,7 +1,7 @@
 """Injected failures through the real engine (``TOKENDANCE_TEST_FAULTS``): every step of segment reuse that fails
 rolls back, and the request runs as plain prefill.
 
-On the history workload (4 agents x 5 rounds) the server is made to fail, in every request of a round, in the copy
+On the history workload (3 agents x 5 rounds) the server is made to fail, in every request of a round, in the copy
 kernel (round 1), right after composition (round 2) and in the pre-pass forward (round 3). Those rounds must
 produce radix's outputs token for token (exact prefill), count every rollback in ``/tokendance/stats``, leak
 nothing (the scheduler's idle and busy memory checks are on) and lock no segment; round 4, without faults,
@@ -19,7 +19,7 @@ from tokendance_sgl.runner import flush_cache, run_workload
 
 pytestmark = pytest.mark.engine
 
-N, ROUNDS, MAX_NEW = 4, 5, 16
+N, ROUNDS, MAX_NEW = 3, 5, 16
 FAULTS = "copy@1,compose@2,prepass@3"
 
 

@@ -5,9 +5,9 @@ Reference: exact prefill (``--kv-backend radix --disable-radix-cache``: no prefi
 server, so both servers see identical prompts in every round.
 
 The module ends on one paged server (``--page-size 16 --chunked-prefill-size 256``): the history workload (one turn
-per round), where ``full`` equals radix token for token and ``sink:4`` / ``deviation:0.15`` keep their page-size-1
-fidelity within a margin (whole master pages shared, the pages a row mixes copied on write); and round 1's prompts
-behind a 300-token lead that SGLang's chunks prefill before the region is composed.
+per round), where ``full`` equals radix token for token and ``sink:4`` / ``deviation:0.15`` stay within bounds set
+from their page-size-1 fidelity (whole master pages shared, the pages a row mixes copied on write); and round 1's
+prompts behind a 300-token lead that SGLang's chunks prefill before the region is composed.
 """
 
 from __future__ import annotations
@@ -318,8 +318,11 @@ def test_the_collective_step_pays_selection_once_per_segment(exact_run, td_repla
 # the paged server of the last two tests: SGLang prefills a 300-token lead in chunks of 256, ending at a page
 PAGE, PAGED_CHUNK, LEAD = 16, 256, 300
 HISTORY_KW = {"n": 3, "turns": 1, "max_new": 24}
-PAGED_POLICIES = ("sink:4", "deviation:0.15")
-PAGED_TOP1_MARGIN, PAGED_KL_MARGIN = 0.1, 0.1  # below page size 1's top-1 / above its KL (means over rounds >= 1)
+# (min top-1, max KL), teacher-forced over rounds >= 1 against exact prefill. Measured on CPU with SmolLM2-135M
+# (2026-12-07): page size 16 sink:4 0.974 / 0.018, deviation:0.15 0.947 / 0.032; page size 1 on the
+# shared server 0.965 / 0.020 and 0.956 / 0.036. The bounds sit 0.1 below / above page size 1's: a wrong rotation,
+# a stale master or a page copied from the wrong place costs 10-20 points (THRESHOLDS above).
+PAGED_THRESHOLDS = {"sink:4": (0.86, 0.12), "deviation:0.15": (0.85, 0.14)}
 
 
 @pytest.fixture(scope="module")
@@ -337,16 +340,12 @@ def _history_fidelity(exact_url, res) -> tuple[float, float]:
 def test_pages_full_is_exact_and_policies_keep_their_fidelity(paged_url, server_factory, radix_server, model_path,
                                                               record_property):
     exact_url = server_factory("radix", "--disable-radix-cache").base_url
-    td = server_factory("tokendance").base_url
-    ref = {p: _history_fidelity(exact_url, _run_history(td, model_path, policy=p, logprobs=True, **HISTORY_KW))
-           for p in PAGED_POLICIES}
-    print(f"page size 1 fidelity (top-1, KL): {ref}")
     radix = _requests(_run_history(radix_server.base_url, model_path, **HISTORY_KW))
     full = _run_history(paged_url, model_path, policy="full", **HISTORY_KW)
     for key, a in _requests(full).items():
         assert a.output_ids == radix[key].output_ids, key
     got = {}
-    for policy in PAGED_POLICIES:
+    for policy, (min_top1, max_kl) in PAGED_THRESHOLDS.items():
         before = _stats(paged_url)
         got[policy] = top1, kl = _history_fidelity(
             exact_url, _run_history(paged_url, model_path, policy=policy, logprobs=True, **HISTORY_KW))
@@ -354,9 +353,9 @@ def test_pages_full_is_exact_and_policies_keep_their_fidelity(paged_url, server_
         assert s["reused_tokens"] > before["reused_tokens"], (policy, s)  # masters were read, not recomputed
         assert s["prepass_fallbacks"] == before["prepass_fallbacks"], (policy, s)  # no pre-pass failed
         assert s["cow_pages"] > before["cow_pages"], (policy, s)  # the pages rows mix were copied on write
-        assert top1 >= ref[policy][0] - PAGED_TOP1_MARGIN and kl <= ref[policy][1] + PAGED_KL_MARGIN, (policy, got,
-                                                                                                       ref)
-    record_property("fidelity", {"page_size": PAGE, "paged": got, "page_size_1": ref})
+        assert top1 >= min_top1 and kl <= max_kl, (policy, got)
+    print(f"page size {PAGE} fidelity (top-1, KL): {got}")
+    record_property("fidelity", {"page_size": PAGE, "paged": got})
 
 
 def _with_lead(body: dict, lead: list) -> dict:

@@ -22,10 +22,11 @@ pytestmark = [pytest.mark.engine, pytest.mark.uses_servers(("pic",))]
 
 
 class _Kit(UnifiedRadixTreeTestMixin):
-    # CPU size: SGLang runs it with 512 new tokens and 512-token prefixes on a GPU
+    # CPU size: SGLang runs it with 512 new tokens, 512-token prefixes and 3 groups of 3 branches on a GPU; here two
+    # samples (one group of two branches; the first two prompts for the logprob test)
     max_new_tokens = 16
     prefix_len = 64
-    num_groups = 2
+    num_groups = 1
     branches_per_group = 2
     sampling_temperature = 0.0
     kl_threshold = UnifiedRadixTreeTestMixin.kl_threshold  # SGLang's own bound
@@ -49,7 +50,7 @@ def kit_server(request, server_factory, model_path):
     rng = random.Random(7)
     request.cls.base_url = server_factory(request.cls.backend).base_url
     request.cls.model = model_path
-    request.cls.input_ids = [[rng.randint(1, 30000) for _ in range(_Kit.prefix_len + 64)] for _ in range(4)]
+    request.cls.input_ids = [[rng.randint(1, 30000) for _ in range(_Kit.prefix_len + 64)] for _ in range(2)]
 
 
 @pytest.mark.usefixtures("kit_server")
