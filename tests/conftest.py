@@ -15,8 +15,8 @@ from tokendance_sgl.model import prepare_model
 _servers: dict[tuple, object] = {}
 _starting: dict[tuple, Future] = {}  # CORE servers started in the background at collection
 # The configurations most engine modules share live for the whole session; any other one lives for its module (and
-# the next one, if that one asks: `pytest_runtest_teardown`). Each server holds about 4 GB (scheduler, detokenizer, launcher): with every
-# configuration of the suite alive at once a 24 GB machine runs out of memory and thrashes.
+# the next one, if that one asks: `pytest_runtest_teardown`). Each server holds about 4 GB (scheduler, detokenizer,
+# launcher): with every configuration of the suite alive at once a 24 GB machine runs out of memory and thrashes.
 CORE = {("radix", (), ()), ("radix", ("--disable-radix-cache",), ()), ("tokendance", (), ())}
 # The shared tokendance server also exports its counters on /metrics (tests/test_metrics.py scrapes it): one
 # configuration fewer to start.

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from test_history import _requests, _score_exact
+from test_history import _requests, _score_exact, _stats
 from test_history import _run as _run_history
 
 from tokendance_sgl.fidelity import compare_responses
@@ -90,12 +90,6 @@ def _post_round(url, payloads):
             return [f.result()[0] for f in futures]
     finally:
         requests.post(url + "/continue_generation", json={}, timeout=120)
-
-
-def _stats(url):
-    r = requests.get(url + "/tokendance/stats", timeout=120)
-    r.raise_for_status()
-    return r.json()
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +350,9 @@ def test_pages_full_is_exact_and_policies_keep_their_fidelity(paged_url, server_
         assert top1 >= min_top1 and kl <= max_kl, (policy, got)
     print(f"page size {PAGE} fidelity (top-1, KL): {got}")
     record_property("fidelity", {"page_size": PAGE, "paged": got})
+    s = _stats(paged_url)  # nothing leaked (as the long lead's test checks again after its own run)
+    assert s["rows"] == 0 and s["available_size"] + s["evictable_size"] + s["protected_size"] == \
+        s["max_total_num_tokens"], s
 
 
 def _with_lead(body: dict, lead: list) -> dict:
